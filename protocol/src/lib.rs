@@ -1,0 +1,27 @@
+//! The wire protocol between a sandpool host and its helpers.
+//!
+//! Pure data: no OS calls and no unsafe code, so both sides (and fuzzers) can
+//! use it anywhere. Everything a peer sends is bounded and validated here
+//! before the receiver allocates for it or acts on it:
+//!
+//! - [`frame`]: the 16-byte header, [`encode_frame`] and [`decode_frame`].
+//! - [`hello`]: the [`Hello`] proof of the helper's startup sequence and the
+//!   [`decode_bind`] tenant label.
+//! - [`spec`]: the [`SandboxSpec`] a host hands a helper at launch.
+//! - [`corpus`]: valid and invalid frames that both sides' tests replay.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod corpus;
+pub mod frame;
+pub mod hello;
+pub mod spec;
+
+pub use frame::{
+    DEFAULT_MAX_FRAME, DecodeError, Direction, EncodeError, HEADER_LEN, Header, Kind, MAGIC,
+    MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, VERSION, decode_frame, encode_frame,
+};
+pub use hello::{
+    FdCloseMethod, Hello, MAX_BUILD_ID, MAX_TENANT_LEN, PayloadError, SeccompMode, decode_bind,
+};
+pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};
