@@ -1,1 +1,447 @@
+//! The sandpool helper runtime.
+//!
+//! A helper binary's `main` calls [`serve_main`] (or [`start`] and then
+//! [`Session::serve`]) first thing. The runtime then runs the fixed startup
+//! order of the security contract before it reads a single byte from the host:
+//!
+//! 1. read the [`SandboxSpec`] the host put in `SANDPOOL_SANDBOX` and compile
+//!    the seccomp filter (compiling allocates; installing later does not);
+//! 2. take fds 0 and 1 as the protocol pipes;
+//! 3. close every other inherited fd (`close_range(3, ~0, 0)`), measured;
+//! 4. set no_new_privs; 5. apply rlimits (core dumps always off);
+//! 6. install the seccomp filter;
+//! 7. write the Hello frame that reports all of the above.
+//!
+//! Then [`Session::serve`] loops: read a frame, run the handler on a request,
+//! write a Response (or an Error frame if the handler failed or panicked).
+//! It returns cleanly on stdin EOF or a Shutdown frame. Any protocol
+//! violation by the host ends the helper: a helper never guesses.
+//!
+//! The module [`redo`] holds the page-redo workload of the reference helper,
+//! shared so a host can check responses against the same computation.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
+pub mod redo;
+pub mod reference;
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use sandpool_protocol::{
+    DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, Kind, MAX_ERROR_MESSAGE,
+    PayloadError, SPEC_ENV, SandboxSpec, SpecError, decode_bind, encode_frame,
+};
+use sandpool_sandbox::{
+    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, StdioError,
+};
+pub use sandpool_sandbox::{FdCloseStrategy, SeccompPolicy};
+use thiserror::Error;
+
+/// How a helper sets itself up; the host's [`SandboxSpec`] adds to it.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The helper's own seccomp allowlist. The host's spec may add syscalls to
+    /// it (`extra_syscalls`) and chooses the mode.
+    pub policy: SeccompPolicy,
+    /// How to close inherited fds.
+    pub fd_close: FdCloseStrategy,
+    /// Reported in the Hello, so the host can tell which build it launched.
+    pub build_id: String,
+}
+
+impl Options {
+    /// The default policy ([`SeccompPolicy::helper_default`]) and fd closing,
+    /// with `build_id` reported in the Hello.
+    pub fn new(build_id: impl Into<String>) -> Result<Options, StartupError> {
+        Ok(Options {
+            policy: SeccompPolicy::helper_default().map_err(StartupError::Policy)?,
+            fd_close: FdCloseStrategy::Auto,
+            build_id: build_id.into(),
+        })
+    }
+}
+
+/// A startup step failed. The helper must exit without serving.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    /// `SANDPOOL_SANDBOX` is missing: not launched by a sandpool host.
+    #[error("{SPEC_ENV} is not set: this helper must be launched by a sandpool host")]
+    MissingSpec,
+    /// `SANDPOOL_SANDBOX` could not be parsed.
+    #[error("{SPEC_ENV} is invalid: {0}")]
+    Spec(#[from] SpecError),
+    /// The seccomp policy could not be built or compiled.
+    #[error(transparent)]
+    Policy(PolicyError),
+    /// fds 0 and 1 could not be taken.
+    #[error(transparent)]
+    Stdio(#[from] StdioError),
+    /// Inherited fds could not be closed.
+    #[error(transparent)]
+    CloseFds(#[from] CloseFdsError),
+    /// no_new_privs could not be set.
+    #[error(transparent)]
+    NoNewPrivs(#[from] NoNewPrivsError),
+    /// A resource limit could not be applied.
+    #[error(transparent)]
+    Rlimit(#[from] RlimitError),
+    /// The seccomp filter could not be installed.
+    #[error(transparent)]
+    Seccomp(#[from] InstallError),
+    /// The Hello could not be written.
+    #[error("writing the Hello frame failed: {0}")]
+    Hello(io::Error),
+}
+
+/// The request loop ended on an error.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// Reading stdin failed.
+    #[error("reading a frame from the host failed: {0}")]
+    Read(io::Error),
+    /// The host closed stdin in the middle of a frame.
+    #[error("the host closed stdin mid-frame ({got} of {needed} bytes)")]
+    TruncatedFrame {
+        /// Bytes needed.
+        needed: usize,
+        /// Bytes received.
+        got: usize,
+    },
+    /// The host sent an invalid frame header.
+    #[error("the host sent an invalid frame: {0}")]
+    Decode(#[from] DecodeError),
+    /// The host sent an invalid Bind payload.
+    #[error("the host sent an invalid Bind: {0}")]
+    Bind(#[from] PayloadError),
+    /// The host tried to bind an already bound helper to a tenant.
+    #[error("the host tried to bind this helper a second time (one helper, one tenant)")]
+    Rebind,
+    /// Writing stdout failed.
+    #[error("writing a frame to the host failed: {0}")]
+    Write(io::Error),
+}
+
+/// What a handler sees of one request.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The request id (echoed by the runtime; informational for the handler).
+    pub id: u64,
+    /// The tenant this helper is bound to, if a Bind frame has arrived.
+    pub tenant: Option<&'a [u8]>,
+    /// The request bytes.
+    pub payload: &'a [u8],
+}
+
+/// The error type a handler returns; its text becomes the Error frame.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A helper after its startup sequence: sandboxed, Hello not yet sent.
+#[derive(Debug)]
+pub struct Sandboxed {
+    /// The proof that will be sent. Public so test helpers can misreport it:
+    /// the host never takes it on trust and checks `/proc/PID/status` itself.
+    pub hello: Hello,
+    spec: SandboxSpec,
+    input: File,
+    output: File,
+}
+
+/// Runs the startup sequence (steps 1 to 6) with the spec from the environment.
+pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
+    let text = std::env::var(SPEC_ENV).map_err(|_| StartupError::MissingSpec)?;
+    let spec = SandboxSpec::decode(&text)?;
+    sandbox_with_spec(options, spec)
+}
+
+/// Runs the startup sequence with an explicit spec.
+pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandboxed, StartupError> {
+    let mut policy = options.policy.clone();
+    for name in &spec.extra_syscalls {
+        policy.allow_name(name).map_err(StartupError::Policy)?;
+    }
+    let filter = policy.compile(spec.seccomp).map_err(StartupError::Policy)?;
+    let (input, output) = sandpool_sandbox::take_protocol_stdio()?;
+    let closed = sandpool_sandbox::close_inherited_fds(options.fd_close)?;
+    sandpool_sandbox::set_no_new_privs()?;
+    sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
+    let seccomp = filter.install()?;
+    let hello = Hello {
+        pid: std::process::id(),
+        fd_close_method: closed.method,
+        fds_closed: closed.closed,
+        fd_close_nanos: u64::try_from(closed.elapsed.as_nanos()).unwrap_or(u64::MAX),
+        no_new_privs: true,
+        seccomp,
+        build_id: options.build_id.clone(),
+    };
+    Ok(Sandboxed {
+        hello,
+        spec,
+        input,
+        output,
+    })
+}
+
+impl Sandboxed {
+    /// Step 7: writes the Hello and returns the session that serves requests.
+    pub fn say_hello(mut self) -> Result<Session, StartupError> {
+        let mut frame = Vec::new();
+        let payload = self.hello.encode();
+        encode_frame(Kind::Hello, 0, &payload, self.spec.max_frame, &mut frame)
+            .map_err(|err| StartupError::Hello(io::Error::other(err)))?;
+        self.output.write_all(&frame).map_err(StartupError::Hello)?;
+        Ok(Session {
+            input: self.input,
+            output: self.output,
+            max_frame: self.spec.max_frame,
+            tenant: None,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            frame: Vec::new(),
+        })
+    }
+}
+
+/// Runs the whole startup sequence and writes the Hello.
+pub fn start(options: &Options) -> Result<Session, StartupError> {
+    sandbox(options)?.say_hello()
+}
+
+/// A sandboxed helper that has said hello: reads frames, serves requests.
+#[derive(Debug)]
+pub struct Session {
+    input: File,
+    output: File,
+    max_frame: u32,
+    tenant: Option<Vec<u8>>,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    frame: Vec<u8>,
+}
+
+/// A frame from the host, as [`Session::next_frame`] returns it.
+#[derive(Debug)]
+pub enum Incoming<'a> {
+    /// A request to answer.
+    Request {
+        /// Its id.
+        id: u64,
+        /// Its payload.
+        payload: &'a [u8],
+    },
+    /// The host asked the helper to exit.
+    Shutdown,
+    /// stdin reached EOF at a frame boundary: the host is gone or done.
+    Eof,
+}
+
+impl Session {
+    /// The largest frame payload either side may send.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
+
+    /// The tenant this helper is bound to, once a Bind has arrived.
+    pub fn tenant(&self) -> Option<&[u8]> {
+        self.tenant.as_deref()
+    }
+
+    /// Reads the next frame, handling Bind frames itself.
+    pub fn next_frame(&mut self) -> Result<Incoming<'_>, ServeError> {
+        Ok(match self.next_header()? {
+            Next::Request(id) => Incoming::Request {
+                id,
+                payload: &self.inbuf,
+            },
+            Next::Shutdown => Incoming::Shutdown,
+            Next::Eof => Incoming::Eof,
+        })
+    }
+
+    /// Reads frames until a Request (payload left in `inbuf`), a Shutdown or EOF.
+    fn next_header(&mut self) -> Result<Next, ServeError> {
+        loop {
+            let mut head = [0u8; HEADER_LEN];
+            let got = read_full(&mut self.input, &mut head)?;
+            if got == 0 {
+                return Ok(Next::Eof);
+            }
+            if got < HEADER_LEN {
+                return Err(ServeError::TruncatedFrame {
+                    needed: HEADER_LEN,
+                    got,
+                });
+            }
+            let header = Header::decode(&head, self.max_frame, Direction::HostToHelper)?;
+            let len = header.len as usize;
+            self.inbuf.resize(len, 0);
+            let got = read_full(&mut self.input, &mut self.inbuf)?;
+            if got < len {
+                return Err(ServeError::TruncatedFrame {
+                    needed: HEADER_LEN + len,
+                    got: HEADER_LEN + got,
+                });
+            }
+            match header.kind {
+                Kind::Bind => {
+                    if self.tenant.is_some() {
+                        return Err(ServeError::Rebind);
+                    }
+                    self.tenant = Some(decode_bind(&self.inbuf)?.to_vec());
+                }
+                Kind::Shutdown => return Ok(Next::Shutdown),
+                Kind::Request => return Ok(Next::Request(header.id)),
+                // Header::decode refuses helper-to-host kinds in this direction.
+                Kind::Hello | Kind::Response | Kind::Error => {
+                    return Err(ServeError::Decode(DecodeError::WrongDirection {
+                        kind: header.kind,
+                        direction: Direction::HostToHelper,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Writes one whole frame with a single `write` where the pipe allows.
+    pub fn send(&mut self, kind: Kind, id: u64, payload: &[u8]) -> Result<(), ServeError> {
+        self.frame.clear();
+        encode_frame(kind, id, payload, self.max_frame, &mut self.frame)
+            .map_err(|err| ServeError::Write(io::Error::other(err)))?;
+        self.output
+            .write_all(&self.frame)
+            .map_err(ServeError::Write)
+    }
+
+    /// Writes raw bytes to the host (for test helpers that misbehave on purpose).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ServeError> {
+        self.output.write_all(bytes).map_err(ServeError::Write)
+    }
+
+    /// Serves requests until stdin EOF or Shutdown (`Ok`) or a protocol error.
+    ///
+    /// The handler appends its response to the buffer it is given (reused
+    /// across requests). A handler error or panic becomes an Error frame for
+    /// that request only; a response larger than the frame limit becomes an
+    /// Error frame saying so.
+    pub fn serve<H>(mut self, mut handler: H) -> Result<(), ServeError>
+    where
+        H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
+    {
+        loop {
+            let id = match self.next_header()? {
+                Next::Eof | Next::Shutdown => return Ok(()),
+                Next::Request(id) => id,
+            };
+            self.outbuf.clear();
+            let request = Request {
+                id,
+                tenant: self.tenant.as_deref(),
+                payload: &self.inbuf,
+            };
+            let out = &mut self.outbuf;
+            let outcome = catch_unwind(AssertUnwindSafe(|| handler(&request, out)));
+            let message = match outcome {
+                Ok(Ok(())) => match self.send_response(id) {
+                    Ok(()) => continue,
+                    Err(SendError::TooLarge(err)) => err.to_string(),
+                    Err(SendError::Io(err)) => return Err(err),
+                },
+                Ok(Err(err)) => err.to_string(),
+                Err(panic) => format!("handler panicked: {}", panic_message(&*panic)),
+            };
+            self.send(Kind::Error, id, truncate_utf8(&message, MAX_ERROR_MESSAGE))?;
+        }
+    }
+
+    fn send_response(&mut self, id: u64) -> Result<(), SendError> {
+        self.frame.clear();
+        encode_frame(
+            Kind::Response,
+            id,
+            &self.outbuf,
+            self.max_frame,
+            &mut self.frame,
+        )
+        .map_err(SendError::TooLarge)?;
+        self.output
+            .write_all(&self.frame)
+            .map_err(|err| SendError::Io(ServeError::Write(err)))
+    }
+
+    /// The pipes, for a helper that runs its own loop.
+    pub fn into_parts(self) -> (File, File) {
+        (self.input, self.output)
+    }
+}
+
+enum Next {
+    Request(u64),
+    Shutdown,
+    Eof,
+}
+
+enum SendError {
+    TooLarge(EncodeError),
+    Io(ServeError),
+}
+
+/// Reads until `buf` is full or EOF; returns the bytes read.
+fn read_full(input: &mut File, buf: &mut [u8]) -> Result<usize, ServeError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match input.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(ServeError::Read(err)),
+        }
+    }
+    Ok(got)
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-string panic payload)")
+}
+
+fn truncate_utf8(text: &str, max: usize) -> &[u8] {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// Exit status of a helper whose startup sequence failed.
+pub const EXIT_STARTUP_FAILED: i32 = 70;
+/// Exit status of a helper that saw a protocol violation or I/O error from the host.
+pub const EXIT_PROTOCOL_ERROR: i32 = 76;
+
+/// Runs the startup sequence and serves requests with `handler`, then exits
+/// the process: 0 on EOF or Shutdown, [`EXIT_STARTUP_FAILED`] if the sandbox
+/// could not be set up (fail closed), [`EXIT_PROTOCOL_ERROR`] if the host broke
+/// the protocol. The reason goes to stderr, which the host reads.
+pub fn serve_main<H>(options: &Options, handler: H) -> !
+where
+    H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
+{
+    let session = match start(options) {
+        Ok(session) => session,
+        Err(err) => {
+            eprintln!("sandpool-helper: startup failed: {err}");
+            std::process::exit(EXIT_STARTUP_FAILED);
+        }
+    };
+    match session.serve(handler) {
+        Ok(()) => std::process::exit(0),
+        Err(err) => {
+            eprintln!("sandpool-helper: {err}");
+            std::process::exit(EXIT_PROTOCOL_ERROR);
+        }
+    }
+}

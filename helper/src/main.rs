@@ -1,1 +1,193 @@
-fn main() {}
+//! `sandpool-helper`: the reference helper binary.
+//!
+//! Serves `echo` and page `redo` requests (see `sandpool_helper::reference`).
+//! Flags, for tests and the demo:
+//!
+//! - `--test-ops`: accept the hostile test ops (forbidden syscalls, panics, sleeps);
+//! - `--misbehave NAME`: break the protocol or the startup contract on purpose
+//!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
+//!   `garbage`, `wrong-id`, `answer-twice`, `corpus:<case>`);
+//! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
+#![forbid(unsafe_code)]
+
+use std::io::Write;
+use std::time::Duration;
+
+use sandpool_helper::reference::*;
+use sandpool_helper::{
+    EXIT_PROTOCOL_ERROR, EXIT_STARTUP_FAILED, FdCloseStrategy, HandlerError, Incoming, Options,
+    Request, Session, redo,
+};
+use sandpool_protocol::{HEADER_LEN, Header, Kind, SPEC_ENV, SandboxSpec, SeccompMode, corpus};
+
+struct Args {
+    test_ops: bool,
+    misbehave: Option<String>,
+    fd_walk: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        test_ops: false,
+        misbehave: None,
+        fd_walk: false,
+    };
+    let mut argv = std::env::args().skip(1);
+    while let Some(arg) = argv.next() {
+        match arg.as_str() {
+            "--test-ops" => args.test_ops = true,
+            "--fd-walk" => args.fd_walk = true,
+            "--misbehave" => {
+                let name = argv.next().ok_or("--misbehave needs a name")?;
+                let known = MISBEHAVIOURS.iter().any(|m| {
+                    *m == name || (m.starts_with("corpus:") && name.starts_with("corpus:"))
+                });
+                if !known {
+                    return Err(format!(
+                        "unknown misbehaviour {name:?}; known: {MISBEHAVIOURS:?}"
+                    ));
+                }
+                args.misbehave = Some(name);
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(args)
+}
+
+fn fail(code: i32, message: &str) -> ! {
+    eprintln!("sandpool-helper: {message}");
+    std::process::exit(code);
+}
+
+fn main() {
+    let args = parse_args().unwrap_or_else(|err| fail(2, &err));
+    let mut options = Options::new(concat!("sandpool-helper ", env!("CARGO_PKG_VERSION")))
+        .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &err.to_string()));
+    if args.fd_walk {
+        options.fd_close = FdCloseStrategy::ProcWalk;
+    }
+    let test_ops = args.test_ops;
+    let handler = move |request: &Request<'_>, out: &mut Vec<u8>| handle(test_ops, request, out);
+    let Some(misbehave) = args.misbehave else {
+        sandpool_helper::serve_main(&options, handler);
+    };
+    let session = misbehaving_start(&options, &misbehave)
+        .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &err));
+    if let Err(err) = misbehaving_loop(session, &misbehave) {
+        fail(EXIT_PROTOCOL_ERROR, &err);
+    }
+}
+
+fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<(), HandlerError> {
+    let (&op, body) = request
+        .payload
+        .split_first()
+        .ok_or("empty request: no op byte")?;
+    if op >= 0x10 && !test_ops {
+        return Err(
+            format!("test op {op:#04x} refused: helper not launched with --test-ops").into(),
+        );
+    }
+    match op {
+        OP_ECHO => out.extend_from_slice(body),
+        OP_REDO => redo::apply(body, out)?,
+        OP_OPEN => {
+            let path = std::str::from_utf8(body)?;
+            out.extend_from_slice(&std::fs::read(path)?);
+        }
+        OP_SOCKET => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            out.extend_from_slice(listener.local_addr()?.to_string().as_bytes());
+        }
+        OP_SPAWN => {
+            let status = std::process::Command::new("/bin/true").status()?;
+            out.extend_from_slice(status.to_string().as_bytes());
+        }
+        OP_PANIC => panic!("{}", String::from_utf8_lossy(body)),
+        OP_FAIL => return Err(String::from_utf8_lossy(body).into_owned().into()),
+        OP_SLEEP => {
+            let ms: [u8; 4] = body
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or("sleep needs a u32")?;
+            std::thread::sleep(Duration::from_millis(u32::from_le_bytes(ms).into()));
+            out.extend_from_slice(&body[4..]);
+        }
+        OP_STDERR => {
+            std::io::stderr().write_all(body)?;
+            out.extend_from_slice(body);
+        }
+        other => return Err(format!("unknown op {other:#04x}").into()),
+    }
+    Ok(())
+}
+
+/// Startup for the misbehaviours that attack the Hello itself.
+fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, String> {
+    let text = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} not set"))?;
+    let mut spec = SandboxSpec::decode(&text).map_err(|err| err.to_string())?;
+    if matches!(misbehave, "skip-seccomp" | "lie-seccomp") {
+        spec.seccomp = SeccompMode::Off;
+    }
+    let mut sandboxed =
+        sandpool_helper::sandbox_with_spec(options, spec).map_err(|e| e.to_string())?;
+    if misbehave == "lie-seccomp" {
+        sandboxed.hello.seccomp = SeccompMode::Enforce;
+    }
+    if misbehave == "no-hello" {
+        // Sandboxed, but never says hello: wait for the host to give up.
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+    sandboxed.say_hello().map_err(|err| err.to_string())
+}
+
+/// The request loop of a helper that answers wrongly on purpose.
+fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String> {
+    loop {
+        let (id, payload) = match session.next_frame().map_err(|e| e.to_string())? {
+            Incoming::Eof | Incoming::Shutdown => return Ok(()),
+            Incoming::Request { id, payload } => (id, payload.to_vec()),
+        };
+        let reply = |kind, id, body: &[u8]| {
+            let mut out = Header {
+                kind,
+                id,
+                len: body.len() as u32,
+            }
+            .encode()
+            .to_vec();
+            out.extend_from_slice(body);
+            out
+        };
+        let bytes = match misbehave {
+            "skip-seccomp" | "lie-seccomp" => reply(Kind::Response, id, &payload),
+            "hang" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            "exit-mid-response" => {
+                let whole = reply(Kind::Response, id, &payload);
+                session
+                    .send_raw(&whole[..HEADER_LEN + whole.len().saturating_sub(HEADER_LEN) / 2])
+                    .ok();
+                std::process::exit(0);
+            }
+            "garbage" => b"this is not a sandpool frame at all\n".to_vec(),
+            "wrong-id" => reply(Kind::Response, id.wrapping_add(1), &payload),
+            "answer-twice" => {
+                let mut twice = reply(Kind::Response, id, &payload);
+                twice.extend_from_slice(&reply(Kind::Response, id, &payload));
+                twice
+            }
+            name => {
+                let case_name = name.strip_prefix("corpus:").unwrap_or(name);
+                corpus::case(case_name)
+                    .ok_or_else(|| format!("no corpus case {case_name:?}"))?
+                    .bytes
+            }
+        };
+        session.send_raw(&bytes).map_err(|e| e.to_string())?;
+    }
+}

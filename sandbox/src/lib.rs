@@ -1,1 +1,30 @@
+//! What a sandpool helper does to itself before it reads anything a tenant sent.
+//!
+//! The startup order is part of the security contract (DESIGN.md, invariant 2):
+//!
+//! 1. map what the helper needs (e.g. a shared memory region);
+//! 2. [`close_inherited_fds`]: one `close_range(3, ~0, 0)`, or a reported fallback;
+//! 3. [`set_no_new_privs`];
+//! 4. [`apply_rlimits`];
+//! 5. [`Filter::install`]: the seccomp filter compiled from a [`SeccompPolicy`];
+//! 6. say hello.
+//!
+//! This crate knows nothing about pools or frames beyond the shared enums of
+//! `sandpool-protocol`. It is Linux-only; on any other OS every entry point
+//! returns an explicit "unavailable" error rather than doing nothing, so a
+//! helper can never come up unsandboxed by accident.
+//!
+//! All of the workspace's unsafe code outside the pool's launcher lives here.
+#![warn(missing_docs)]
 
+#[cfg(target_os = "linux")]
+mod linux;
+#[cfg(target_os = "linux")]
+pub use linux::*;
+
+#[cfg(not(target_os = "linux"))]
+mod unsupported;
+#[cfg(not(target_os = "linux"))]
+pub use unsupported::*;
+
+pub use sandpool_protocol::{FdCloseMethod, RlimitSpec, SeccompMode};

@@ -1,0 +1,47 @@
+//! The request format of the reference helper binary (`sandpool-helper`).
+//!
+//! A request is one op byte followed by its body. `echo` and `redo` are the
+//! real workloads. The test ops (0x10 and up) exist so tests and the demo can
+//! turn a helper hostile from the request side; the binary refuses them unless
+//! launched with `--test-ops`.
+
+/// Returns the body unchanged.
+pub const OP_ECHO: u8 = 0x01;
+/// Applies redo records to a base page ([`crate::redo`]).
+pub const OP_REDO: u8 = 0x02;
+/// Test op: reads the file named by the body (forbidden by seccomp: `openat`).
+pub const OP_OPEN: u8 = 0x10;
+/// Test op: creates a TCP socket (forbidden by seccomp: `socket`).
+pub const OP_SOCKET: u8 = 0x11;
+/// Test op: spawns `/bin/true` (forbidden by seccomp: `clone`/`vfork`/`execve`).
+pub const OP_SPAWN: u8 = 0x12;
+/// Test op: panics with the body as the message.
+pub const OP_PANIC: u8 = 0x13;
+/// Test op: fails with the body as the error message.
+pub const OP_FAIL: u8 = 0x14;
+/// Test op: sleeps for the little-endian `u32` milliseconds in the body, then echoes.
+pub const OP_SLEEP: u8 = 0x15;
+/// Test op: writes the body to stderr, then echoes it.
+pub const OP_STDERR: u8 = 0x16;
+
+/// Builds a request: the op byte, then the body.
+pub fn request(op: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + body.len());
+    out.push(op);
+    out.extend_from_slice(body);
+    out
+}
+
+/// The misbehaviours the reference binary can be launched with
+/// (`--misbehave NAME`), for the tests of the host's trust boundary.
+pub const MISBEHAVIOURS: &[&str] = &[
+    "skip-seccomp",
+    "lie-seccomp",
+    "no-hello",
+    "hang",
+    "exit-mid-response",
+    "garbage",
+    "wrong-id",
+    "answer-twice",
+    "corpus:<case name>",
+];

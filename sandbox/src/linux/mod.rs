@@ -1,0 +1,13 @@
+//! The Linux implementation.
+
+mod fds;
+mod limits;
+mod seccomp;
+mod stdio;
+
+pub use fds::{CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds};
+pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs};
+pub use seccomp::{Filter, InstallError, PolicyError, SeccompPolicy};
+pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
+pub use stdio::{StdioError, take_protocol_stdio};
+pub use syscalls::Sysno;

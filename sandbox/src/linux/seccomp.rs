@@ -1,0 +1,228 @@
+//! The helper's seccomp policy, built and installed with seccompiler.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+use syscalls::Sysno;
+use thiserror::Error;
+
+use crate::SeccompMode;
+
+/// A policy could not be built or compiled.
+#[derive(Debug, Error)]
+pub enum PolicyError {
+    /// A syscall name this architecture does not have.
+    #[error("unknown syscall name {0:?} for this architecture")]
+    UnknownSyscall(String),
+    /// seccompiler refused a rule or the filter.
+    #[error("building the seccomp filter failed: {0}")]
+    Build(#[from] seccompiler::BackendError),
+    /// This CPU architecture has no seccompiler backend.
+    #[error("seccomp filters are not supported on {0}")]
+    Arch(&'static str),
+    /// The policy allows nothing: installing it would be meaningless.
+    #[error("the seccomp policy is empty")]
+    Empty,
+}
+
+/// The filter could not be installed. The helper must exit: it never runs
+/// unfiltered unless the mode was explicitly `off`.
+#[derive(Debug, Error)]
+#[error("installing the seccomp filter failed: {0}")]
+pub struct InstallError(#[from] seccompiler::Error);
+
+/// A seccomp allowlist: syscalls allowed outright, or only when their
+/// arguments match one of a list of rules. Everything else kills the process
+/// (in `enforce` mode) or is logged and allowed (in `log` mode).
+#[derive(Clone, Debug)]
+pub struct SeccompPolicy {
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+}
+
+fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, PolicyError> {
+    Ok(SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        op,
+        value,
+    )?)
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, PolicyError> {
+    Ok(SeccompRule::new(conditions)?)
+}
+
+impl SeccompPolicy {
+    /// A policy that allows nothing; build it up with [`allow`](Self::allow).
+    pub fn empty() -> Self {
+        SeccompPolicy {
+            rules: BTreeMap::new(),
+        }
+    }
+
+    /// The minimal policy of a helper that only reads requests from stdin and
+    /// writes responses to stdout:
+    ///
+    /// - `read` on fd 0 only; `write`/`writev` on fds 1 and 2 only; `close`;
+    ///   `fcntl` with `F_GETFD`/`F_GETFL` only (read-only queries);
+    /// - memory: `brk`, `munmap`, `mremap`, `madvise`, and `mmap`/`mprotect`
+    ///   only without `PROT_EXEC` (no new executable memory);
+    /// - `futex`, `sched_yield`, `getrandom` (seeding hash maps), the clocks and
+    ///   sleeps;
+    /// - leaving: `exit`, `exit_group`, and for `abort()` the signal calls
+    ///   `rt_sigreturn`, `rt_sigprocmask`, `rt_sigaction`, `sigaltstack`,
+    ///   `getpid`, `gettid`, and `tgkill` aimed at this process only.
+    ///
+    /// No `open`, no sockets, no `fork`/`clone`, no `execve`, no `ptrace`.
+    pub fn helper_default() -> Result<Self, PolicyError> {
+        let mut policy = SeccompPolicy::empty();
+        let prot_exec = libc::PROT_EXEC as u64;
+        let no_exec = || cond(2, SeccompCmpOp::MaskedEq(prot_exec), 0);
+        policy.allow_if(
+            Sysno::read,
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, 0)?])?],
+        );
+        for sysno in [Sysno::write, Sysno::writev] {
+            policy.allow_if(
+                sysno,
+                vec![
+                    rule(vec![cond(0, SeccompCmpOp::Eq, 1)?])?,
+                    rule(vec![cond(0, SeccompCmpOp::Eq, 2)?])?,
+                ],
+            );
+        }
+        policy.allow_if(Sysno::mmap, vec![rule(vec![no_exec()?])?]);
+        policy.allow_if(Sysno::mprotect, vec![rule(vec![no_exec()?])?]);
+        // Read-only fd queries (std checks its stdio this way on exit).
+        policy.allow_if(
+            Sysno::fcntl,
+            vec![
+                rule(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFD as u64)?])?,
+                rule(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFL as u64)?])?,
+            ],
+        );
+        let own_pid = u64::from(std::process::id());
+        policy.allow_if(
+            Sysno::tgkill,
+            vec![rule(vec![cond(0, SeccompCmpOp::Eq, own_pid)?])?],
+        );
+        for sysno in [
+            Sysno::close,
+            Sysno::brk,
+            Sysno::munmap,
+            Sysno::mremap,
+            Sysno::madvise,
+            Sysno::futex,
+            Sysno::sched_yield,
+            Sysno::getrandom,
+            Sysno::clock_gettime,
+            Sysno::clock_getres,
+            Sysno::clock_nanosleep,
+            Sysno::nanosleep,
+            Sysno::gettimeofday,
+            Sysno::restart_syscall,
+            Sysno::exit,
+            Sysno::exit_group,
+            Sysno::rt_sigreturn,
+            Sysno::rt_sigprocmask,
+            Sysno::rt_sigaction,
+            Sysno::sigaltstack,
+            Sysno::getpid,
+            Sysno::gettid,
+        ] {
+            policy.allow(sysno);
+        }
+        Ok(policy)
+    }
+
+    /// Allows `sysno` whatever its arguments (replacing any rules it had).
+    pub fn allow(&mut self, sysno: Sysno) -> &mut Self {
+        self.rules.insert(i64::from(sysno.id()), Vec::new());
+        self
+    }
+
+    /// Allows `sysno` when its arguments match any one of `rules`. If the
+    /// syscall is already allowed outright, it stays allowed outright.
+    pub fn allow_if(&mut self, sysno: Sysno, rules: Vec<SeccompRule>) -> &mut Self {
+        match self.rules.get_mut(&i64::from(sysno.id())) {
+            Some(existing) if existing.is_empty() => {}
+            Some(existing) => existing.extend(rules),
+            None => {
+                self.rules.insert(i64::from(sysno.id()), rules);
+            }
+        }
+        self
+    }
+
+    /// Allows a syscall by its name (as in `man 2 syscalls`, e.g. `"uname"`).
+    pub fn allow_name(&mut self, name: &str) -> Result<&mut Self, PolicyError> {
+        let sysno =
+            Sysno::from_str(name).map_err(|_| PolicyError::UnknownSyscall(name.to_owned()))?;
+        Ok(self.allow(sysno))
+    }
+
+    /// Whether `sysno` is allowed in some form.
+    pub fn allows(&self, sysno: Sysno) -> bool {
+        self.rules.contains_key(&i64::from(sysno.id()))
+    }
+
+    /// Compiles the policy for this CPU architecture in `mode`.
+    ///
+    /// `enforce` kills the whole process on a syscall outside the policy;
+    /// `log` allows and logs it (for writing a policy); `off` produces no
+    /// program at all and must have been asked for explicitly.
+    pub fn compile(&self, mode: SeccompMode) -> Result<Filter, PolicyError> {
+        if self.rules.is_empty() {
+            return Err(PolicyError::Empty);
+        }
+        let mismatch = match mode {
+            SeccompMode::Off => {
+                return Ok(Filter {
+                    mode,
+                    program: None,
+                });
+            }
+            SeccompMode::Log => SeccompAction::Log,
+            SeccompMode::Enforce => SeccompAction::KillProcess,
+        };
+        let arch = TargetArch::try_from(std::env::consts::ARCH)
+            .map_err(|_| PolicyError::Arch(std::env::consts::ARCH))?;
+        let filter = SeccompFilter::new(self.rules.clone(), mismatch, SeccompAction::Allow, arch)?;
+        let program: BpfProgram = filter.try_into()?;
+        Ok(Filter {
+            mode,
+            program: Some(program),
+        })
+    }
+}
+
+/// A compiled filter, ready to install. Compiling allocates; installing does
+/// not, so the helper compiles first and installs as the last startup step.
+#[derive(Debug)]
+pub struct Filter {
+    mode: SeccompMode,
+    program: Option<BpfProgram>,
+}
+
+impl Filter {
+    /// The mode this filter was compiled for.
+    pub fn mode(&self) -> SeccompMode {
+        self.mode
+    }
+
+    /// Installs the filter on every thread of the process (TSYNC) and returns
+    /// the mode now in force. For mode `off` nothing is installed.
+    ///
+    /// seccompiler refuses an empty program, and also sets no_new_privs (which
+    /// the startup sequence has already done explicitly).
+    pub fn install(&self) -> Result<SeccompMode, InstallError> {
+        if let Some(program) = &self.program {
+            seccompiler::apply_filter_all_threads(program)?;
+        }
+        Ok(self.mode)
+    }
+}
