@@ -149,7 +149,10 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
     loop {
         let (id, payload) = match session.next_frame().map_err(|e| e.to_string())? {
             Incoming::Eof | Incoming::Shutdown => return Ok(()),
-            Incoming::Request { id, payload } => (id, payload.to_vec()),
+            // Answer like echo would: the body after the op byte.
+            Incoming::Request { id, payload } => {
+                (id, payload.get(1..).unwrap_or_default().to_vec())
+            }
         };
         let reply = |kind, id, body: &[u8]| {
             let mut out = Header {

@@ -1,1 +1,27 @@
+//! sandpool: per-tenant sandboxed helper processes behind pipes.
+//!
+//! This is the host side. A [`Launcher`] spawns helpers with posix_spawn
+//! (never fork), waits for each one's Hello, checks it against the
+//! configuration and the kernel, and hands back a [`Helper`] whose
+//! [`call`](Helper::call) sends a request and waits, under a deadline, for its
+//! reply. A helper that times out, breaks the protocol or dies is killed,
+//! reaped and retired; it is never reused.
+//!
+//! The host must not leave SIGPIPE at its default disposition (Rust binaries
+//! ignore it at startup): a write to a helper that died would otherwise kill
+//! the host instead of returning `EPIPE`.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
 
+mod config;
+mod error;
+mod helper;
+mod io;
+mod launcher;
+mod process;
+mod verify;
+
+pub use config::{ConfigError, HelperConfig, SandboxConfig};
+pub use error::{CallError, ExitStatus, HelloRefusal, LaunchError, ProtocolViolation};
+pub use helper::{Helper, Launcher};
+pub use sandpool_protocol::{FdCloseMethod, Hello, RlimitSpec, SeccompMode};

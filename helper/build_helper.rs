@@ -1,0 +1,37 @@
+// Shared by the build scripts of the test and bench crates (`include!`d):
+// builds the reference helper binary with a nested `cargo build`.
+
+/// Builds `sandpool-helper` in release mode into `<target>/helper` and
+/// returns the binary's path. Re-runs when the helper's sources change.
+#[allow(dead_code)]
+fn build_reference_helper() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().expect("member crates live one level below the workspace root").to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("helper");
+    for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
+        println!("cargo:rerun-if-changed={}", root.join(path).display());
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--release", "--package", "sandpool-helper", "--bin", "sandpool-helper", "--target-dir"])
+        .arg(&target)
+        // Flags meant for the outer build (coverage, sanitizers, -D warnings
+        // from clippy) must not leak into the helper's build.
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .expect("running cargo to build sandpool-helper");
+    assert!(status.success(), "building sandpool-helper failed: {status}");
+    target.join("release").join("sandpool-helper")
+}

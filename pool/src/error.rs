@@ -1,0 +1,307 @@
+//! Error types, each named after the operation that failed.
+
+use std::fmt;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use sandpool_protocol::{DecodeError, FdCloseMethod, Kind, PayloadError, SeccompMode};
+use thiserror::Error;
+
+/// How a helper process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// It was killed by this signal.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// Whether the kernel killed it for a syscall outside its seccomp policy.
+    ///
+    /// The sandbox's filter uses `SECCOMP_RET_KILL_PROCESS`, which ends the
+    /// process as if by SIGSYS; nothing else in the design sends SIGSYS.
+    pub fn is_seccomp_kill(&self) -> bool {
+        *self == ExitStatus::Signaled(libc_sigsys())
+    }
+}
+
+const fn libc_sigsys() -> i32 {
+    nix::sys::signal::Signal::SIGSYS as i32
+}
+
+impl fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
+            status @ ExitStatus::Signaled(_) if status.is_seccomp_kill() => {
+                write!(f, "killed by SIGSYS (seccomp: forbidden syscall)")
+            }
+            ExitStatus::Signaled(signal) => match nix::sys::signal::Signal::try_from(signal) {
+                Ok(name) => write!(f, "killed by {name}"),
+                Err(_) => write!(f, "killed by signal {signal}"),
+            },
+        }
+    }
+}
+
+/// The helper broke the protocol. It is killed and never reused.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum ProtocolViolation {
+    /// It sent bytes that are not a valid frame.
+    #[error("invalid frame: {0}")]
+    Frame(#[from] DecodeError),
+    /// Its first frame was not a Hello.
+    #[error("first frame was {0:?}, not Hello")]
+    NoHello(Kind),
+    /// It sent a Hello after the first frame.
+    #[error("sent a second Hello")]
+    SecondHello,
+    /// Its Hello payload is malformed.
+    #[error("malformed Hello: {0}")]
+    Hello(#[from] PayloadError),
+    /// It answered a request that was not the one in flight.
+    #[error("answered request id {got}, expected {expected}")]
+    UnexpectedId {
+        /// The id in flight.
+        expected: u64,
+        /// The id it answered.
+        got: u64,
+    },
+    /// It sent a frame while no request was in flight.
+    #[error("sent a {kind:?} frame (id {id}) with no request in flight")]
+    Unsolicited {
+        /// The kind.
+        kind: Kind,
+        /// The id.
+        id: u64,
+    },
+    /// It closed its stdout but did not exit.
+    #[error("closed its stdout but did not exit")]
+    ClosedStdout,
+    /// Its Error frame is not UTF-8.
+    #[error("Error frame is not UTF-8")]
+    ErrorNotUtf8,
+}
+
+/// Why a helper's Hello does not prove the startup contract.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum HelloRefusal {
+    /// The seccomp mode is not the one the configuration asked for.
+    #[error("helper reports seccomp {got:?}, configuration requires {required:?}")]
+    Seccomp {
+        /// Reported.
+        got: SeccompMode,
+        /// Required.
+        required: SeccompMode,
+    },
+    /// no_new_privs is not set.
+    #[error("helper reports no_new_privs unset")]
+    NoNewPrivs,
+    /// Inherited fds were closed by the slow fallback and the configuration
+    /// does not accept it.
+    #[error("helper closed inherited fds by {0:?}, configuration requires close_range")]
+    FdCloseMethod(FdCloseMethod),
+    /// The pid in the Hello is not the pid the host spawned.
+    #[error("helper reports pid {reported}, host spawned pid {spawned}")]
+    Pid {
+        /// Reported.
+        reported: u32,
+        /// Spawned.
+        spawned: u32,
+    },
+    /// The kernel's view (`/proc/PID/status`) contradicts the Hello.
+    #[error("/proc/{pid}/status says {field}: {kernel}, contradicting the Hello")]
+    KernelDisagrees {
+        /// The helper's pid.
+        pid: u32,
+        /// The status field (`Seccomp` or `NoNewPrivs`).
+        field: &'static str,
+        /// The kernel's value.
+        kernel: String,
+    },
+    /// The helper still has fds open beyond 0, 1 and 2.
+    #[error("helper still has fds {fds:?} open beyond stdin, stdout and stderr")]
+    ExtraFds {
+        /// The extra fds.
+        fds: Vec<i32>,
+    },
+    /// `/proc/PID` could not be read to cross-check the Hello.
+    #[error("cross-checking /proc/{pid}: {error}")]
+    ProcUnreadable {
+        /// The helper's pid.
+        pid: u32,
+        /// The error.
+        error: String,
+    },
+}
+
+/// Launching a helper failed. Nothing is left behind: a child that was
+/// spawned has been killed and reaped.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::ConfigError),
+    /// Creating a pipe failed (often: the host is out of fds).
+    #[error("creating the helper's {which} pipe failed: {source}")]
+    Pipe {
+        /// stdin, stdout or stderr.
+        which: &'static str,
+        /// The error.
+        source: Errno,
+    },
+    /// Preparing the posix_spawn attributes or file actions failed.
+    #[error("preparing posix_spawn {what} failed: {source}")]
+    SpawnSetup {
+        /// Attributes or file actions.
+        what: &'static str,
+        /// The error.
+        source: Errno,
+    },
+    /// posix_spawn itself failed (e.g. the program does not exist).
+    #[error("posix_spawn of {program} failed: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The error.
+        source: Errno,
+    },
+    /// pidfd_open failed for the new child.
+    #[error("pidfd_open for helper pid {pid} failed: {source}")]
+    Pidfd {
+        /// The child's pid.
+        pid: u32,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// No Hello within `spawn_timeout`.
+    #[error("helper pid {pid} sent no Hello within {waited:?}{}", stderr_suffix(.stderr))]
+    HelloTimeout {
+        /// The child's pid.
+        pid: u32,
+        /// How long the host waited.
+        waited: Duration,
+        /// The end of the helper's stderr.
+        stderr: String,
+    },
+    /// The helper ended before its Hello (e.g. its sandbox could not be set up).
+    #[error("helper pid {pid} {status} before its Hello{}", stderr_suffix(.stderr))]
+    ExitedBeforeHello {
+        /// The child's pid.
+        pid: u32,
+        /// How it ended.
+        status: ExitStatus,
+        /// The end of the helper's stderr.
+        stderr: String,
+    },
+    /// The helper broke the protocol before or in its Hello.
+    #[error("helper pid {pid} broke the protocol at startup: {violation}")]
+    Protocol {
+        /// The child's pid.
+        pid: u32,
+        /// What it did.
+        violation: ProtocolViolation,
+    },
+    /// The Hello does not prove the startup contract.
+    #[error("helper pid {pid} refused: {refusal}")]
+    HelloRefused {
+        /// The child's pid.
+        pid: u32,
+        /// Why.
+        refusal: HelloRefusal,
+    },
+    /// Reading or writing the helper's pipes failed.
+    #[error("talking to helper pid {pid} at startup failed: {source}")]
+    Io {
+        /// The child's pid.
+        pid: u32,
+        /// The error.
+        source: Errno,
+    },
+}
+
+/// A call failed. Unless the variant says otherwise, the helper has been
+/// killed and reaped, and the next call needs a new helper.
+#[derive(Debug, Error)]
+pub enum CallError {
+    /// The helper's handler returned an error for this request. The helper is
+    /// healthy and keeps serving.
+    #[error("helper error: {0}")]
+    Helper(String),
+    /// The request is larger than `max_frame`; nothing was sent and the helper
+    /// is unaffected.
+    #[error("request of {len} bytes exceeds max_frame of {max} bytes")]
+    RequestTooLarge {
+        /// Request length.
+        len: usize,
+        /// The limit.
+        max: u32,
+    },
+    /// No complete reply before the deadline; the helper was killed.
+    #[error("no reply from helper pid {pid} within {after:?}; helper killed")]
+    Timeout {
+        /// The helper's pid.
+        pid: u32,
+        /// Time since the call started.
+        after: Duration,
+    },
+    /// The helper died during the call.
+    #[error("helper pid {pid} {status}{}", stderr_suffix(.stderr))]
+    Died {
+        /// The helper's pid.
+        pid: u32,
+        /// How it ended; see [`ExitStatus::is_seccomp_kill`].
+        status: ExitStatus,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// The helper broke the protocol; it was killed.
+    #[error("helper pid {pid} broke the protocol: {violation}; helper killed")]
+    Protocol {
+        /// The helper's pid.
+        pid: u32,
+        /// What it did.
+        violation: ProtocolViolation,
+    },
+    /// Reading or writing the pipes failed with an unexpected error; the
+    /// helper was killed.
+    #[error("talking to helper pid {pid} failed: {source}; helper killed")]
+    Io {
+        /// The helper's pid.
+        pid: u32,
+        /// The error.
+        source: Errno,
+    },
+    /// This helper was already retired by an earlier failure.
+    #[error("helper pid {pid} is no longer usable: {reason}")]
+    Retired {
+        /// The helper's pid.
+        pid: u32,
+        /// The earlier failure.
+        reason: String,
+    },
+}
+
+impl CallError {
+    /// Whether the helper is still usable after this error.
+    pub fn helper_survives(&self) -> bool {
+        matches!(
+            self,
+            CallError::Helper(_) | CallError::RequestTooLarge { .. }
+        )
+    }
+
+    /// Whether this is a seccomp kill of the helper.
+    pub fn is_seccomp_kill(&self) -> bool {
+        matches!(self, CallError::Died { status, .. } if status.is_seccomp_kill())
+    }
+}
+
+fn stderr_suffix(stderr: &str) -> String {
+    if stderr.is_empty() {
+        String::new()
+    } else {
+        format!("; stderr: {}", stderr.trim_end())
+    }
+}

@@ -1,0 +1,171 @@
+//! Frame I/O on the host's non-blocking pipe ends, every operation under a
+//! deadline. A helper that stops reading or writing costs the host one
+//! bounded wait, never a blocked thread.
+
+use std::os::fd::{AsFd, BorrowedFd};
+use std::time::Instant;
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, poll};
+use sandpool_protocol::{DecodeError, Direction, HEADER_LEN, Header};
+
+use crate::process::poll_timeout;
+
+/// Why a frame could not be read or written.
+#[derive(Debug)]
+pub(crate) enum IoFailure {
+    /// The deadline passed.
+    Timeout,
+    /// The helper closed its end: EOF on stdout, or EPIPE on stdin.
+    Closed,
+    /// The bytes are not a valid frame.
+    Decode(DecodeError),
+    /// Any other OS error.
+    Os(Errno),
+}
+
+/// Waits until `fd` is ready for `events` or the deadline passes.
+fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, deadline: Instant) -> Result<(), IoFailure> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(IoFailure::Timeout);
+        }
+        let mut fds = [PollFd::new(fd, events)];
+        match poll(&mut fds, poll_timeout(left)) {
+            Ok(0) | Err(Errno::EINTR) => continue,
+            Ok(_) => return Ok(()),
+            Err(errno) => return Err(IoFailure::Os(errno)),
+        }
+    }
+}
+
+/// Writes all of `bytes` to a non-blocking fd before `deadline`.
+pub(crate) fn write_all(
+    fd: BorrowedFd<'_>,
+    mut bytes: &[u8],
+    deadline: Instant,
+) -> Result<(), IoFailure> {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLOUT, deadline)?,
+            Err(Errno::EINTR) => {}
+            Err(Errno::EPIPE) => return Err(IoFailure::Closed),
+            Err(errno) => return Err(IoFailure::Os(errno)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one `read` worth of bytes into `buf`, waiting up to the deadline.
+/// Returns 0 at EOF.
+fn read_some(fd: BorrowedFd<'_>, buf: &mut [u8], deadline: Instant) -> Result<usize, IoFailure> {
+    loop {
+        match nix::unistd::read(fd, buf) {
+            Ok(n) => return Ok(n),
+            Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLIN, deadline)?,
+            Err(Errno::EINTR) => {}
+            Err(errno) => return Err(IoFailure::Os(errno)),
+        }
+    }
+}
+
+/// Size of the read-ahead buffer: one read can take several small frames.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Reads frames from a helper's stdout, keeping bytes read ahead of the
+/// current frame for the next one.
+#[derive(Debug)]
+pub(crate) struct FrameReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl FrameReader {
+    pub(crate) fn new() -> Self {
+        FrameReader {
+            buf: vec![0; READ_AHEAD].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Whether bytes beyond the last frame have already arrived.
+    pub(crate) fn has_buffered(&self) -> bool {
+        self.end > self.start
+    }
+
+    /// Reads one frame. The header is validated (against `max_frame` and the
+    /// direction) before the payload buffer is allocated, so the payload
+    /// allocation is bounded by `max_frame`, never by what the helper claims.
+    pub(crate) fn read_frame(
+        &mut self,
+        fd: impl AsFd,
+        deadline: Instant,
+        max_frame: u32,
+    ) -> Result<(Header, Vec<u8>), IoFailure> {
+        let fd = fd.as_fd();
+        while self.end - self.start < HEADER_LEN {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let n = read_some(fd, &mut self.buf[self.end..], deadline)?;
+            if n == 0 {
+                return Err(IoFailure::Closed);
+            }
+            self.end += n;
+        }
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
+        let header =
+            Header::decode(&head, max_frame, Direction::HelperToHost).map_err(IoFailure::Decode)?;
+        self.start += HEADER_LEN;
+        let len = header.len as usize;
+        let buffered = (self.end - self.start).min(len);
+        let mut payload = Vec::with_capacity(len);
+        payload.extend_from_slice(&self.buf[self.start..self.start + buffered]);
+        self.start += buffered;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        if payload.len() < len {
+            // The rest goes straight into the caller's buffer, no second copy.
+            payload.resize(len, 0);
+            let mut filled = buffered;
+            while filled < len {
+                let n = read_some(fd, &mut payload[filled..], deadline)?;
+                if n == 0 {
+                    return Err(IoFailure::Closed);
+                }
+                filled += n;
+            }
+        }
+        Ok((header, payload))
+    }
+}
+
+/// Reads whatever a non-blocking fd has right now, up to `cap` bytes, keeping
+/// the last `keep` bytes. Used for a helper's stderr when it fails.
+pub(crate) fn drain_tail(fd: impl AsFd, cap: usize, keep: usize) -> Vec<u8> {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut total = 0;
+    while total < cap {
+        match nix::unistd::read(fd.as_fd(), &mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                total += n;
+                tail.extend_from_slice(&chunk[..n]);
+                if tail.len() > keep {
+                    tail.drain(..tail.len() - keep);
+                }
+            }
+        }
+    }
+    tail
+}

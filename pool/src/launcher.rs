@@ -1,0 +1,189 @@
+//! Spawning a helper: pipes, posix_spawn, pidfd. The one way a helper process
+//! comes into existence (a launcher process can slot in behind [`spawn`]).
+//!
+//! No fork anywhere: glibc's posix_spawn uses `clone(CLONE_VM | CLONE_VFORK)`,
+//! so the host's memory is never copied and the child runs only glibc's own
+//! async-signal-safe spawn code before `execve`. There is no `pre_exec` and no
+//! std `Command` (whose uid/gid/pre_exec options silently fall back to fork).
+//! Everything the child needs after exec (closing inherited fds, seccomp) it
+//! does to itself.
+
+use std::ffi::{CString, OsStr};
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+use nix::sys::signal::{SigSet, Signal};
+use nix::unistd::{Pid, pipe2};
+use rustix::process::PidfdFlags;
+use sandpool_protocol::SPEC_ENV;
+
+use crate::config::HelperConfig;
+use crate::error::LaunchError;
+
+/// Everything posix_spawn needs, prepared once per configuration.
+#[derive(Debug)]
+pub(crate) struct LaunchPlan {
+    program: CString,
+    program_display: String,
+    argv: Vec<CString>,
+    envp: Vec<CString>,
+}
+
+/// A freshly spawned helper: its pid, a pidfd, and the host's pipe ends
+/// (O_CLOEXEC and O_NONBLOCK).
+#[derive(Debug)]
+pub(crate) struct Spawned {
+    pub(crate) pid: u32,
+    pub(crate) pidfd: OwnedFd,
+    pub(crate) stdin: OwnedFd,
+    pub(crate) stdout: OwnedFd,
+    pub(crate) stderr: OwnedFd,
+}
+
+fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString, LaunchError> {
+    CString::new(bytes)
+        .map_err(|_| LaunchError::Config(crate::ConfigError::new(field, "contains a NUL byte")))
+}
+
+impl LaunchPlan {
+    /// Validates `config` and prepares argv and the environment: the sandbox
+    /// spec plus the allowlisted host variables, nothing else.
+    pub(crate) fn new(config: &HelperConfig) -> Result<LaunchPlan, LaunchError> {
+        config.validate()?;
+        let program_bytes = config.program.as_os_str().as_bytes();
+        let program = cstring("program", program_bytes)?;
+        let mut argv = vec![program.clone()];
+        for arg in &config.args {
+            argv.push(cstring("args", arg.as_bytes())?);
+        }
+        let mut envp = vec![cstring(
+            "sandbox",
+            format!("{SPEC_ENV}={}", config.sandbox_spec().encode()).as_bytes(),
+        )?];
+        for name in &config.env_allowlist {
+            if let Some(value) = std::env::var_os(name) {
+                let mut pair = OsStr::new(name).as_bytes().to_vec();
+                pair.push(b'=');
+                pair.extend_from_slice(value.as_bytes());
+                envp.push(cstring("env_allowlist", &pair)?);
+            }
+        }
+        Ok(LaunchPlan {
+            program,
+            program_display: config.program.display().to_string(),
+            argv,
+            envp,
+        })
+    }
+}
+
+/// A pipe whose ends are both O_CLOEXEC and numbered 3 or above, so that the
+/// dup2 file actions onto 0, 1 and 2 can never overwrite one another even in a
+/// host that closed its own stdio.
+fn pipe(which: &'static str) -> Result<(OwnedFd, OwnedFd), LaunchError> {
+    let err = |source| LaunchError::Pipe { which, source };
+    let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(err)?;
+    let lift = |fd: OwnedFd| -> Result<OwnedFd, LaunchError> {
+        if std::os::fd::AsRawFd::as_raw_fd(&fd) >= 3 {
+            return Ok(fd);
+        }
+        rustix::io::fcntl_dupfd_cloexec(&fd, 3).map_err(|e| err(Errno::from_raw(e.raw_os_error())))
+    };
+    Ok((lift(read)?, lift(write)?))
+}
+
+fn set_nonblocking(fd: &OwnedFd, which: &'static str) -> Result<(), LaunchError> {
+    let err = |source| LaunchError::Pipe { which, source };
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(err)?;
+    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(err)?;
+    Ok(())
+}
+
+/// Spawns one helper process per `plan`.
+///
+/// The child gets: the read end of the stdin pipe as fd 0, the write ends of
+/// the stdout and stderr pipes as fds 1 and 2; an empty signal mask; every
+/// signal at its default disposition (the host may ignore SIGPIPE, the helper
+/// must not inherit that); its own process group (a terminal's Ctrl-C reaches
+/// the host, which then shuts its helpers down in order); the environment of
+/// the plan and nothing else. Every other host fd it inherits, it closes
+/// itself at startup with one `close_range`.
+pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
+    let (child_stdin, host_stdin) = pipe("stdin")?;
+    let (host_stdout, child_stdout) = pipe("stdout")?;
+    let (host_stderr, child_stderr) = pipe("stderr")?;
+    set_nonblocking(&host_stdin, "stdin")?;
+    set_nonblocking(&host_stdout, "stdout")?;
+    set_nonblocking(&host_stderr, "stderr")?;
+
+    let setup = |what| move |source| LaunchError::SpawnSetup { what, source };
+    let mut actions = PosixSpawnFileActions::init().map_err(setup("file actions"))?;
+    for (fd, target) in [(&child_stdin, 0), (&child_stdout, 1), (&child_stderr, 2)] {
+        actions
+            .add_dup2(std::os::fd::AsRawFd::as_raw_fd(fd), target)
+            .map_err(setup("file actions"))?;
+    }
+    let mut attr = PosixSpawnAttr::init().map_err(setup("attributes"))?;
+    attr.set_flags(
+        PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF
+            | PosixSpawnFlags::POSIX_SPAWN_SETPGROUP,
+    )
+    .map_err(setup("attributes"))?;
+    attr.set_sigmask(&SigSet::empty())
+        .map_err(setup("attributes"))?;
+    let mut defaults = SigSet::all();
+    defaults.remove(Signal::SIGKILL);
+    defaults.remove(Signal::SIGSTOP);
+    attr.set_sigdefault(&defaults)
+        .map_err(setup("attributes"))?;
+    attr.set_pgroup(Pid::from_raw(0))
+        .map_err(setup("attributes"))?;
+
+    let pid = posix_spawn(
+        plan.program.as_c_str(),
+        &actions,
+        &attr,
+        &plan.argv,
+        &plan.envp,
+    )
+    .map_err(|source| LaunchError::Spawn {
+        program: plan.program_display.clone(),
+        source,
+    })?;
+    // The child's ends now live in the child; close the host's copies so that
+    // EOF on stdout means the helper (and only it) is gone.
+    drop((child_stdin, child_stdout, child_stderr));
+
+    let raw_pid = pid.as_raw();
+    let pidfd = rustix::process::Pid::from_raw(raw_pid)
+        .ok_or(Errno::ESRCH)
+        .map_err(|errno| std::io::Error::from_raw_os_error(errno as i32))
+        .and_then(|rpid| {
+            rustix::process::pidfd_open(rpid, PidfdFlags::empty()).map_err(std::io::Error::from)
+        });
+    let pidfd = match pidfd {
+        Ok(pidfd) => pidfd,
+        Err(source) => {
+            // No pidfd: the child is ours and not yet reaped, so its pid cannot
+            // have been reused; kill and reap it by pid before giving up.
+            let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(pid, None);
+            return Err(LaunchError::Pidfd {
+                pid: raw_pid as u32,
+                source,
+            });
+        }
+    };
+    Ok(Spawned {
+        pid: raw_pid as u32,
+        pidfd,
+        stdin: host_stdin,
+        stdout: host_stdout,
+        stderr: host_stderr,
+    })
+}

@@ -1,0 +1,123 @@
+//! Owning a helper process until it has been reaped.
+//!
+//! Signals go through the pidfd, never a bare pid, and the process is reaped
+//! through the pidfd too: no pid-reuse race, and no zombie left behind. Drop
+//! kills and reaps a process that is still running.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+
+use crate::error::ExitStatus;
+
+/// A child process, owned through its pidfd until reaped.
+#[derive(Debug)]
+pub(crate) struct Process {
+    pid: u32,
+    pidfd: OwnedFd,
+    status: Option<ExitStatus>,
+}
+
+impl Process {
+    pub(crate) fn new(pid: u32, pidfd: OwnedFd) -> Self {
+        Process {
+            pid,
+            pidfd,
+            status: None,
+        }
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends SIGKILL through the pidfd. A process that already exited (even if
+    /// not yet reaped) is not an error.
+    pub(crate) fn kill(&self) {
+        if self.status.is_some() {
+            return;
+        }
+        // ESRCH means it has exited already; nothing else can fail for our own
+        // child with a valid pidfd.
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+    }
+
+    /// Sends a signal through the pidfd (for tests and stop/continue).
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) -> std::io::Result<()> {
+        if self.status.is_some() {
+            return Err(std::io::Error::from_raw_os_error(libc_esrch()));
+        }
+        let signal = rustix::process::Signal::from_named_raw(signal as i32)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(Errno::EINVAL as i32))?;
+        rustix::process::pidfd_send_signal(&self.pidfd, signal).map_err(Into::into)
+    }
+
+    /// Reaps the process if it has exited, without blocking.
+    pub(crate) fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
+            self.status = match waitid(Id::PIDFd(self.pidfd.as_fd()), flags) {
+                Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::Exited(code)),
+                Ok(WaitStatus::Signaled(_, signal, _)) => Some(ExitStatus::Signaled(signal as i32)),
+                // ECHILD: reaped by someone else (a host that waits on -1);
+                // there is nothing left to wait for.
+                Err(Errno::ECHILD) => Some(ExitStatus::Exited(-1)),
+                _ => None,
+            };
+        }
+        self.status
+    }
+
+    /// Waits up to `timeout` for the process to exit, and reaps it.
+    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            // The pidfd becomes readable when the process exits.
+            let mut fds = [PollFd::new(self.pidfd.as_fd(), PollFlags::POLLIN)];
+            let _ = poll(&mut fds, poll_timeout(left));
+        }
+    }
+
+    /// Kills the process (if still running) and reaps it.
+    pub(crate) fn kill_and_reap(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
+        self.kill();
+        loop {
+            // After SIGKILL the exit is imminent; a bounded wait keeps a
+            // stopped-then-killed process from stalling us forever.
+            if let Some(status) = self.wait_timeout(Duration::from_secs(1)) {
+                return status;
+            }
+            self.kill();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill_and_reap();
+    }
+}
+
+fn libc_esrch() -> i32 {
+    Errno::ESRCH as i32
+}
+
+/// Converts a remaining duration into a poll timeout, rounding up to whole
+/// milliseconds so a poll never returns just before its deadline.
+pub(crate) fn poll_timeout(left: Duration) -> PollTimeout {
+    let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128);
+    PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+}

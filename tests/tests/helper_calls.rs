@@ -1,0 +1,396 @@
+//! One helper end to end: calls, helper errors, seccomp kills, hostile
+//! helpers, Hello refusal. Every test runs real helper processes.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use sandpool::{
+    CallError, ExitStatus, HelloRefusal, LaunchError, Launcher, ProtocolViolation, SeccompMode,
+};
+use sandpool_helper::redo;
+use sandpool_helper::reference::*;
+use sandpool_protocol::FdCloseMethod;
+use sandpool_tests::{config, deadline, helper_bin, process_exists};
+
+fn launch(args: &[&str]) -> sandpool::Helper {
+    Launcher::new(config(args)).unwrap().launch().unwrap()
+}
+
+#[test]
+fn echo_and_redo_round_trip() {
+    let mut helper = launch(&[]);
+    let hello = helper.hello().unwrap().clone();
+    assert_eq!(hello.pid, helper.pid());
+    assert_eq!(hello.seccomp, SeccompMode::Enforce);
+    assert_eq!(hello.fd_close_method, FdCloseMethod::CloseRange);
+    assert!(hello.no_new_privs);
+    assert!(hello.build_id.starts_with("sandpool-helper "));
+
+    for size in [0usize, 1, 16, 8192, 100_000] {
+        let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let reply = helper
+            .call(&request(OP_ECHO, &body), deadline(5.0))
+            .unwrap();
+        assert_eq!(reply, body, "echo of {size} bytes");
+    }
+
+    let mut req = vec![0x11u8; redo::PAGE_SIZE];
+    redo::push_record(&mut req, 0, b"header");
+    redo::push_record(&mut req, 8000, &[0xEE; 192]);
+    let mut expected = Vec::new();
+    redo::apply(&req, &mut expected).unwrap();
+    let reply = helper.call(&request(OP_REDO, &req), deadline(5.0)).unwrap();
+    assert_eq!(reply, expected);
+    assert_eq!(
+        helper.shutdown(Duration::from_secs(5)),
+        ExitStatus::Exited(0)
+    );
+}
+
+#[test]
+fn handler_errors_and_panics_fail_one_call_only() {
+    let mut helper = launch(&["--test-ops"]);
+    match helper.call(&request(OP_FAIL, b"bad record 7"), deadline(5.0)) {
+        Err(CallError::Helper(message)) => assert_eq!(message, "bad record 7"),
+        other => panic!("expected a helper error, got {other:?}"),
+    }
+    match helper.call(&request(OP_PANIC, b"boom"), deadline(5.0)) {
+        Err(CallError::Helper(message)) => assert_eq!(message, "handler panicked: boom"),
+        other => panic!("expected a helper error, got {other:?}"),
+    }
+    match helper.call(&request(OP_REDO, b"short"), deadline(5.0)) {
+        Err(err @ CallError::Helper(_)) => assert!(err.helper_survives()),
+        other => panic!("expected a helper error, got {other:?}"),
+    }
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"still here"), deadline(5.0))
+            .unwrap(),
+        b"still here"
+    );
+    assert!(!helper.is_retired());
+}
+
+#[test]
+fn test_ops_are_refused_without_the_flag() {
+    let mut helper = launch(&[]);
+    match helper.call(&request(OP_OPEN, b"/etc/hostname"), deadline(5.0)) {
+        Err(CallError::Helper(message)) => assert!(message.contains("--test-ops"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn forbidden_syscalls_die_by_sigsys_and_the_next_helper_works() {
+    for (op, body) in [
+        (OP_OPEN, &b"/etc/passwd"[..]),
+        (OP_SOCKET, b""),
+        (OP_SPAWN, b""),
+    ] {
+        let mut helper = launch(&["--test-ops"]);
+        let pid = helper.pid();
+        let err = helper.call(&request(op, body), deadline(5.0)).unwrap_err();
+        assert!(err.is_seccomp_kill(), "op {op:#x}: {err:?}");
+        match &err {
+            CallError::Died { status, .. } => {
+                assert_eq!(*status, ExitStatus::Signaled(libc::SIGSYS))
+            }
+            other => panic!("op {op:#x}: expected Died, got {other:?}"),
+        }
+        assert!(err.to_string().contains("SIGSYS (seccomp"), "{err}");
+        assert!(helper.is_retired());
+        assert!(!process_exists(pid), "the killed helper was reaped");
+        assert!(matches!(
+            helper.call(&request(OP_ECHO, b"x"), deadline(5.0)),
+            Err(CallError::Retired { .. })
+        ));
+        // The tenant's next helper is a fresh process and works.
+        let mut next = launch(&["--test-ops"]);
+        assert_ne!(next.pid(), pid);
+        assert_eq!(
+            next.call(&request(OP_ECHO, b"ok"), deadline(5.0)).unwrap(),
+            b"ok"
+        );
+    }
+}
+
+#[test]
+fn log_mode_allows_and_off_mode_is_honest() {
+    // Explicitly configured `log` mode: the forbidden open is allowed (and
+    // logged by the kernel), so the helper reads the file.
+    let mut cfg = config(&["--test-ops"]);
+    cfg.sandbox.seccomp = SeccompMode::Log;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().unwrap().seccomp, SeccompMode::Log);
+    let hostname = helper
+        .call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&hostname).contains("Seccomp:\t2"));
+
+    let mut cfg = config(&["--test-ops"]);
+    cfg.sandbox.seccomp = SeccompMode::Off;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().unwrap().seccomp, SeccompMode::Off);
+    let status = helper
+        .call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0))
+        .unwrap();
+    assert!(String::from_utf8_lossy(&status).contains("Seccomp:\t0"));
+}
+
+#[test]
+fn hello_that_skips_seccomp_is_refused() {
+    let err = Launcher::new(config(&["--misbehave", "skip-seccomp"]))
+        .unwrap()
+        .launch()
+        .unwrap_err();
+    match err {
+        LaunchError::HelloRefused {
+            refusal: HelloRefusal::Seccomp { got, required },
+            pid,
+        } => {
+            assert_eq!((got, required), (SeccompMode::Off, SeccompMode::Enforce));
+            assert!(!process_exists(pid), "refused helper was reaped");
+        }
+        other => panic!("expected a seccomp refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn hello_that_lies_about_seccomp_is_caught_by_the_kernel_check() {
+    let err = Launcher::new(config(&["--misbehave", "lie-seccomp"]))
+        .unwrap()
+        .launch()
+        .unwrap_err();
+    match err {
+        LaunchError::HelloRefused {
+            refusal: HelloRefusal::KernelDisagrees { field, kernel, .. },
+            ..
+        } => assert_eq!((field, kernel.as_str()), ("Seccomp", "0")),
+        other => panic!("expected the kernel check to refuse, got {other:?}"),
+    }
+}
+
+#[test]
+fn fd_walk_fallback_is_reported_and_refused_unless_allowed() {
+    let err = Launcher::new(config(&["--fd-walk"]))
+        .unwrap()
+        .launch()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LaunchError::HelloRefused {
+                refusal: HelloRefusal::FdCloseMethod(FdCloseMethod::ProcSelfFdWalk),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let mut cfg = config(&["--fd-walk"]);
+    cfg.sandbox.allow_fd_walk_fallback = true;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(
+        helper.hello().unwrap().fd_close_method,
+        FdCloseMethod::ProcSelfFdWalk
+    );
+    assert_eq!(
+        helper.call(&request(OP_ECHO, b"w"), deadline(5.0)).unwrap(),
+        b"w"
+    );
+}
+
+#[test]
+fn no_hello_times_out_and_is_reaped() {
+    let mut cfg = config(&["--misbehave", "no-hello"]);
+    cfg.spawn_timeout = Duration::from_millis(300);
+    match Launcher::new(cfg).unwrap().launch().unwrap_err() {
+        LaunchError::HelloTimeout { pid, waited, .. } => {
+            assert!(waited >= Duration::from_millis(300));
+            assert!(!process_exists(pid));
+        }
+        other => panic!("expected a Hello timeout, got {other:?}"),
+    }
+}
+
+#[test]
+fn startup_failure_is_reported_with_stderr() {
+    let mut cfg = config(&[]);
+    cfg.sandbox.extra_syscalls = vec!["not_a_syscall".into()];
+    match Launcher::new(cfg).unwrap().launch().unwrap_err() {
+        LaunchError::ExitedBeforeHello { status, stderr, .. } => {
+            assert_eq!(
+                status,
+                ExitStatus::Exited(sandpool_helper::EXIT_STARTUP_FAILED)
+            );
+            assert!(stderr.contains("not_a_syscall"), "{stderr}");
+        }
+        other => panic!("expected the helper to exit before Hello, got {other:?}"),
+    }
+}
+
+#[test]
+fn invalid_config_and_missing_program_are_typed() {
+    let mut cfg = config(&[]);
+    cfg.max_frame = 0;
+    match Launcher::new(cfg).unwrap_err() {
+        LaunchError::Config(err) => assert_eq!(err.field, "max_frame"),
+        other => panic!("{other:?}"),
+    }
+    let mut cfg = config(&[]);
+    cfg.sandbox.extra_syscalls = vec!["open; rm".into()];
+    assert!(matches!(Launcher::new(cfg), Err(LaunchError::Config(_))));
+    let cfg = sandpool::HelperConfig::new("/nonexistent/helper");
+    match Launcher::new(cfg).unwrap().launch().unwrap_err() {
+        LaunchError::Spawn { source, .. } => assert_eq!(source, nix::errno::Errno::ENOENT),
+        other => panic!("{other:?}"),
+    }
+    assert!(helper_bin().exists());
+}
+
+#[test]
+fn hung_and_stopped_helpers_time_out_and_are_reaped() {
+    let mut helper = launch(&["--misbehave", "hang"]);
+    let pid = helper.pid();
+    let err = helper
+        .call(&request(OP_ECHO, b"x"), deadline(0.3))
+        .unwrap_err();
+    assert!(matches!(err, CallError::Timeout { .. }), "{err:?}");
+    assert!(!process_exists(pid));
+
+    let mut helper = launch(&[]);
+    let pid = helper.pid();
+    helper.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let err = helper
+        .call(&request(OP_ECHO, b"x"), deadline(0.3))
+        .unwrap_err();
+    assert!(matches!(err, CallError::Timeout { .. }), "{err:?}");
+    assert!(
+        !process_exists(pid),
+        "a stopped helper is killed and reaped too"
+    );
+}
+
+#[test]
+fn hostile_replies_are_protocol_violations() {
+    let cases: &[(&str, fn(&ProtocolViolation) -> bool)] = &[
+        ("garbage", |v| {
+            matches!(
+                v,
+                ProtocolViolation::Frame(sandpool_protocol::DecodeError::BadMagic { .. })
+            )
+        }),
+        ("wrong-id", |v| {
+            matches!(
+                v,
+                ProtocolViolation::UnexpectedId {
+                    expected: 1,
+                    got: 2
+                }
+            )
+        }),
+    ];
+    for (mode, check) in cases {
+        let mut helper = launch(&["--misbehave", mode]);
+        let pid = helper.pid();
+        match helper.call(&request(OP_ECHO, b"x"), deadline(5.0)) {
+            Err(CallError::Protocol { violation, .. }) => {
+                assert!(check(&violation), "{mode}: {violation:?}")
+            }
+            other => panic!("{mode}: expected a protocol violation, got {other:?}"),
+        }
+        assert!(!process_exists(pid), "{mode}: killed and reaped");
+    }
+}
+
+#[test]
+fn answering_twice_is_caught_on_the_next_call() {
+    let mut helper = launch(&["--misbehave", "answer-twice"]);
+    assert_eq!(
+        helper.call(&request(OP_ECHO, b"x"), deadline(5.0)).unwrap(),
+        b"x"
+    );
+    // Give the duplicate time to arrive in the read-ahead buffer or the pipe.
+    match helper.call(&request(OP_ECHO, b"y"), deadline(5.0)) {
+        Err(CallError::Protocol { violation, .. }) => assert!(
+            matches!(
+                violation,
+                ProtocolViolation::Unsolicited { id: 1, .. }
+                    | ProtocolViolation::UnexpectedId {
+                        expected: 2,
+                        got: 1
+                    }
+            ),
+            "{violation:?}"
+        ),
+        other => panic!("expected a protocol violation, got {other:?}"),
+    }
+}
+
+#[test]
+fn exit_mid_response_is_a_death_with_status() {
+    let mut helper = launch(&["--misbehave", "exit-mid-response"]);
+    match helper.call(&request(OP_ECHO, &[7; 1000]), deadline(5.0)) {
+        Err(CallError::Died { status, .. }) => assert_eq!(status, ExitStatus::Exited(0)),
+        other => panic!("expected Died, got {other:?}"),
+    }
+}
+
+#[test]
+fn oversized_request_is_refused_before_sending() {
+    let mut cfg = config(&[]);
+    cfg.max_frame = 1024;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let err = helper
+        .call(&request(OP_ECHO, &[0; 1024]), deadline(5.0))
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::RequestTooLarge {
+                len: 1025,
+                max: 1024
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.helper_survives());
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &[1; 1023]), deadline(5.0))
+            .unwrap(),
+        vec![1; 1023]
+    );
+    // A response over the limit becomes an Error frame, not a broken stream.
+    let mut cfg = config(&["--test-ops"]);
+    cfg.max_frame = 64;
+    cfg.sandbox.seccomp = SeccompMode::Log;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    match helper.call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0)) {
+        Err(CallError::Helper(message)) => assert!(
+            message.contains("exceeds the frame limit of 64"),
+            "{message}"
+        ),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"ok"), deadline(5.0))
+            .unwrap(),
+        b"ok"
+    );
+}
+
+#[test]
+fn helper_stderr_reaches_the_error() {
+    let mut helper = launch(&["--test-ops"]);
+    assert_eq!(
+        helper
+            .call(&request(OP_STDERR, b"last words\n"), deadline(5.0))
+            .unwrap(),
+        b"last words\n"
+    );
+    match helper.call(&request(OP_OPEN, b"/etc/passwd"), deadline(5.0)) {
+        Err(CallError::Died { stderr, .. }) => assert!(stderr.contains("last words"), "{stderr:?}"),
+        other => panic!("{other:?}"),
+    }
+}
