@@ -272,7 +272,8 @@ fn hung_and_stopped_helpers_time_out_and_are_reaped() {
 
 #[test]
 fn hostile_replies_are_protocol_violations() {
-    let cases: &[(&str, fn(&ProtocolViolation) -> bool)] = &[
+    type Check = fn(&ProtocolViolation) -> bool;
+    let cases: &[(&str, Check)] = &[
         ("garbage", |v| {
             matches!(
                 v,
