@@ -1,10 +1,11 @@
 // Shared by the build scripts of the test and bench crates (`include!`d):
 // builds the reference helper binary with a nested `cargo build`.
 
-/// Builds `sandpool-helper` in release mode into `<target>/helper` and
-/// returns the binary's path. Re-runs when the helper's sources change.
+/// Builds `sandpool-helper` in release mode into `<target>/helper` (or, with
+/// `static_crt`, linked statically against glibc into `<target>/helper-static`)
+/// and returns the binary's path. Re-runs when the helper's sources change.
 #[allow(dead_code)]
-fn build_reference_helper() -> std::path::PathBuf {
+fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -13,19 +14,31 @@ fn build_reference_helper() -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
-        .join("helper");
+        .join(if static_crt { "helper-static" } else { "helper" });
     for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
+    let mut command = Command::new(cargo);
+    command
         .current_dir(&root)
         .args(["build", "--release", "--package", "sandpool-helper", "--bin", "sandpool-helper", "--target-dir"])
-        .arg(&target)
+        .arg(&target);
+    let mut out_dir = target.join("release");
+    if static_crt {
+        // With an explicit --target, RUSTFLAGS reach only the target crates,
+        // not build scripts or proc macros (which cannot be static).
+        let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
+        command.args(["--target", &triple]);
+        command.env("RUSTFLAGS", "-C target-feature=+crt-static");
+        out_dir = target.join(&triple).join("release");
+    } else {
+        command.env_remove("RUSTFLAGS");
+    }
+    let status = command
         // Flags meant for the outer build (coverage, sanitizers, -D warnings
         // from clippy) must not leak into the helper's build.
-        .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_BUILD_TARGET_DIR")
@@ -33,5 +46,5 @@ fn build_reference_helper() -> std::path::PathBuf {
         .status()
         .expect("running cargo to build sandpool-helper");
     assert!(status.success(), "building sandpool-helper failed: {status}");
-    target.join("release").join("sandpool-helper")
+    out_dir.join("sandpool-helper")
 }

@@ -6,6 +6,6 @@
 include!("../helper/build_helper.rs");
 
 fn main() {
-    let bin = build_reference_helper();
+    let bin = build_reference_helper(false);
     println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", bin.display());
 }

@@ -1,1 +1,51 @@
-//! placeholder
+//! Measurement helpers shared by sandpool's benchmarks.
+//!
+//! This machine is shared and noisy, so every comparison runs its contenders
+//! interleaved in one process run (A B A B ...) and reports the ratio of
+//! medians, not absolute times alone.
+
+use std::time::Duration;
+
+/// Median and 99th percentile of a set of samples.
+#[derive(Clone, Copy, Debug)]
+pub struct Summary {
+    /// Number of samples.
+    pub n: usize,
+    /// Median.
+    pub median: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+/// Summarises samples (sorts them in place). Empty input gives zeros.
+pub fn summarize(samples: &mut [Duration]) -> Summary {
+    samples.sort_unstable();
+    let at = |q: f64| {
+        if samples.is_empty() {
+            Duration::ZERO
+        } else {
+            samples[((samples.len() - 1) as f64 * q).round() as usize]
+        }
+    };
+    Summary {
+        n: samples.len(),
+        median: at(0.5),
+        p99: at(0.99),
+    }
+}
+
+/// Formats a duration in microseconds with one decimal.
+pub fn us(d: Duration) -> String {
+    format!("{:.1} us", d.as_secs_f64() * 1e6)
+}
+
+/// One table row: name, median, p99, and the ratio of its median to a baseline's.
+pub fn row(name: &str, s: &Summary, baseline: &Summary) -> String {
+    format!(
+        "| {name} | {} | {} | {} | {:.2}x |",
+        s.n,
+        us(s.median),
+        us(s.p99),
+        s.median.as_secs_f64() / baseline.median.as_secs_f64().max(1e-12)
+    )
+}

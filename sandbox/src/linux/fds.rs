@@ -130,12 +130,21 @@ fn walk_and_close() -> Result<(), CloseFdsError> {
     Ok(())
 }
 
-/// Counts the open fds from `first` up to the soft `RLIMIT_NOFILE`, with
+/// Counts the open fds from `first` up to the size of the fd table, with
 /// `poll` on batches of 1024 descriptors: a closed fd comes back POLLNVAL.
-/// One syscall per 1024 possible fds, no allocation, and nothing opened.
+/// One syscall per 1024 slots of the table, no fd opened for the count.
+///
+/// The table size (`FDSize` in `/proc/self/status`) grows with the highest fd
+/// the host ever had open, so the count costs about what posix_spawn already
+/// paid to copy that table; the soft `RLIMIT_NOFILE` (often 20,000 or more)
+/// is only the fallback bound if the status file cannot be read.
 fn count_open_fds_from(first: i32) -> u32 {
-    let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft)
+    let limit = fd_table_size()
+        .or_else(|| {
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .ok()
+                .map(|(soft, _)| soft)
+        })
         .unwrap_or(1024)
         .min(1 << 20) as i32;
     let mut batch = [libc::pollfd {
@@ -168,4 +177,13 @@ fn count_open_fds_from(first: i32) -> u32 {
         next += n as i32;
     }
     open
+}
+
+/// The size of this process's fd table, from `FDSize:` in `/proc/self/status`.
+fn fd_table_size() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("FDSize:"))
+        .and_then(|value| value.trim().parse().ok())
 }

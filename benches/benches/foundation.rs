@@ -1,0 +1,119 @@
+//! Foundation benchmark: launch-to-hello of the reference helper linked
+//! statically vs dynamically, and a warm call's round trip vs a raw
+//! two-process pipe ping-pong. Contenders are interleaved in one run; the
+//! ratios are the result.
+//!
+//! `cargo bench -p sandpool-benches --bench foundation [-- --quick]`
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sandpool::{HelperConfig, Launcher};
+use sandpool_benches::{row, summarize};
+use sandpool_helper::reference::{OP_ECHO, request};
+
+const PEER_ENV: &str = "SANDPOOL_BENCH_PIPE_PEER";
+
+/// The raw baseline's peer: echo fixed-size messages from stdin to stdout.
+fn pipe_peer(size: usize) -> ! {
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; size];
+    while stdin.read_exact(&mut buf).is_ok() {
+        if stdout
+            .write_all(&buf)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    std::process::exit(0);
+}
+
+fn main() {
+    if let Some(size) = std::env::var(PEER_ENV).ok().and_then(|s| s.parse().ok()) {
+        pipe_peer(size);
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (launch_rounds, call_rounds) = if quick { (5, 5) } else { (60, 40) };
+
+    println!(
+        "## Launch to verified Hello (reference helper, {launch_rounds} rounds of 5, interleaved)\n"
+    );
+    println!("| helper | n | median | p99 | vs dynamic |\n|---|---|---|---|---|");
+    let dynamic = Launcher::new(HelperConfig::new(env!("SANDPOOL_HELPER_BIN"))).expect("config");
+    let static_ =
+        Launcher::new(HelperConfig::new(env!("SANDPOOL_HELPER_STATIC_BIN"))).expect("config");
+    let (mut dyn_samples, mut static_samples) = (Vec::new(), Vec::new());
+    for _ in 0..launch_rounds {
+        for (launcher, samples) in [
+            (&dynamic, &mut dyn_samples),
+            (&static_, &mut static_samples),
+        ] {
+            for _ in 0..5 {
+                let helper = launcher.launch().expect("launch");
+                samples.push(helper.launch_time());
+                helper.shutdown(Duration::from_secs(5));
+            }
+        }
+    }
+    let dyn_summary = summarize(&mut dyn_samples);
+    let static_summary = summarize(&mut static_samples);
+    println!(
+        "{}",
+        row("dynamic (glibc, default)", &dyn_summary, &dyn_summary)
+    );
+    println!(
+        "{}",
+        row("static (+crt-static)", &static_summary, &dyn_summary)
+    );
+
+    for size in [16usize, 8192] {
+        println!(
+            "\n## Warm call round trip, {size} B each way ({call_rounds} rounds of 500 calls, \
+             a fresh process pair per round so CPU placement averages out, interleaved)\n"
+        );
+        println!("| path | n | median | p99 | vs raw pipe |\n|---|---|---|---|---|");
+        let req = request(OP_ECHO, &vec![0x5A; size - 1]);
+        let msg = vec![0x5Au8; size];
+        let mut back = vec![0u8; size];
+        let (mut raw, mut pooled) = (Vec::new(), Vec::new());
+        for _ in 0..call_rounds {
+            let mut peer = Command::new(std::env::current_exe().expect("own path"))
+                .env(PEER_ENV, size.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("spawn pipe peer");
+            let mut peer_in = peer.stdin.take().expect("piped");
+            let mut peer_out = peer.stdout.take().expect("piped");
+            for _ in 0..500 {
+                let t = Instant::now();
+                peer_in.write_all(&msg).expect("peer write");
+                peer_out.read_exact(&mut back).expect("peer read");
+                raw.push(t.elapsed());
+            }
+            drop(peer_in);
+            let _ = peer.wait();
+            let mut helper = dynamic.launch().expect("launch");
+            for _ in 0..500 {
+                let t = Instant::now();
+                let reply = helper
+                    .call(&req, Instant::now() + Duration::from_secs(5))
+                    .expect("call");
+                pooled.push(t.elapsed());
+                assert_eq!(reply.len(), size - 1);
+            }
+            helper.shutdown(Duration::from_secs(5));
+        }
+        let raw = summarize(&mut raw);
+        let pooled = summarize(&mut pooled);
+        println!("{}", row("raw pipe ping-pong (two processes)", &raw, &raw));
+        println!(
+            "{}",
+            row("sandpool Helper::call (sandboxed helper)", &pooled, &raw)
+        );
+    }
+}
