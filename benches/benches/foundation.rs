@@ -4,6 +4,7 @@
 //! ratios are the result.
 //!
 //! `cargo bench -p sandpool-benches --bench foundation [-- --quick]`
+#![allow(clippy::disallowed_methods)] // the raw-pipe baseline peer is spawned with std Command
 
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};

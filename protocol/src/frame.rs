@@ -46,7 +46,7 @@ pub enum Direction {
 pub enum Kind {
     /// Helper -> host, once, first: proof of the startup sequence ([`crate::Hello`]).
     Hello = 1,
-    /// Host -> helper, at most once: binds a spare helper to a tenant ([`crate::Bind`]).
+    /// Host -> helper, at most once: binds a spare helper to a tenant ([`crate::decode_bind`]).
     Bind = 2,
     /// Host -> helper: one request; its id is echoed by the reply.
     Request = 3,

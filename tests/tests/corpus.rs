@@ -11,6 +11,7 @@
 //!
 //! One test per side, run one after the other in this binary, so the global
 //! allocation counter sees only the calls it measures.
+#![allow(clippy::disallowed_methods)] // drives a helper's stdin directly, outside the pool
 #![allow(clippy::unwrap_used)]
 
 use std::alloc::System;

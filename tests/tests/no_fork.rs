@@ -7,6 +7,7 @@
 //! fork-based spawn (std's `Command` with a uid set, which std implements with
 //! fork) must fail, and the sandpool launch must still succeed: it used
 //! `clone(CLONE_VM | CLONE_VFORK)`, i.e. posix_spawn, and never copied the host.
+#![allow(clippy::disallowed_methods)] // the fork-path control spawns with std Command on purpose
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
