@@ -18,7 +18,9 @@ use sandpool_helper::{
     EXIT_PROTOCOL_ERROR, EXIT_STARTUP_FAILED, FdCloseStrategy, HandlerError, Incoming, Options,
     Request, Session, redo,
 };
-use sandpool_protocol::{HEADER_LEN, Header, Kind, SPEC_ENV, SandboxSpec, SeccompMode, corpus};
+use sandpool_protocol::{
+    HEADER_LEN, Kind, MAX_FRAME_CEILING, SPEC_ENV, SandboxSpec, SeccompMode, corpus, encode_frame,
+};
 
 struct Args {
     test_ops: bool,
@@ -157,14 +159,9 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             }
         };
         let reply = |kind, id, body: &[u8]| {
-            let mut out = Header {
-                kind,
-                id,
-                len: body.len() as u32,
-            }
-            .encode()
-            .to_vec();
-            out.extend_from_slice(body);
+            let mut out = Vec::new();
+            // The body came in a request, so it fits the frame limit.
+            let _ = encode_frame(kind, id, body, MAX_FRAME_CEILING, &mut out);
             out
         };
         let bytes = match misbehave {
