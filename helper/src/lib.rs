@@ -25,7 +25,6 @@
 pub mod redo;
 pub mod reference;
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
@@ -34,7 +33,7 @@ use sandpool_protocol::{
     PayloadError, SPEC_ENV, SandboxSpec, SpecError, decode_bind, encode_frame,
 };
 use sandpool_sandbox::{
-    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, StdioError,
+    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, StdioError, StdioPipe,
 };
 pub use sandpool_sandbox::{FdCloseStrategy, SeccompPolicy};
 use thiserror::Error;
@@ -144,8 +143,8 @@ pub struct Sandboxed {
     /// the host never takes it on trust and checks `/proc/PID/status` itself.
     pub hello: Hello,
     spec: SandboxSpec,
-    input: File,
-    output: File,
+    input: StdioPipe,
+    output: StdioPipe,
 }
 
 /// Runs the startup sequence (steps 1 to 6) with the spec from the environment.
@@ -212,8 +211,8 @@ pub fn start(options: &Options) -> Result<Session, StartupError> {
 /// A sandboxed helper that has said hello: reads frames, serves requests.
 #[derive(Debug)]
 pub struct Session {
-    input: File,
-    output: File,
+    input: StdioPipe,
+    output: StdioPipe,
     max_frame: u32,
     tenant: Option<Vec<u8>>,
     inbuf: Vec<u8>,
@@ -351,7 +350,8 @@ impl Session {
                 Ok(Err(err)) => err.to_string(),
                 Err(panic) => format!("handler panicked: {}", panic_message(&*panic)),
             };
-            self.send(Kind::Error, id, truncate_utf8(&message, MAX_ERROR_MESSAGE))?;
+            let limit = MAX_ERROR_MESSAGE.min(self.max_frame as usize);
+            self.send(Kind::Error, id, truncate_utf8(&message, limit))?;
         }
     }
 
@@ -371,7 +371,7 @@ impl Session {
     }
 
     /// The pipes, for a helper that runs its own loop.
-    pub fn into_parts(self) -> (File, File) {
+    pub fn into_parts(self) -> (StdioPipe, StdioPipe) {
         (self.input, self.output)
     }
 }
@@ -388,7 +388,7 @@ enum SendError {
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
-fn read_full(input: &mut File, buf: &mut [u8]) -> Result<usize, ServeError> {
+fn read_full(input: &mut StdioPipe, buf: &mut [u8]) -> Result<usize, ServeError> {
     let mut got = 0;
     while got < buf.len() {
         match input.read(&mut buf[got..]) {

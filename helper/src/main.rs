@@ -6,7 +6,7 @@
 //! - `--test-ops`: accept the hostile test ops (forbidden syscalls, panics, sleeps);
 //! - `--misbehave NAME`: break the protocol or the startup contract on purpose
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
-//!   `garbage`, `wrong-id`, `answer-twice`, `corpus:<case>`);
+//!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `corpus:<case>`);
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 #![forbid(unsafe_code)]
 
@@ -178,6 +178,15 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             }
             "garbage" => b"this is not a sandpool frame at all\n".to_vec(),
             "wrong-id" => reply(Kind::Response, id.wrapping_add(1), &payload),
+            "pre-answer" => {
+                // Answer properly, then, a moment later, answer the next
+                // request before it has been sent.
+                session
+                    .send_raw(&reply(Kind::Response, id, &payload))
+                    .map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(20));
+                reply(Kind::Response, id + 1, b"forged")
+            }
             "answer-twice" => {
                 let mut twice = reply(Kind::Response, id, &payload);
                 twice.extend_from_slice(&reply(Kind::Response, id, &payload));

@@ -43,5 +43,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "garbage",
     "wrong-id",
     "answer-twice",
+    "pre-answer",
     "corpus:<case name>",
 ];

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sandpool_protocol::{
-    DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, RlimitSpec, SandboxSpec, SeccompMode,
+    DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, RlimitSpec, SandboxSpec, SeccompMode,
 };
 use thiserror::Error;
 
@@ -96,10 +96,13 @@ impl HelperConfig {
         if self.program.as_os_str().is_empty() {
             return Err(ConfigError::new("program", "is empty"));
         }
-        if !(1..=MAX_FRAME_CEILING).contains(&self.max_frame) {
+        if !(MIN_FRAME_LIMIT..=MAX_FRAME_CEILING).contains(&self.max_frame) {
             return Err(ConfigError::new(
                 "max_frame",
-                format!("{} is outside 1..={MAX_FRAME_CEILING}", self.max_frame),
+                format!(
+                    "{} is outside {MIN_FRAME_LIMIT}..={MAX_FRAME_CEILING}",
+                    self.max_frame
+                ),
             ));
         }
         if self.spawn_timeout.is_zero() {

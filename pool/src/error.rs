@@ -14,6 +14,10 @@ pub enum ExitStatus {
     Exited(i32),
     /// It was killed by this signal.
     Signaled(i32),
+    /// Something else in the host reaped it first (a `waitpid(-1)` loop, or
+    /// SIGCHLD set to SIG_IGN), so its status is lost. sandpool does not
+    /// support such hosts; this variant keeps the loss visible.
+    Unknown,
 }
 
 impl ExitStatus {
@@ -36,6 +40,9 @@ impl fmt::Display for ExitStatus {
             ExitStatus::Exited(code) => write!(f, "exited with code {code}"),
             status @ ExitStatus::Signaled(_) if status.is_seccomp_kill() => {
                 write!(f, "killed by SIGSYS (seccomp: forbidden syscall)")
+            }
+            ExitStatus::Unknown => {
+                write!(f, "ended with an unknown status (reaped by someone else)")
             }
             ExitStatus::Signaled(signal) => match nix::sys::signal::Signal::try_from(signal) {
                 Ok(name) => write!(f, "killed by {name}"),
@@ -79,6 +86,12 @@ pub enum ProtocolViolation {
     /// It closed its stdout but did not exit.
     #[error("closed its stdout but did not exit")]
     ClosedStdout,
+    /// It closed its stdin (the host's writes fail with EPIPE) but did not exit.
+    #[error("closed its stdin but did not exit")]
+    ClosedStdin,
+    /// It had sent part of a frame while no request was in flight.
+    #[error("sent a partial frame with no request in flight")]
+    UnsolicitedPartial,
     /// Its Error frame is not UTF-8.
     #[error("Error frame is not UTF-8")]
     ErrorNotUtf8,
@@ -272,6 +285,16 @@ pub enum CallError {
         pid: u32,
         /// The error.
         source: Errno,
+    },
+    /// The tenant label is not a valid Bind payload; nothing was sent.
+    #[error("invalid tenant label for Bind: {0}")]
+    InvalidTenant(PayloadError),
+    /// The helper is already bound to a tenant; one helper serves one tenant
+    /// in its whole life. Nothing was sent.
+    #[error("helper pid {pid} is already bound to a tenant")]
+    AlreadyBound {
+        /// The helper's pid.
+        pid: u32,
     },
     /// This helper was already retired by an earlier failure.
     #[error("helper pid {pid} is no longer usable: {reason}")]

@@ -8,7 +8,7 @@ use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
 use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
-use crate::io::{FrameReader, IoFailure, drain_tail, write_all};
+use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all};
 use crate::launcher::{LaunchPlan, spawn};
 use crate::process::Process;
 use crate::verify::verify_hello;
@@ -17,6 +17,9 @@ use crate::verify::verify_hello;
 const STDERR_DRAIN_CAP: usize = 256 * 1024;
 /// How much of it is kept in the error.
 const STDERR_TAIL: usize = 2048;
+/// How long a helper whose pipe closed gets to become reapable, whatever is
+/// left of the call's deadline: its stdout closes a moment before it exits.
+const EXIT_GRACE: Duration = Duration::from_millis(100);
 
 /// Launches helpers from one configuration (validated once).
 #[derive(Debug)]
@@ -54,6 +57,7 @@ impl Launcher {
             hello: None,
             max_frame: self.config.max_frame,
             next_id: 1,
+            bound: false,
             retired: None,
             launch_time: Duration::ZERO,
         };
@@ -64,7 +68,7 @@ impl Launcher {
                 .read_frame(&helper.stdout, deadline, helper.max_frame)
             {
                 Ok(frame) => frame,
-                Err(failure) => return Err(helper.launch_failed(failure, deadline, started)),
+                Err(failure) => return Err(helper.launch_failed(failure, started)),
             };
         if header.kind != Kind::Hello {
             helper.process.kill_and_reap();
@@ -118,6 +122,7 @@ pub struct Helper {
     hello: Option<Hello>,
     max_frame: u32,
     next_id: u64,
+    bound: bool,
     retired: Option<String>,
     launch_time: Duration,
 }
@@ -146,7 +151,13 @@ impl Helper {
     /// Binds this helper to a tenant (at most once; a second Bind makes the
     /// helper exit, by design).
     pub fn bind(&mut self, tenant: &[u8], deadline: Instant) -> Result<(), CallError> {
-        self.send(Kind::Bind, 0, tenant, deadline, Instant::now())
+        sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
+        if self.bound {
+            return Err(CallError::AlreadyBound { pid: self.pid() });
+        }
+        self.send(Kind::Bind, 0, tenant, deadline, Instant::now())?;
+        self.bound = true;
+        Ok(())
     }
 
     /// Sends `request` and waits until `deadline` for its reply.
@@ -160,7 +171,7 @@ impl Helper {
             .read_frame(&self.stdout, deadline, self.max_frame)
         {
             Ok(frame) => frame,
-            Err(failure) => return Err(self.call_failed(failure, deadline, started)),
+            Err(failure) => return Err(self.call_failed(failure, started)),
         };
         match header.kind {
             Kind::Response | Kind::Error if header.id != id => {
@@ -198,20 +209,24 @@ impl Helper {
             });
         }
         // Bytes the helper sent while nothing was in flight (answering twice,
-        // or before being asked) are a violation, caught before the next call.
-        if self.reader.has_buffered() {
-            let (header, _) =
+        // or before being asked) are a violation, caught before the next
+        // request goes out; so is a helper that died in between.
+        if self.reader.has_buffered() || readable_now(&self.stdout) {
+            return Err(
                 match self
                     .reader
                     .read_frame(&self.stdout, Instant::now(), self.max_frame)
                 {
-                    Ok(frame) => frame,
-                    Err(failure) => return Err(self.call_failed(failure, deadline, started)),
-                };
-            return Err(self.violation(ProtocolViolation::Unsolicited {
-                kind: header.kind,
-                id: header.id,
-            }));
+                    Ok((header, _)) => self.violation(ProtocolViolation::Unsolicited {
+                        kind: header.kind,
+                        id: header.id,
+                    }),
+                    Err(IoFailure::Timeout) => {
+                        self.violation(ProtocolViolation::UnsolicitedPartial)
+                    }
+                    Err(failure) => self.call_failed(failure, started),
+                },
+            );
         }
         self.wbuf.clear();
         if encode_frame(kind, id, payload, self.max_frame, &mut self.wbuf).is_err() {
@@ -228,7 +243,7 @@ impl Helper {
         };
         match write_all(stdin.as_fd(), &self.wbuf, deadline) {
             Ok(()) => Ok(()),
-            Err(failure) => Err(self.call_failed(failure, deadline, started)),
+            Err(failure) => Err(self.call_failed(failure, started)),
         }
     }
 
@@ -253,20 +268,13 @@ impl Helper {
             .into_owned()
     }
 
-    /// After EOF or EPIPE: the helper is exiting (or lying). Wait for its exit
-    /// until the deadline; if it does not exit, it closed its pipe on purpose.
-    fn await_exit(&mut self, deadline: Instant) -> Option<ExitStatus> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.process
-            .wait_timeout(left.max(Duration::from_millis(1)))
+    /// After EOF or EPIPE: the helper is exiting (or lying). Wait briefly for
+    /// its exit; if it does not exit, it closed its pipe on purpose.
+    fn await_exit(&mut self) -> Option<ExitStatus> {
+        self.process.wait_timeout(EXIT_GRACE)
     }
 
-    fn call_failed(
-        &mut self,
-        failure: IoFailure,
-        deadline: Instant,
-        started: Instant,
-    ) -> CallError {
+    fn call_failed(&mut self, failure: IoFailure, started: Instant) -> CallError {
         let pid = self.pid();
         match failure {
             IoFailure::Timeout => {
@@ -277,7 +285,7 @@ impl Helper {
                     after: started.elapsed(),
                 }
             }
-            IoFailure::Closed => match self.await_exit(deadline) {
+            IoFailure::StdoutClosed | IoFailure::StdinClosed => match self.await_exit() {
                 Some(status) => {
                     self.retire(status.to_string());
                     CallError::Died {
@@ -285,6 +293,9 @@ impl Helper {
                         status,
                         stderr: self.stderr_tail(),
                     }
+                }
+                None if matches!(failure, IoFailure::StdinClosed) => {
+                    self.violation(ProtocolViolation::ClosedStdin)
                 }
                 None => self.violation(ProtocolViolation::ClosedStdout),
             },
@@ -297,12 +308,7 @@ impl Helper {
         }
     }
 
-    fn launch_failed(
-        &mut self,
-        failure: IoFailure,
-        deadline: Instant,
-        started: Instant,
-    ) -> LaunchError {
+    fn launch_failed(&mut self, failure: IoFailure, started: Instant) -> LaunchError {
         let pid = self.pid();
         match failure {
             IoFailure::Timeout => {
@@ -313,7 +319,7 @@ impl Helper {
                     stderr: self.stderr_tail(),
                 }
             }
-            IoFailure::Closed => match self.await_exit(deadline) {
+            IoFailure::StdoutClosed | IoFailure::StdinClosed => match self.await_exit() {
                 Some(status) => LaunchError::ExitedBeforeHello {
                     pid,
                     status,

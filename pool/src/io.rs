@@ -16,8 +16,10 @@ use crate::process::poll_timeout;
 pub(crate) enum IoFailure {
     /// The deadline passed.
     Timeout,
-    /// The helper closed its end: EOF on stdout, or EPIPE on stdin.
-    Closed,
+    /// EOF on the helper's stdout.
+    StdoutClosed,
+    /// EPIPE writing the helper's stdin: it closed its end.
+    StdinClosed,
     /// The bytes are not a valid frame.
     Decode(DecodeError),
     /// Any other OS error.
@@ -51,7 +53,7 @@ pub(crate) fn write_all(
             Ok(n) => bytes = &bytes[n..],
             Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLOUT, deadline)?,
             Err(Errno::EINTR) => {}
-            Err(Errno::EPIPE) => return Err(IoFailure::Closed),
+            Err(Errno::EPIPE) => return Err(IoFailure::StdinClosed),
             Err(errno) => return Err(IoFailure::Os(errno)),
         }
     }
@@ -115,7 +117,7 @@ impl FrameReader {
             }
             let n = read_some(fd, &mut self.buf[self.end..], deadline)?;
             if n == 0 {
-                return Err(IoFailure::Closed);
+                return Err(IoFailure::StdoutClosed);
             }
             self.end += n;
         }
@@ -126,27 +128,35 @@ impl FrameReader {
         self.start += HEADER_LEN;
         let len = header.len as usize;
         let buffered = (self.end - self.start).min(len);
-        let mut payload = Vec::with_capacity(len);
+        // Sized by what has arrived, not by what the header claims: a helper
+        // that claims max_frame and sends one byte costs one read-ahead chunk.
+        let mut payload = Vec::with_capacity(buffered.max(len.min(READ_AHEAD)));
         payload.extend_from_slice(&self.buf[self.start..self.start + buffered]);
         self.start += buffered;
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
         }
-        if payload.len() < len {
-            // The rest goes straight into the caller's buffer, no second copy.
-            payload.resize(len, 0);
-            let mut filled = buffered;
-            while filled < len {
-                let n = read_some(fd, &mut payload[filled..], deadline)?;
-                if n == 0 {
-                    return Err(IoFailure::Closed);
-                }
-                filled += n;
+        while payload.len() < len {
+            // Grow at most by doubling (and by one chunk at least), and read
+            // straight into the caller's buffer: no second copy.
+            let filled = payload.len();
+            let grow = (len - filled).min(filled.max(READ_AHEAD));
+            payload.resize(filled + grow, 0);
+            let n = read_some(fd, &mut payload[filled..], deadline)?;
+            payload.truncate(filled + n);
+            if n == 0 {
+                return Err(IoFailure::StdoutClosed);
             }
         }
         Ok((header, payload))
     }
+}
+
+/// Whether `fd` is readable (or hung up) right now, without waiting.
+pub(crate) fn readable_now(fd: impl AsFd) -> bool {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
 }
 
 /// Reads whatever a non-blocking fd has right now, up to `cap` bytes, keeping

@@ -169,8 +169,9 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
     let pidfd = match pidfd {
         Ok(pidfd) => pidfd,
         Err(source) => {
-            // No pidfd: the child is ours and not yet reaped, so its pid cannot
-            // have been reused; kill and reap it by pid before giving up.
+            // No pidfd: the child is ours and not yet reaped (sandpool requires
+            // that nothing else in the host reaps its children), so its pid
+            // cannot have been reused; kill and reap it by pid.
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
             return Err(LaunchError::Pidfd {

@@ -64,7 +64,20 @@ impl Process {
                 Ok(WaitStatus::Signaled(_, signal, _)) => Some(ExitStatus::Signaled(signal as i32)),
                 // ECHILD: reaped by someone else (a host that waits on -1);
                 // there is nothing left to wait for.
-                Err(Errno::ECHILD) => Some(ExitStatus::Exited(-1)),
+                Err(Errno::ECHILD) => Some(ExitStatus::Unknown),
+                // EINVAL: a kernel with pidfd_open but without P_PIDFD (5.3);
+                // the child is still ours and unreaped, so its pid is safe.
+                Err(Errno::EINVAL) => {
+                    let pid = nix::unistd::Pid::from_raw(self.pid as i32);
+                    match nix::sys::wait::waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::Exited(code)),
+                        Ok(WaitStatus::Signaled(_, signal, _)) => {
+                            Some(ExitStatus::Signaled(signal as i32))
+                        }
+                        Err(Errno::ECHILD) => Some(ExitStatus::Unknown),
+                        _ => None,
+                    }
+                }
                 _ => None,
             };
         }
@@ -94,14 +107,18 @@ impl Process {
             return status;
         }
         self.kill();
-        loop {
-            // After SIGKILL the exit is imminent; a bounded wait keeps a
-            // stopped-then-killed process from stalling us forever.
+        // After SIGKILL the exit is imminent (even for a stopped process). If
+        // it still cannot be reaped after ten seconds something outside
+        // sandpool is interfering; give up rather than hang the caller.
+        for _ in 0..10 {
             if let Some(status) = self.wait_timeout(Duration::from_secs(1)) {
                 return status;
             }
             self.kill();
         }
+        tracing::error!(pid = self.pid, "helper could not be reaped after SIGKILL");
+        self.status = Some(ExitStatus::Unknown);
+        ExitStatus::Unknown
     }
 }
 

@@ -127,6 +127,28 @@ pub fn cases() -> Vec<Case> {
             expect: Expect::Error(DecodeError::Oversized { len: max + 1, max }),
         },
         Case {
+            name: "claims-max-sends-1",
+            direction: Up,
+            bytes: {
+                let mut bytes = raw_header(magic, VERSION, Kind::Response as u8, 1, max);
+                bytes.push(0xAA);
+                bytes
+            },
+            expect: Expect::Error(DecodeError::Truncated {
+                needed: HEADER_LEN + max as usize,
+                got: HEADER_LEN + 1,
+            }),
+        },
+        Case {
+            name: "hello-over-its-own-limit",
+            direction: Up,
+            bytes: raw_header(magic, VERSION, Kind::Hello as u8, 0, 4096),
+            expect: Expect::Error(DecodeError::Oversized {
+                len: 4096,
+                max: crate::MAX_HELLO_LEN as u32,
+            }),
+        },
+        Case {
             name: "truncated-header",
             direction: Up,
             bytes: frame(Kind::Response, 1, b"x")[..7].to_vec(),

@@ -30,6 +30,9 @@ pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// The largest `max_frame` a configuration may choose (256 MiB). Larger
 /// payloads belong in a shared memory region, not in a pipe.
 pub const MAX_FRAME_CEILING: u32 = 256 << 20;
+/// The smallest `max_frame` a configuration may choose: every Hello, Bind and
+/// truncated Error message must fit.
+pub const MIN_FRAME_LIMIT: u32 = 512;
 
 /// Which way a frame travels. Each [`Kind`] is legal in one direction only.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -214,13 +217,21 @@ impl Header {
             Kind::Shutdown if len != 0 => {
                 return Err(DecodeError::UnexpectedPayload { kind, len });
             }
-            Kind::Error if len as usize > MAX_ERROR_MESSAGE => {
-                return Err(DecodeError::Oversized {
-                    len,
-                    max: MAX_ERROR_MESSAGE as u32,
-                });
-            }
             _ => {}
+        }
+        // Kinds with a small payload of their own are bounded by it, not by
+        // the (possibly much larger) frame limit.
+        let own_max = match kind {
+            Kind::Error => Some(MAX_ERROR_MESSAGE),
+            Kind::Hello => Some(crate::hello::MAX_HELLO_LEN),
+            Kind::Bind => Some(crate::hello::MAX_TENANT_LEN),
+            _ => None,
+        };
+        if let Some(own_max) = own_max.filter(|own_max| len as usize > *own_max) {
+            return Err(DecodeError::Oversized {
+                len,
+                max: own_max as u32,
+            });
         }
         Ok(Header { kind, id, len })
     }

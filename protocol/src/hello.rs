@@ -129,6 +129,8 @@ pub enum PayloadError {
 }
 
 const HELLO_FIXED: usize = 30;
+/// The longest Hello payload: the fixed part and the longest build id.
+pub const MAX_HELLO_LEN: usize = HELLO_FIXED + MAX_BUILD_ID;
 
 impl Hello {
     /// Encodes the Hello payload.

@@ -19,9 +19,10 @@ pub mod spec;
 
 pub use frame::{
     DEFAULT_MAX_FRAME, DecodeError, Direction, EncodeError, HEADER_LEN, Header, Kind, MAGIC,
-    MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, VERSION, decode_frame, encode_frame,
+    MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, VERSION, decode_frame, encode_frame,
 };
 pub use hello::{
-    FdCloseMethod, Hello, MAX_BUILD_ID, MAX_TENANT_LEN, PayloadError, SeccompMode, decode_bind,
+    FdCloseMethod, Hello, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_TENANT_LEN, PayloadError, SeccompMode,
+    decode_bind,
 };
 pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};

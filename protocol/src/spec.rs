@@ -8,7 +8,7 @@
 
 use thiserror::Error;
 
-use crate::{DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, SeccompMode};
+use crate::{DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, SeccompMode};
 
 /// The environment variable carrying the encoded [`SandboxSpec`].
 pub const SPEC_ENV: &str = "SANDPOOL_SANDBOX";
@@ -129,7 +129,7 @@ impl SandboxSpec {
                     spec.max_frame = value
                         .parse::<u32>()
                         .ok()
-                        .filter(|max| (1..=MAX_FRAME_CEILING).contains(max))
+                        .filter(|max| (MIN_FRAME_LIMIT..=MAX_FRAME_CEILING).contains(max))
                         .ok_or_else(invalid)?;
                 }
                 "as" => spec.rlimits.address_space = Some(number()?),

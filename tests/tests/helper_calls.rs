@@ -310,7 +310,6 @@ fn answering_twice_is_caught_on_the_next_call() {
         helper.call(&request(OP_ECHO, b"x"), deadline(5.0)).unwrap(),
         b"x"
     );
-    // Give the duplicate time to arrive in the read-ahead buffer or the pipe.
     match helper.call(&request(OP_ECHO, b"y"), deadline(5.0)) {
         Err(CallError::Protocol { violation, .. }) => assert!(
             matches!(
@@ -363,12 +362,12 @@ fn oversized_request_is_refused_before_sending() {
     );
     // A response over the limit becomes an Error frame, not a broken stream.
     let mut cfg = config(&["--test-ops"]);
-    cfg.max_frame = 64;
+    cfg.max_frame = 512;
     cfg.sandbox.seccomp = SeccompMode::Log;
     let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
     match helper.call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0)) {
         Err(CallError::Helper(message)) => assert!(
-            message.contains("exceeds the frame limit of 64"),
+            message.contains("exceeds the frame limit of 512"),
             "{message}"
         ),
         other => panic!("expected an Error frame, got {other:?}"),
@@ -394,4 +393,89 @@ fn helper_stderr_reaches_the_error() {
         Err(CallError::Died { stderr, .. }) => assert!(stderr.contains("last words"), "{stderr:?}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn answering_before_being_asked_is_caught_before_the_next_request() {
+    let mut helper = launch(&["--misbehave", "pre-answer"]);
+    assert_eq!(
+        helper.call(&request(OP_ECHO, b"x"), deadline(5.0)).unwrap(),
+        b"x"
+    );
+    // The forged answer to request 2 arrives in the pipe before request 2 exists.
+    std::thread::sleep(Duration::from_millis(200));
+    match helper.call(&request(OP_ECHO, b"y"), deadline(5.0)) {
+        Err(CallError::Protocol { violation, .. }) => assert_eq!(
+            violation,
+            ProtocolViolation::Unsolicited {
+                kind: sandpool_protocol::Kind::Response,
+                id: 2
+            }
+        ),
+        other => panic!("a pre-sent answer must not be accepted, got {other:?}"),
+    }
+}
+
+#[test]
+fn long_handler_errors_are_cut_to_the_frame_limit() {
+    let mut cfg = config(&["--test-ops"]);
+    cfg.max_frame = 512;
+    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    // "handler panicked: " plus a 500-byte message is longer than the limit.
+    match helper.call(&request(OP_PANIC, &[b'e'; 500]), deadline(5.0)) {
+        Err(CallError::Helper(message)) => {
+            assert_eq!(message.len(), 512);
+            assert!(message.starts_with("handler panicked: eee"));
+        }
+        other => panic!("expected a cut helper error, got {other:?}"),
+    }
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"ok"), deadline(5.0))
+            .unwrap(),
+        b"ok"
+    );
+}
+
+#[test]
+fn extra_syscalls_cannot_widen_the_argument_rules() {
+    let mut cfg = config(&[]);
+    cfg.sandbox.extra_syscalls = vec!["mprotect".into()];
+    match Launcher::new(cfg).unwrap().launch().unwrap_err() {
+        LaunchError::ExitedBeforeHello { status, stderr, .. } => {
+            assert_eq!(
+                status,
+                ExitStatus::Exited(sandpool_helper::EXIT_STARTUP_FAILED)
+            );
+            assert!(
+                stderr.contains("\"mprotect\" is allowed only with argument rules"),
+                "{stderr}"
+            );
+        }
+        other => panic!("expected the helper to refuse, got {other:?}"),
+    }
+}
+
+#[test]
+fn bind_is_validated_and_happens_once() {
+    let mut helper = launch(&[]);
+    assert!(matches!(
+        helper.bind(b"", deadline(5.0)),
+        Err(CallError::InvalidTenant(_))
+    ));
+    assert!(matches!(
+        helper.bind(&[b't'; 300], deadline(5.0)),
+        Err(CallError::InvalidTenant(_))
+    ));
+    helper.bind(b"tenant-a", deadline(5.0)).unwrap();
+    assert!(matches!(
+        helper.bind(b"tenant-b", deadline(5.0)),
+        Err(CallError::AlreadyBound { .. })
+    ));
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"bound"), deadline(5.0))
+            .unwrap(),
+        b"bound"
+    );
 }

@@ -9,5 +9,5 @@ pub use fds::{CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds
 pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs};
 pub use seccomp::{Filter, InstallError, PolicyError, SeccompPolicy};
 pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
-pub use stdio::{StdioError, take_protocol_stdio};
+pub use stdio::{StdioError, StdioPipe, take_protocol_stdio};
 pub use syscalls::Sysno;

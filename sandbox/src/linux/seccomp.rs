@@ -24,6 +24,12 @@ pub enum PolicyError {
     /// This CPU architecture has no seccompiler backend.
     #[error("seccomp filters are not supported on {0}")]
     Arch(&'static str),
+    /// Allowing this syscall by name would drop the argument rules the policy
+    /// already restricts it with.
+    #[error(
+        "syscall {0:?} is allowed only with argument rules; allowing it outright would widen them"
+    )]
+    WouldWiden(String),
     /// The policy allows nothing: installing it would be meaningless.
     #[error("the seccomp policy is empty")]
     Empty,
@@ -158,11 +164,18 @@ impl SeccompPolicy {
         self
     }
 
-    /// Allows a syscall by its name (as in `man 2 syscalls`, e.g. `"uname"`).
+    /// Allows a syscall by its name (as in `man 2 syscalls`, e.g. `"uname"`),
+    /// on top of the policy. A syscall the policy already allows only with
+    /// argument rules (`read`, `write`, `mmap`, `mprotect`, `tgkill`, ...) is
+    /// refused: allowing it by name would silently drop those rules (e.g. let
+    /// `mprotect` make memory executable).
     pub fn allow_name(&mut self, name: &str) -> Result<&mut Self, PolicyError> {
         let sysno =
             Sysno::from_str(name).map_err(|_| PolicyError::UnknownSyscall(name.to_owned()))?;
-        Ok(self.allow(sysno))
+        match self.rules.get(&i64::from(sysno.id())) {
+            Some(rules) if !rules.is_empty() => Err(PolicyError::WouldWiden(name.to_owned())),
+            _ => Ok(self.allow(sysno)),
+        }
     }
 
     /// Whether `sysno` is allowed in some form.
@@ -224,5 +237,51 @@ impl Filter {
             seccompiler::apply_filter_all_threads(program)?;
         }
         Ok(self.mode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_syscalls_cannot_widen_argument_rules() {
+        let mut policy = SeccompPolicy::helper_default().expect("default policy");
+        for name in ["mprotect", "mmap", "read", "write", "tgkill"] {
+            assert!(
+                matches!(policy.allow_name(name), Err(PolicyError::WouldWiden(_))),
+                "{name}"
+            );
+        }
+        assert!(matches!(
+            policy.allow_name("no_such_call"),
+            Err(PolicyError::UnknownSyscall(_))
+        ));
+        assert!(!policy.allows(Sysno::uname));
+        policy
+            .allow_name("uname")
+            .expect("a plain syscall can be added");
+        assert!(policy.allows(Sysno::uname));
+        assert!(
+            !policy.allows(Sysno::openat),
+            "the default policy never opens files"
+        );
+        assert!(!policy.allows(Sysno::socket));
+        assert!(!policy.allows(Sysno::clone));
+        assert!(!policy.allows(Sysno::execve));
+    }
+
+    #[test]
+    fn empty_policy_is_an_error_in_every_mode() {
+        for mode in [SeccompMode::Enforce, SeccompMode::Log, SeccompMode::Off] {
+            assert!(matches!(
+                SeccompPolicy::empty().compile(mode),
+                Err(PolicyError::Empty)
+            ));
+        }
+        let filter = SeccompPolicy::helper_default()
+            .and_then(|p| p.compile(SeccompMode::Enforce))
+            .expect("compiles");
+        assert_eq!(filter.mode(), SeccompMode::Enforce);
     }
 }

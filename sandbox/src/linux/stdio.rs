@@ -1,6 +1,8 @@
 //! The protocol's pipes: stdin carries frames from the host, stdout frames to it.
 
 use std::fs::File;
+use std::io::{self, Read, Write};
+use std::mem::ManuallyDrop;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -25,24 +27,52 @@ pub enum StdioError {
     },
 }
 
-/// Takes ownership of fd 0 (frames in) and fd 1 (frames out) as unbuffered
-/// `File`s, once per process. Reading and writing them costs exactly one
-/// `read`/`write` syscall per call, on the only fds the seccomp policy lets
-/// the helper read (0) and write (1, 2).
-pub fn take_protocol_stdio() -> Result<(File, File), StdioError> {
+/// One of the protocol's stdio pipes (fd 0 or fd 1), unbuffered.
+///
+/// It never closes its fd, not even when dropped: std assumes fds 0, 1 and 2
+/// stay open for the life of the process (a later `println!` must not write
+/// into whatever file would reuse number 1).
+#[derive(Debug)]
+pub struct StdioPipe(ManuallyDrop<File>);
+
+impl Read for StdioPipe {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.0).read(buf)
+    }
+}
+
+impl Write for StdioPipe {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Takes fd 0 (frames in) and fd 1 (frames out) as unbuffered pipes, once
+/// per process. Reading and writing them costs exactly one `read`/`write`
+/// syscall per call, on the only fds the seccomp policy lets the helper read
+/// (0) and write (1, 2).
+pub fn take_protocol_stdio() -> Result<(StdioPipe, StdioPipe), StdioError> {
     for fd in [0, 1] {
         check_open(fd)?;
     }
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Err(StdioError::AlreadyTaken);
     }
-    // SAFETY: fd 0 is open (checked above) and owned by no Rust object: std's
-    // `Stdin` handle borrows fd 0 without ever closing it, and the `TAKEN`
-    // flag makes this the only `OwnedFd` ever built for it in this process.
+    // SAFETY: fd 0 is open (checked above). The `File` is wrapped in
+    // `ManuallyDrop` and never dropped, so it never closes fd 0: it acts as a
+    // borrow of fd 0 for the rest of the process, which is how std's own
+    // `Stdin` treats it. `TAKEN` makes this the only such handle.
     let input = unsafe { OwnedFd::from_raw_fd(0) };
     // SAFETY: as for fd 0, with std's `Stdout` in the place of `Stdin`.
     let output = unsafe { OwnedFd::from_raw_fd(1) };
-    Ok((File::from(input), File::from(output)))
+    Ok((
+        StdioPipe(ManuallyDrop::new(File::from(input))),
+        StdioPipe(ManuallyDrop::new(File::from(output))),
+    ))
 }
 
 fn check_open(fd: i32) -> Result<(), StdioError> {
