@@ -74,6 +74,8 @@ pub struct HelperConfig {
     pub spawn_timeout: Duration,
     /// The largest frame payload either side may send. Default 1 MiB.
     pub max_frame: u32,
+    /// Calls pipelined on one helper at once; more wait. Default 16.
+    pub max_in_flight: usize,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -87,6 +89,7 @@ impl HelperConfig {
             env_allowlist: Vec::new(),
             spawn_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
+            max_in_flight: 16,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -103,6 +106,12 @@ impl HelperConfig {
                     "{} is outside {MIN_FRAME_LIMIT}..={MAX_FRAME_CEILING}",
                     self.max_frame
                 ),
+            ));
+        }
+        if !(1..=4096).contains(&self.max_in_flight) {
+            return Err(ConfigError::new(
+                "max_in_flight",
+                format!("{} is outside 1..=4096", self.max_in_flight),
             ));
         }
         if self.spawn_timeout.is_zero() {

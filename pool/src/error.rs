@@ -236,7 +236,7 @@ pub enum LaunchError {
 
 /// A call failed. Unless the variant says otherwise, the helper has been
 /// killed and reaped, and the next call needs a new helper.
-#[derive(Debug, Error)]
+#[derive(Clone, Debug, Error)]
 pub enum CallError {
     /// The helper's handler returned an error for this request. The helper is
     /// healthy and keeps serving.
@@ -285,6 +285,16 @@ pub enum CallError {
         pid: u32,
         /// The error.
         source: Errno,
+    },
+    /// `max_in_flight` calls were already in flight on this helper and none
+    /// finished before the deadline; nothing was sent and the helper is
+    /// unaffected.
+    #[error("helper pid {pid} had {in_flight} calls in flight until the deadline")]
+    Saturated {
+        /// The helper's pid.
+        pid: u32,
+        /// Calls in flight.
+        in_flight: usize,
     },
     /// The tenant label is not a valid Bind payload; nothing was sent.
     #[error("invalid tenant label for Bind: {0}")]

@@ -1,9 +1,20 @@
-//! One helper process: launch, verified Hello, calls, shutdown.
+//! One helper process: launch, verified Hello, pipelined calls, shutdown.
+//!
+//! Calls take `&self`, so one helper can be shared by many threads (the pool
+//! holds it in an `Arc`). Concurrent calls are pipelined: each caller writes
+//! its own request under the writer lock, then collects its reply under the
+//! reader lock. Whoever holds the reader lock reads frames off the pipe;
+//! a reply for another caller is parked in a small map and the lock is handed
+//! straight to a waiting caller, so in the common case (one caller) the
+//! calling thread does its own pipe I/O with no thread hop at all.
 
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use sandpool_protocol::{Hello, Kind, encode_frame};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use sandpool_protocol::{Hello, Kind, decode_bind, encode_frame};
 use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
@@ -47,95 +58,168 @@ impl Launcher {
         let started = Instant::now();
         let spawned = spawn(&self.plan)?;
         let pid = spawned.pid;
-        let mut helper = Helper {
-            process: Process::new(pid, spawned.pidfd),
-            stdin: Some(spawned.stdin),
-            stdout: spawned.stdout,
-            stderr: spawned.stderr,
-            reader: FrameReader::new(),
-            wbuf: Vec::new(),
-            hello: None,
-            max_frame: self.config.max_frame,
-            next_id: 1,
-            bound: false,
-            retired: None,
-            launch_time: Duration::ZERO,
-        };
+        let mut process = Process::new(pid, spawned.pidfd);
+        let mut reader = FrameReader::new();
         let deadline = started + self.config.spawn_timeout;
-        let (header, payload) =
-            match helper
-                .reader
-                .read_frame(&helper.stdout, deadline, helper.max_frame)
-            {
-                Ok(frame) => frame,
-                Err(failure) => return Err(helper.launch_failed(failure, started)),
-            };
-        if header.kind != Kind::Hello {
-            helper.process.kill_and_reap();
-            return Err(LaunchError::Protocol {
-                pid,
-                violation: ProtocolViolation::NoHello(header.kind),
-            });
-        }
-        let hello = match Hello::decode(&payload) {
-            Ok(hello) => hello,
-            Err(err) => {
-                helper.process.kill_and_reap();
-                return Err(LaunchError::Protocol {
-                    pid,
-                    violation: ProtocolViolation::Hello(err),
+        let first = reader.read_frame(&spawned.stdout, deadline, self.config.max_frame);
+        let refuse = |process: &mut Process, violation| {
+            process.kill_and_reap();
+            LaunchError::Protocol { pid, violation }
+        };
+        let (header, payload) = match first {
+            Ok(frame) => frame,
+            Err(failure) => {
+                let stderr = || stderr_tail(&spawned.stderr);
+                return Err(match failure {
+                    IoFailure::Timeout => {
+                        process.kill_and_reap();
+                        LaunchError::HelloTimeout {
+                            pid,
+                            waited: started.elapsed(),
+                            stderr: stderr(),
+                        }
+                    }
+                    IoFailure::StdoutClosed | IoFailure::StdinClosed => {
+                        match process.wait_timeout(EXIT_GRACE) {
+                            Some(status) => LaunchError::ExitedBeforeHello {
+                                pid,
+                                status,
+                                stderr: stderr(),
+                            },
+                            None => refuse(&mut process, ProtocolViolation::ClosedStdout),
+                        }
+                    }
+                    IoFailure::Decode(err) => refuse(&mut process, ProtocolViolation::Frame(err)),
+                    IoFailure::Os(source) => {
+                        process.kill_and_reap();
+                        LaunchError::Io { pid, source }
+                    }
                 });
             }
         };
+        if header.kind != Kind::Hello {
+            return Err(refuse(
+                &mut process,
+                ProtocolViolation::NoHello(header.kind),
+            ));
+        }
+        let hello = match Hello::decode(&payload) {
+            Ok(hello) => hello,
+            Err(err) => return Err(refuse(&mut process, ProtocolViolation::Hello(err))),
+        };
         if let Err(refusal) = verify_hello(&hello, pid, &self.config.sandbox) {
-            helper.process.kill_and_reap();
+            process.kill_and_reap();
             warn!(pid, %refusal, "helper refused");
             return Err(LaunchError::HelloRefused { pid, refusal });
         }
-        helper.launch_time = started.elapsed();
+        let launch_time = started.elapsed();
         debug!(
             pid,
             fds_closed = hello.fds_closed,
             fd_close_us = hello.fd_close_nanos / 1000,
-            launch_us = helper.launch_time.as_micros() as u64,
+            launch_us = launch_time.as_micros() as u64,
             "helper ready"
         );
-        helper.hello = Some(hello);
-        Ok(helper)
+        Ok(Helper {
+            pid,
+            hello,
+            launch_time,
+            max_frame: self.config.max_frame,
+            max_in_flight: self.config.max_in_flight,
+            writer: Mutex::new(Writer {
+                stdin: Some(spawned.stdin),
+                buf: Vec::new(),
+                next_id: 1,
+                bound: false,
+            }),
+            reader: Mutex::new(Reader {
+                stdout: spawned.stdout,
+                frames: reader,
+                parked: HashMap::new(),
+            }),
+            outstanding: Mutex::new(VecDeque::new()),
+            in_flight: Mutex::new(0),
+            slot_freed: Condvar::new(),
+            failure: Mutex::new(None),
+            retired: AtomicBool::new(false),
+            process: Mutex::new(process),
+            stderr: spawned.stderr,
+            calls: AtomicU64::new(0),
+        })
     }
 }
 
-/// A running, verified helper. Calls are sequential on one handle (`&mut`).
-///
-/// After a timeout, a protocol violation or the helper's death the handle is
-/// *retired*: the process has been killed and reaped, and every later call
-/// returns [`CallError::Retired`]. Dropping the handle kills and reaps the
-/// process if it is still running.
+fn stderr_tail(stderr: &OwnedFd) -> String {
+    String::from_utf8_lossy(&drain_tail(stderr, STDERR_DRAIN_CAP, STDERR_TAIL)).into_owned()
+}
+
 #[derive(Debug)]
-pub struct Helper {
-    process: Process,
+struct Writer {
     stdin: Option<OwnedFd>,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-    reader: FrameReader,
-    wbuf: Vec<u8>,
-    hello: Option<Hello>,
-    max_frame: u32,
+    buf: Vec<u8>,
     next_id: u64,
     bound: bool,
-    retired: Option<String>,
+}
+
+#[derive(Debug)]
+struct Reader {
+    stdout: OwnedFd,
+    frames: FrameReader,
+    /// Replies read by one caller on behalf of another, by request id. At
+    /// most `max_in_flight` entries: only ids in flight are ever parked.
+    parked: HashMap<u64, Result<Vec<u8>, CallError>>,
+}
+
+/// A running, verified helper.
+///
+/// Calls take `&self` and may come from many threads at once; up to
+/// `max_in_flight` of them are pipelined. After a timeout, a protocol
+/// violation or the helper's death the helper is *retired*: the process has
+/// been killed and reaped, every call in flight fails with the same error,
+/// and every later call returns [`CallError::Retired`]. Dropping the handle
+/// kills and reaps the process if it is still running.
+#[derive(Debug)]
+pub struct Helper {
+    pid: u32,
+    hello: Hello,
     launch_time: Duration,
+    max_frame: u32,
+    max_in_flight: usize,
+    writer: Mutex<Writer>,
+    reader: Mutex<Reader>,
+    /// Ids written and not yet answered, in the order they were written (the
+    /// order the helper must answer them in).
+    outstanding: Mutex<VecDeque<u64>>,
+    in_flight: Mutex<usize>,
+    slot_freed: Condvar,
+    failure: Mutex<Option<CallError>>,
+    retired: AtomicBool,
+    process: Mutex<Process>,
+    stderr: OwnedFd,
+    calls: AtomicU64,
+}
+
+/// A claimed in-flight slot, released on drop.
+struct Slot<'a>(&'a Helper);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.0.in_flight.lock();
+        *in_flight -= 1;
+        drop(in_flight);
+        self.0.slot_freed.notify_one();
+    }
 }
 
 impl Helper {
     /// The helper's pid.
     pub fn pid(&self) -> u32 {
-        self.process.pid()
+        self.pid
     }
 
     /// The verified Hello.
-    pub fn hello(&self) -> Option<&Hello> {
-        self.hello.as_ref()
+    pub fn hello(&self) -> &Hello {
+        &self.hello
     }
 
     /// Time from spawn to a verified Hello.
@@ -143,227 +227,335 @@ impl Helper {
         self.launch_time
     }
 
-    /// Whether an earlier failure retired this helper.
+    /// Whether an earlier failure (or a shutdown) retired this helper.
     pub fn is_retired(&self) -> bool {
-        self.retired.is_some()
+        self.retired.load(Ordering::Acquire)
     }
 
-    /// Binds this helper to a tenant (at most once; a second Bind makes the
-    /// helper exit, by design).
-    pub fn bind(&mut self, tenant: &[u8], deadline: Instant) -> Result<(), CallError> {
-        sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
-        if self.bound {
-            return Err(CallError::AlreadyBound { pid: self.pid() });
+    /// Calls answered so far (successfully or with a handler error).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Calls in flight right now.
+    pub fn in_flight(&self) -> usize {
+        *self.in_flight.lock()
+    }
+
+    /// Binds this helper to a tenant: at most once in its life. The label is
+    /// validated here; nothing is sent for an invalid label or a second bind.
+    pub fn bind(&self, tenant: &[u8], deadline: Instant) -> Result<(), CallError> {
+        decode_bind(tenant).map_err(CallError::InvalidTenant)?;
+        let mut writer = self.lock_writer(deadline, Instant::now())?;
+        if writer.bound {
+            return Err(CallError::AlreadyBound { pid: self.pid });
         }
-        self.send(Kind::Bind, 0, tenant, deadline, Instant::now())?;
-        self.bound = true;
+        self.send(&mut writer, Kind::Bind, 0, tenant, deadline, Instant::now())?;
+        writer.bound = true;
         Ok(())
     }
 
     /// Sends `request` and waits until `deadline` for its reply.
-    pub fn call(&mut self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
+    pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send(Kind::Request, id, request, deadline, started)?;
-        let (header, payload) = match self
-            .reader
-            .read_frame(&self.stdout, deadline, self.max_frame)
-        {
-            Ok(frame) => frame,
-            Err(failure) => return Err(self.call_failed(failure, started)),
+        self.check_retired()?;
+        if request.len() > self.max_frame as usize {
+            return Err(CallError::RequestTooLarge {
+                len: request.len(),
+                max: self.max_frame,
+            });
+        }
+        let _slot = self.claim_slot(deadline)?;
+        let id = {
+            let mut writer = self.lock_writer(deadline, started)?;
+            let id = writer.next_id;
+            writer.next_id += 1;
+            self.send(&mut writer, Kind::Request, id, request, deadline, started)?;
+            id
         };
-        match header.kind {
-            Kind::Response | Kind::Error if header.id != id => {
-                Err(self.violation(ProtocolViolation::UnexpectedId {
-                    expected: id,
-                    got: header.id,
-                }))
+        let result = self.collect(id, deadline, started);
+        if matches!(result, Ok(_) | Err(CallError::Helper(_))) {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn check_retired(&self) -> Result<(), CallError> {
+        if self.is_retired() {
+            let reason = self
+                .failure
+                .lock()
+                .as_ref()
+                .map_or_else(|| "retired".to_owned(), ToString::to_string);
+            return Err(CallError::Retired {
+                pid: self.pid,
+                reason,
+            });
+        }
+        Ok(())
+    }
+
+    fn claim_slot(&self, deadline: Instant) -> Result<Slot<'_>, CallError> {
+        let mut in_flight = self.in_flight.lock();
+        while *in_flight >= self.max_in_flight {
+            if self
+                .slot_freed
+                .wait_until(&mut in_flight, deadline)
+                .timed_out()
+            {
+                return Err(CallError::Saturated {
+                    pid: self.pid,
+                    in_flight: *in_flight,
+                });
             }
-            Kind::Response => Ok(payload),
-            Kind::Error => match String::from_utf8(payload) {
-                Ok(message) => Err(CallError::Helper(message)),
-                Err(_) => Err(self.violation(ProtocolViolation::ErrorNotUtf8)),
-            },
-            Kind::Hello => Err(self.violation(ProtocolViolation::SecondHello)),
-            // Host-to-helper kinds are refused by the decoder already.
-            kind => Err(self.violation(ProtocolViolation::Unsolicited {
-                kind,
-                id: header.id,
-            })),
+        }
+        *in_flight += 1;
+        Ok(Slot(self))
+    }
+
+    fn lock_writer(
+        &self,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<MutexGuard<'_, Writer>, CallError> {
+        // The writer lock is held only while a frame is written; a writer
+        // that stays blocked past its deadline kills the helper, so waiting
+        // here past ours means the helper stopped reading.
+        match self.writer.try_lock_until(deadline) {
+            Some(writer) => Ok(writer),
+            None => Err(self.fail_timeout(started)),
         }
     }
 
+    /// Writes one frame. Before a frame goes out with nothing else in flight,
+    /// checks that the helper has not sent anything unasked (a pre-sent
+    /// answer, a duplicate) and has not died in between.
     fn send(
-        &mut self,
+        &self,
+        writer: &mut Writer,
         kind: Kind,
         id: u64,
         payload: &[u8],
         deadline: Instant,
         started: Instant,
     ) -> Result<(), CallError> {
-        if let Some(reason) = &self.retired {
-            return Err(CallError::Retired {
-                pid: self.pid(),
-                reason: reason.clone(),
-            });
+        self.check_retired()?;
+        let mut outstanding = self.outstanding.lock();
+        if outstanding.is_empty() {
+            if let Some(mut guard) = self.reader.try_lock() {
+                let reader = &mut *guard;
+                if reader.frames.has_buffered() || readable_now(&reader.stdout) {
+                    let unsolicited =
+                        reader
+                            .frames
+                            .read_frame(&reader.stdout, Instant::now(), self.max_frame);
+                    drop(guard);
+                    drop(outstanding);
+                    return Err(match unsolicited {
+                        Ok((header, _)) => self.fail_violation(ProtocolViolation::Unsolicited {
+                            kind: header.kind,
+                            id: header.id,
+                        }),
+                        Err(IoFailure::Timeout) => {
+                            self.fail_violation(ProtocolViolation::UnsolicitedPartial)
+                        }
+                        Err(failure) => self.fail_io(failure, started),
+                    });
+                }
+            }
         }
-        // Bytes the helper sent while nothing was in flight (answering twice,
-        // or before being asked) are a violation, caught before the next
-        // request goes out; so is a helper that died in between.
-        if self.reader.has_buffered() || readable_now(&self.stdout) {
-            return Err(
-                match self
-                    .reader
-                    .read_frame(&self.stdout, Instant::now(), self.max_frame)
-                {
-                    Ok((header, _)) => self.violation(ProtocolViolation::Unsolicited {
-                        kind: header.kind,
-                        id: header.id,
-                    }),
-                    Err(IoFailure::Timeout) => {
-                        self.violation(ProtocolViolation::UnsolicitedPartial)
-                    }
-                    Err(failure) => self.call_failed(failure, started),
-                },
-            );
-        }
-        self.wbuf.clear();
-        if encode_frame(kind, id, payload, self.max_frame, &mut self.wbuf).is_err() {
+        writer.buf.clear();
+        if encode_frame(kind, id, payload, self.max_frame, &mut writer.buf).is_err() {
             return Err(CallError::RequestTooLarge {
                 len: payload.len(),
                 max: self.max_frame,
             });
         }
-        let Some(stdin) = &self.stdin else {
+        if kind == Kind::Request {
+            outstanding.push_back(id);
+        }
+        drop(outstanding);
+        let Some(stdin) = &writer.stdin else {
             return Err(CallError::Retired {
-                pid: self.pid(),
+                pid: self.pid,
                 reason: "stdin already closed".into(),
             });
         };
-        match write_all(stdin.as_fd(), &self.wbuf, deadline) {
-            Ok(()) => Ok(()),
-            Err(failure) => Err(self.call_failed(failure, started)),
-        }
+        write_all(stdin.as_fd(), &writer.buf, deadline)
+            .map_err(|failure| self.fail_io(failure, started))
     }
 
-    /// Retires the helper after a protocol violation.
-    fn violation(&mut self, violation: ProtocolViolation) -> CallError {
-        self.retire(violation.to_string());
-        self.process.kill_and_reap();
-        CallError::Protocol {
-            pid: self.pid(),
-            violation,
-        }
-    }
-
-    fn retire(&mut self, reason: String) {
-        debug!(pid = self.pid(), %reason, "helper retired");
-        self.retired = Some(reason);
-        self.stdin = None;
-    }
-
-    fn stderr_tail(&self) -> String {
-        String::from_utf8_lossy(&drain_tail(&self.stderr, STDERR_DRAIN_CAP, STDERR_TAIL))
-            .into_owned()
-    }
-
-    /// After EOF or EPIPE: the helper is exiting (or lying). Wait briefly for
-    /// its exit; if it does not exit, it closed its pipe on purpose.
-    fn await_exit(&mut self) -> Option<ExitStatus> {
-        self.process.wait_timeout(EXIT_GRACE)
-    }
-
-    fn call_failed(&mut self, failure: IoFailure, started: Instant) -> CallError {
-        let pid = self.pid();
-        match failure {
-            IoFailure::Timeout => {
-                self.retire("timed out".into());
-                self.process.kill_and_reap();
-                CallError::Timeout {
-                    pid,
-                    after: started.elapsed(),
-                }
+    /// Waits for the reply to `id`, reading frames for others on the way.
+    fn collect(&self, id: u64, deadline: Instant, started: Instant) -> Result<Vec<u8>, CallError> {
+        let Some(mut reader) = self.reader.try_lock_until(deadline) else {
+            return Err(self.fail_timeout(started));
+        };
+        loop {
+            if let Some(result) = reader.parked.remove(&id) {
+                return result;
             }
-            IoFailure::StdoutClosed | IoFailure::StdinClosed => match self.await_exit() {
-                Some(status) => {
-                    self.retire(status.to_string());
-                    CallError::Died {
+            if self.is_retired() {
+                // Another caller saw the failure; every call in flight gets it.
+                return Err(self.failure.lock().clone().unwrap_or(CallError::Retired {
+                    pid: self.pid,
+                    reason: "retired".into(),
+                }));
+            }
+            let frame = {
+                let reader = &mut *reader;
+                reader
+                    .frames
+                    .read_frame(&reader.stdout, deadline, self.max_frame)
+            };
+            let (header, payload) = match frame {
+                Ok(frame) => frame,
+                Err(failure) => {
+                    drop(reader);
+                    return Err(self.fail_io(failure, started));
+                }
+            };
+            let expected = self.outstanding.lock().pop_front();
+            let result = match header.kind {
+                Kind::Response | Kind::Error if Some(header.id) != expected => {
+                    drop(reader);
+                    return Err(self.fail_violation(match expected {
+                        Some(expected) => ProtocolViolation::UnexpectedId {
+                            expected,
+                            got: header.id,
+                        },
+                        None => ProtocolViolation::Unsolicited {
+                            kind: header.kind,
+                            id: header.id,
+                        },
+                    }));
+                }
+                Kind::Response => Ok(payload),
+                Kind::Error => match String::from_utf8(payload) {
+                    Ok(message) => Err(CallError::Helper(message)),
+                    Err(_) => {
+                        drop(reader);
+                        return Err(self.fail_violation(ProtocolViolation::ErrorNotUtf8));
+                    }
+                },
+                Kind::Hello => {
+                    drop(reader);
+                    return Err(self.fail_violation(ProtocolViolation::SecondHello));
+                }
+                // Host-to-helper kinds are refused by the decoder already.
+                kind => {
+                    drop(reader);
+                    return Err(self.fail_violation(ProtocolViolation::Unsolicited {
+                        kind,
+                        id: header.id,
+                    }));
+                }
+            };
+            if header.id == id {
+                return result;
+            }
+            reader.parked.insert(header.id, result);
+            // Hand the lock to the caller whose reply this was, if it waits.
+            MutexGuard::bump(&mut reader);
+        }
+    }
+
+    /// Retires the helper with `error` (the first failure wins), kills and
+    /// reaps it, and returns the error every caller in flight will see.
+    fn fail(&self, error: CallError) -> CallError {
+        let error = {
+            let mut failure = self.failure.lock();
+            failure.get_or_insert(error).clone()
+        };
+        if !self.retired.swap(true, Ordering::AcqRel) {
+            debug!(pid = self.pid, %error, "helper retired");
+        }
+        self.process.lock().kill_and_reap();
+        error
+    }
+
+    fn fail_violation(&self, violation: ProtocolViolation) -> CallError {
+        self.fail(CallError::Protocol {
+            pid: self.pid,
+            violation,
+        })
+    }
+
+    fn fail_timeout(&self, started: Instant) -> CallError {
+        self.fail(CallError::Timeout {
+            pid: self.pid,
+            after: started.elapsed(),
+        })
+    }
+
+    fn fail_io(&self, failure: IoFailure, started: Instant) -> CallError {
+        let pid = self.pid;
+        match failure {
+            IoFailure::Timeout => self.fail_timeout(started),
+            IoFailure::StdoutClosed | IoFailure::StdinClosed => {
+                // The helper is exiting (or lying): give it a moment to
+                // become reapable; if it does not exit, it closed its pipe on
+                // purpose.
+                let status = self.process.lock().wait_timeout(EXIT_GRACE);
+                match status {
+                    Some(status) => self.fail(CallError::Died {
                         pid,
                         status,
-                        stderr: self.stderr_tail(),
+                        stderr: stderr_tail(&self.stderr),
+                    }),
+                    None if matches!(failure, IoFailure::StdinClosed) => {
+                        self.fail_violation(ProtocolViolation::ClosedStdin)
                     }
-                }
-                None if matches!(failure, IoFailure::StdinClosed) => {
-                    self.violation(ProtocolViolation::ClosedStdin)
-                }
-                None => self.violation(ProtocolViolation::ClosedStdout),
-            },
-            IoFailure::Decode(err) => self.violation(ProtocolViolation::Frame(err)),
-            IoFailure::Os(source) => {
-                self.retire(source.to_string());
-                self.process.kill_and_reap();
-                CallError::Io { pid, source }
-            }
-        }
-    }
-
-    fn launch_failed(&mut self, failure: IoFailure, started: Instant) -> LaunchError {
-        let pid = self.pid();
-        match failure {
-            IoFailure::Timeout => {
-                self.process.kill_and_reap();
-                LaunchError::HelloTimeout {
-                    pid,
-                    waited: started.elapsed(),
-                    stderr: self.stderr_tail(),
+                    None => self.fail_violation(ProtocolViolation::ClosedStdout),
                 }
             }
-            IoFailure::StdoutClosed | IoFailure::StdinClosed => match self.await_exit() {
-                Some(status) => LaunchError::ExitedBeforeHello {
-                    pid,
-                    status,
-                    stderr: self.stderr_tail(),
-                },
-                None => {
-                    self.process.kill_and_reap();
-                    LaunchError::Protocol {
-                        pid,
-                        violation: ProtocolViolation::ClosedStdout,
-                    }
-                }
-            },
-            IoFailure::Decode(err) => {
-                self.process.kill_and_reap();
-                LaunchError::Protocol {
-                    pid,
-                    violation: ProtocolViolation::Frame(err),
-                }
-            }
-            IoFailure::Os(source) => {
-                self.process.kill_and_reap();
-                LaunchError::Io { pid, source }
-            }
+            IoFailure::Decode(err) => self.fail_violation(ProtocolViolation::Frame(err)),
+            IoFailure::Os(source) => self.fail(CallError::Io { pid, source }),
         }
     }
 
     /// Sends a signal to the helper through its pidfd (e.g. SIGSTOP in tests).
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> std::io::Result<()> {
-        self.process.signal(signal)
+        self.process.lock().signal(signal)
     }
 
-    /// Closes the helper's stdin (its cue to exit), waits up to `grace` for
-    /// it to exit, then kills it; always reaps it. Returns how it ended.
-    pub fn shutdown(mut self, grace: Duration) -> ExitStatus {
-        self.stdin = None;
-        match self.process.wait_timeout(grace) {
+    /// Retires the helper and ends it gracefully: closes its stdin (its cue
+    /// to exit), waits up to `grace` for it to exit, then kills it; always
+    /// reaps it. Calls still in flight fail. Returns how it ended.
+    pub fn shutdown(&self, grace: Duration) -> ExitStatus {
+        self.close_stdin(Instant::now() + grace);
+        let mut process = self.process.lock();
+        match process.wait_timeout(grace) {
             Some(status) => status,
-            None => self.process.kill_and_reap(),
+            None => process.kill_and_reap(),
+        }
+    }
+
+    /// Closes the helper's stdin: it finishes the requests it has already
+    /// read, answers them, sees EOF and exits. Later calls are refused.
+    pub(crate) fn close_stdin(&self, deadline: Instant) {
+        {
+            let mut failure = self.failure.lock();
+            failure.get_or_insert_with(|| CallError::Retired {
+                pid: self.pid,
+                reason: "shut down".into(),
+            });
+        }
+        self.retired.store(true, Ordering::Release);
+        match self.writer.try_lock_until(deadline) {
+            Some(mut writer) => writer.stdin = None,
+            // A writer blocked past the deadline: the helper stopped reading.
+            None => {
+                self.process.lock().kill();
+            }
         }
     }
 
     /// Kills and reaps the helper now.
-    pub fn kill(mut self) -> ExitStatus {
-        self.process.kill_and_reap()
+    pub fn kill(&self) -> ExitStatus {
+        self.fail(CallError::Retired {
+            pid: self.pid,
+            reason: "killed".into(),
+        });
+        self.process.lock().kill_and_reap()
     }
 }

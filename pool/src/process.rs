@@ -30,10 +30,6 @@ impl Process {
         }
     }
 
-    pub(crate) fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Sends SIGKILL through the pidfd. A process that already exited (even if
     /// not yet reaped) is not an error.
     pub(crate) fn kill(&self) {

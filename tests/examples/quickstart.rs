@@ -15,8 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.args = vec!["--test-ops".into()];
     let launcher = Launcher::new(config)?;
 
-    let mut helper = launcher.launch()?;
-    let hello = helper.hello().ok_or("no hello")?.clone();
+    let helper = launcher.launch()?;
+    let hello = helper.hello().clone();
     println!(
         "launched helper pid {} in {:?}: closed {} inherited fds by {:?} in {} us, no_new_privs={}, seccomp={:?} (kernel cross-checked)",
         helper.pid(),
@@ -62,7 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("expected the helper to be retired, got {other:?}").into()),
     }
 
-    let mut fresh = launcher.launch()?;
+    let fresh = launcher.launch()?;
     let reply = fresh.call(&request(OP_ECHO, b"fresh helper"), deadline())?;
     println!(
         "replacement helper pid {} answers: {:?}",

@@ -45,7 +45,7 @@ fn host_side() {
         .filter(|c| c.direction == Direction::HelperToHost)
     {
         let arg = format!("corpus:{}", case.name);
-        let mut helper = Launcher::new(config(&["--misbehave", &arg]))
+        let helper = Launcher::new(config(&["--misbehave", &arg]))
             .unwrap()
             .launch()
             .unwrap();

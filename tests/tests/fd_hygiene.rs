@@ -50,11 +50,11 @@ fn helper_closes_ten_thousand_inherited_fds_and_cannot_read_the_secret() {
         assert_eq!(flags & libc::FD_CLOEXEC, 0, "dup'd fds do not have CLOEXEC");
     }
 
-    let mut helper = Launcher::new(config(&["--test-ops"]))
+    let helper = Launcher::new(config(&["--test-ops"]))
         .unwrap()
         .launch()
         .unwrap();
-    let hello = helper.hello().unwrap().clone();
+    let hello = helper.hello().clone();
     assert!(
         hello.fds_closed as usize >= LEAKED + 2,
         "helper reports {} inherited fds closed",
@@ -80,7 +80,7 @@ fn helper_closes_ten_thousand_inherited_fds_and_cannot_read_the_secret() {
     // /proc/self/fd entry does not exist in the helper.
     let mut cfg = config(&["--test-ops"]);
     cfg.sandbox.seccomp = SeccompMode::Off;
-    let mut unfiltered = Launcher::new(cfg).unwrap().launch().unwrap();
+    let unfiltered = Launcher::new(cfg).unwrap().launch().unwrap();
     let by_fd = format!("/proc/self/fd/{}", secret.as_raw_fd());
     match unfiltered.call(&request(OP_OPEN, by_fd.as_bytes()), deadline(5.0)) {
         Err(CallError::Helper(message)) => assert!(message.contains("No such file"), "{message}"),
@@ -93,6 +93,7 @@ fn helper_closes_ten_thousand_inherited_fds_and_cannot_read_the_secret() {
         b"alive"
     );
     unfiltered.shutdown(Duration::from_secs(5));
+    drop(unfiltered);
     drop(helper);
 
     drop(leaked);

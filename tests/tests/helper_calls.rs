@@ -18,8 +18,8 @@ fn launch(args: &[&str]) -> sandpool::Helper {
 
 #[test]
 fn echo_and_redo_round_trip() {
-    let mut helper = launch(&[]);
-    let hello = helper.hello().unwrap().clone();
+    let helper = launch(&[]);
+    let hello = helper.hello().clone();
     assert_eq!(hello.pid, helper.pid());
     assert_eq!(hello.seccomp, SeccompMode::Enforce);
     assert_eq!(hello.fd_close_method, FdCloseMethod::CloseRange);
@@ -49,7 +49,7 @@ fn echo_and_redo_round_trip() {
 
 #[test]
 fn handler_errors_and_panics_fail_one_call_only() {
-    let mut helper = launch(&["--test-ops"]);
+    let helper = launch(&["--test-ops"]);
     match helper.call(&request(OP_FAIL, b"bad record 7"), deadline(5.0)) {
         Err(CallError::Helper(message)) => assert_eq!(message, "bad record 7"),
         other => panic!("expected a helper error, got {other:?}"),
@@ -73,7 +73,7 @@ fn handler_errors_and_panics_fail_one_call_only() {
 
 #[test]
 fn test_ops_are_refused_without_the_flag() {
-    let mut helper = launch(&[]);
+    let helper = launch(&[]);
     match helper.call(&request(OP_OPEN, b"/etc/hostname"), deadline(5.0)) {
         Err(CallError::Helper(message)) => assert!(message.contains("--test-ops"), "{message}"),
         other => panic!("expected a refusal, got {other:?}"),
@@ -87,7 +87,7 @@ fn forbidden_syscalls_die_by_sigsys_and_the_next_helper_works() {
         (OP_SOCKET, b""),
         (OP_SPAWN, b""),
     ] {
-        let mut helper = launch(&["--test-ops"]);
+        let helper = launch(&["--test-ops"]);
         let pid = helper.pid();
         let err = helper.call(&request(op, body), deadline(5.0)).unwrap_err();
         assert!(err.is_seccomp_kill(), "op {op:#x}: {err:?}");
@@ -105,7 +105,7 @@ fn forbidden_syscalls_die_by_sigsys_and_the_next_helper_works() {
             Err(CallError::Retired { .. })
         ));
         // The tenant's next helper is a fresh process and works.
-        let mut next = launch(&["--test-ops"]);
+        let next = launch(&["--test-ops"]);
         assert_ne!(next.pid(), pid);
         assert_eq!(
             next.call(&request(OP_ECHO, b"ok"), deadline(5.0)).unwrap(),
@@ -120,8 +120,8 @@ fn log_mode_allows_and_off_mode_is_honest() {
     // logged by the kernel), so the helper reads the file.
     let mut cfg = config(&["--test-ops"]);
     cfg.sandbox.seccomp = SeccompMode::Log;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
-    assert_eq!(helper.hello().unwrap().seccomp, SeccompMode::Log);
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().seccomp, SeccompMode::Log);
     let hostname = helper
         .call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0))
         .unwrap();
@@ -129,8 +129,8 @@ fn log_mode_allows_and_off_mode_is_honest() {
 
     let mut cfg = config(&["--test-ops"]);
     cfg.sandbox.seccomp = SeccompMode::Off;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
-    assert_eq!(helper.hello().unwrap().seccomp, SeccompMode::Off);
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().seccomp, SeccompMode::Off);
     let status = helper
         .call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0))
         .unwrap();
@@ -188,9 +188,9 @@ fn fd_walk_fallback_is_reported_and_refused_unless_allowed() {
     );
     let mut cfg = config(&["--fd-walk"]);
     cfg.sandbox.allow_fd_walk_fallback = true;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
     assert_eq!(
-        helper.hello().unwrap().fd_close_method,
+        helper.hello().fd_close_method,
         FdCloseMethod::ProcSelfFdWalk
     );
     assert_eq!(
@@ -249,7 +249,7 @@ fn invalid_config_and_missing_program_are_typed() {
 
 #[test]
 fn hung_and_stopped_helpers_time_out_and_are_reaped() {
-    let mut helper = launch(&["--misbehave", "hang"]);
+    let helper = launch(&["--misbehave", "hang"]);
     let pid = helper.pid();
     let err = helper
         .call(&request(OP_ECHO, b"x"), deadline(0.3))
@@ -257,7 +257,7 @@ fn hung_and_stopped_helpers_time_out_and_are_reaped() {
     assert!(matches!(err, CallError::Timeout { .. }), "{err:?}");
     assert!(!process_exists(pid));
 
-    let mut helper = launch(&[]);
+    let helper = launch(&[]);
     let pid = helper.pid();
     helper.signal(nix::sys::signal::Signal::SIGSTOP).unwrap();
     let err = helper
@@ -291,7 +291,7 @@ fn hostile_replies_are_protocol_violations() {
         }),
     ];
     for (mode, check) in cases {
-        let mut helper = launch(&["--misbehave", mode]);
+        let helper = launch(&["--misbehave", mode]);
         let pid = helper.pid();
         match helper.call(&request(OP_ECHO, b"x"), deadline(5.0)) {
             Err(CallError::Protocol { violation, .. }) => {
@@ -305,7 +305,7 @@ fn hostile_replies_are_protocol_violations() {
 
 #[test]
 fn answering_twice_is_caught_on_the_next_call() {
-    let mut helper = launch(&["--misbehave", "answer-twice"]);
+    let helper = launch(&["--misbehave", "answer-twice"]);
     assert_eq!(
         helper.call(&request(OP_ECHO, b"x"), deadline(5.0)).unwrap(),
         b"x"
@@ -328,7 +328,7 @@ fn answering_twice_is_caught_on_the_next_call() {
 
 #[test]
 fn exit_mid_response_is_a_death_with_status() {
-    let mut helper = launch(&["--misbehave", "exit-mid-response"]);
+    let helper = launch(&["--misbehave", "exit-mid-response"]);
     match helper.call(&request(OP_ECHO, &[7; 1000]), deadline(5.0)) {
         Err(CallError::Died { status, .. }) => assert_eq!(status, ExitStatus::Exited(0)),
         other => panic!("expected Died, got {other:?}"),
@@ -339,7 +339,7 @@ fn exit_mid_response_is_a_death_with_status() {
 fn oversized_request_is_refused_before_sending() {
     let mut cfg = config(&[]);
     cfg.max_frame = 1024;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
     let err = helper
         .call(&request(OP_ECHO, &[0; 1024]), deadline(5.0))
         .unwrap_err();
@@ -364,7 +364,7 @@ fn oversized_request_is_refused_before_sending() {
     let mut cfg = config(&["--test-ops"]);
     cfg.max_frame = 512;
     cfg.sandbox.seccomp = SeccompMode::Log;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
     match helper.call(&request(OP_OPEN, b"/proc/self/status"), deadline(5.0)) {
         Err(CallError::Helper(message)) => assert!(
             message.contains("exceeds the frame limit of 512"),
@@ -382,7 +382,7 @@ fn oversized_request_is_refused_before_sending() {
 
 #[test]
 fn helper_stderr_reaches_the_error() {
-    let mut helper = launch(&["--test-ops"]);
+    let helper = launch(&["--test-ops"]);
     assert_eq!(
         helper
             .call(&request(OP_STDERR, b"last words\n"), deadline(5.0))
@@ -397,7 +397,7 @@ fn helper_stderr_reaches_the_error() {
 
 #[test]
 fn answering_before_being_asked_is_caught_before_the_next_request() {
-    let mut helper = launch(&["--misbehave", "pre-answer"]);
+    let helper = launch(&["--misbehave", "pre-answer"]);
     assert_eq!(
         helper.call(&request(OP_ECHO, b"x"), deadline(5.0)).unwrap(),
         b"x"
@@ -420,7 +420,7 @@ fn answering_before_being_asked_is_caught_before_the_next_request() {
 fn long_handler_errors_are_cut_to_the_frame_limit() {
     let mut cfg = config(&["--test-ops"]);
     cfg.max_frame = 512;
-    let mut helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
     // "handler panicked: " plus a 500-byte message is longer than the limit.
     match helper.call(&request(OP_PANIC, &[b'e'; 500]), deadline(5.0)) {
         Err(CallError::Helper(message)) => {
@@ -458,7 +458,7 @@ fn extra_syscalls_cannot_widen_the_argument_rules() {
 
 #[test]
 fn bind_is_validated_and_happens_once() {
-    let mut helper = launch(&[]);
+    let helper = launch(&[]);
     assert!(matches!(
         helper.bind(b"", deadline(5.0)),
         Err(CallError::InvalidTenant(_))
@@ -478,4 +478,66 @@ fn bind_is_validated_and_happens_once() {
             .unwrap(),
         b"bound"
     );
+}
+
+#[test]
+fn pipelined_calls_from_many_threads_each_get_their_own_reply() {
+    let mut cfg = config(&[]);
+    cfg.max_in_flight = 4;
+    let helper = std::sync::Arc::new(Launcher::new(cfg).unwrap().launch().unwrap());
+    let threads: Vec<_> = (0..8u32)
+        .map(|t| {
+            let helper = helper.clone();
+            std::thread::spawn(move || {
+                for i in 0..200u32 {
+                    let body = format!("thread {t} call {i} {}", "x".repeat((i % 50) as usize));
+                    let reply = helper
+                        .call(&request(OP_ECHO, body.as_bytes()), deadline(10.0))
+                        .unwrap();
+                    assert_eq!(reply, body.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(helper.calls(), 1600);
+    assert_eq!(helper.in_flight(), 0);
+    assert!(!helper.is_retired());
+}
+
+#[test]
+fn a_death_fails_every_call_in_flight_with_the_same_error() {
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let call_in_thread = |payload: Vec<u8>| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&payload, deadline(10.0)))
+    };
+    // A slow call occupies the helper; a fatal request queues behind it, and
+    // three more calls queue behind that one.
+    let mut slow_body = 300u32.to_le_bytes().to_vec();
+    slow_body.extend_from_slice(b"slow");
+    let slow = call_in_thread(request(OP_SLEEP, &slow_body));
+    std::thread::sleep(Duration::from_millis(50));
+    let fatal = call_in_thread(request(OP_OPEN, b"/etc/passwd"));
+    std::thread::sleep(Duration::from_millis(50));
+    let queued: Vec<_> = (0..3)
+        .map(|i| call_in_thread(request(OP_ECHO, &[i])))
+        .collect();
+
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    let fatal = fatal.join().unwrap().unwrap_err();
+    assert!(fatal.is_seccomp_kill(), "{fatal:?}");
+    for thread in queued {
+        let err = thread.join().unwrap().unwrap_err();
+        assert!(
+            err.is_seccomp_kill(),
+            "a call in flight sees the death: {err:?}"
+        );
+    }
+    assert!(matches!(
+        helper.call(&request(OP_ECHO, b"x"), deadline(1.0)),
+        Err(CallError::Retired { .. })
+    ));
 }

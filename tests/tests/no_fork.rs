@@ -62,7 +62,7 @@ fn launch_uses_vfork_semantics_never_fork() {
         assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
 
         // The sandpool launch goes through.
-        let mut helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
+        let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
         assert_eq!(
             helper
                 .call(&request(OP_ECHO, b"no fork"), deadline(5.0))
