@@ -98,7 +98,7 @@ fn main() {
             }
             drop(peer_in);
             let _ = peer.wait();
-            let mut helper = dynamic.launch().expect("launch");
+            let helper = dynamic.launch().expect("launch");
             for _ in 0..500 {
                 let t = Instant::now();
                 let reply = helper
