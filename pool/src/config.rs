@@ -1,11 +1,14 @@
-//! Configuration of one helper's launch and sandbox.
+//! Configuration: [`Config`] for a pool (serde, from the embedding server's
+//! own TOML), [`HelperConfig`] for launching one helper.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytesize::ByteSize;
 use sandpool_protocol::{
     DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, RlimitSpec, SandboxSpec, SeccompMode,
 };
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// A configuration value is invalid. Names the field and what is wrong.
@@ -28,15 +31,18 @@ impl ConfigError {
 }
 
 /// What the helper is asked to do to itself, and what the host accepts.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct SandboxConfig {
-    /// The seccomp mode the helper must install and prove. Default `enforce`;
-    /// `log` and `off` only when set here explicitly.
+    /// The seccomp mode the helper must install and prove: `"enforce"`
+    /// (default), or `"log"` / `"off"` only when set here explicitly.
+    #[serde(with = "seccomp_mode")]
     pub seccomp: SeccompMode,
     /// Resource limits the helper applies to itself. Default: the inherited
     /// limits, with core dumps always off.
-    pub rlimits: RlimitSpec,
+    pub rlimits: RlimitConfig,
     /// Syscall names allowed on top of the helper's own policy. Default none.
+    /// A syscall the policy allows only with argument rules is refused.
     pub extra_syscalls: Vec<String>,
     /// Accept a helper that closed its inherited fds by the slow
     /// `/proc/self/fd` walk instead of `close_range`. Default `false`.
@@ -51,11 +57,55 @@ impl Default for SandboxConfig {
     fn default() -> Self {
         SandboxConfig {
             seccomp: SeccompMode::Enforce,
-            rlimits: RlimitSpec::default(),
+            rlimits: RlimitConfig::default(),
             extra_syscalls: Vec::new(),
             allow_fd_walk_fallback: false,
             verify_with_proc: true,
         }
+    }
+}
+
+/// Resource limits for the helper (soft and hard alike); unset means inherited.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlimitConfig {
+    /// `RLIMIT_AS`, e.g. `"1GiB"`.
+    pub address_space: Option<ByteSize>,
+    /// `RLIMIT_NOFILE`.
+    pub open_files: Option<u64>,
+    /// `RLIMIT_CPU`, in seconds of CPU time over the helper's life.
+    pub cpu_seconds: Option<u64>,
+    /// `RLIMIT_FSIZE`, e.g. `"0"`.
+    pub file_size: Option<ByteSize>,
+}
+
+impl RlimitConfig {
+    fn spec(&self) -> RlimitSpec {
+        RlimitSpec {
+            address_space: self.address_space.map(|size| size.as_u64()),
+            open_files: self.open_files,
+            cpu_seconds: self.cpu_seconds,
+            file_size: self.file_size.map(|size| size.as_u64()),
+        }
+    }
+}
+
+/// serde for [`SeccompMode`] as `"enforce"`, `"log"` or `"off"`.
+mod seccomp_mode {
+    use sandpool_protocol::SeccompMode;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(mode: &SeccompMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(mode.as_str())
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SeccompMode, D::Error> {
+        let name = String::deserialize(d)?;
+        SeccompMode::parse(&name).ok_or_else(|| {
+            D::Error::custom(format!(
+                "unknown seccomp mode {name:?}: expected \"enforce\", \"log\" or \"off\""
+            ))
+        })
     }
 }
 
@@ -156,8 +206,227 @@ impl HelperConfig {
         SandboxSpec {
             seccomp: self.sandbox.seccomp,
             max_frame: self.max_frame,
-            rlimits: self.sandbox.rlimits.clone(),
+            rlimits: self.sandbox.rlimits.spec(),
             extra_syscalls: self.sandbox.extra_syscalls.clone(),
         }
+    }
+}
+
+/// Exponential back-off for a tenant whose helpers keep failing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackoffConfig {
+    /// Delay after the second failure in a row (the first failure is
+    /// replaced at once). Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub initial: Duration,
+    /// Longest delay; it doubles per failure up to this. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub max: Duration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl BackoffConfig {
+    /// The delay after `failures` failures in a row (none for the first).
+    pub fn delay(&self, failures: u32) -> Option<Duration> {
+        let doublings = failures.checked_sub(2)?;
+        let factor = 1u32.checked_shl(doublings.min(31)).unwrap_or(u32::MAX);
+        Some(self.initial.saturating_mul(factor).min(self.max))
+    }
+}
+
+/// Everything a [`Pool`](crate::Pool) is tuned by. Deserializes from the
+/// embedding server's TOML (or any serde format); durations are human
+/// (`"200ms"`, `"5m"`), sizes are human (`"1MiB"`). Every field but `program`
+/// has a default that suits the model user (a page server with thousands of
+/// tenants); unknown fields are errors.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The helper executable (required; no `PATH` search).
+    pub program: PathBuf,
+    /// Arguments after the program name. Default none.
+    pub args: Vec<String>,
+    /// Host environment variables passed to helpers; all others are cleared.
+    pub env_allowlist: Vec<String>,
+    /// Fresh helpers kept ready for tenants that have none. Default 2.
+    pub spares: usize,
+    /// A helper idle this long is quiesced. Default 5 min.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Cap on live helpers (bound and spare, and launches in progress).
+    /// Default 1024.
+    pub max_helpers: usize,
+    /// Calls pipelined on one helper at once. Default 16.
+    pub max_in_flight: usize,
+    /// Deadline of a call made without an explicit one, including any wait
+    /// for a helper. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Spawn to verified Hello. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub spawn_timeout: Duration,
+    /// How long a closing helper gets to exit after its stdin closes, before
+    /// SIGKILL. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Largest frame payload either way. Default 1 MiB.
+    pub max_frame: ByteSize,
+    /// Recycle a helper after this many calls; 0 means never. Default 0.
+    pub max_requests_per_helper: u64,
+    /// A request sent to every new spare before it is offered to a tenant,
+    /// so its first real call finds it warm. A TOML string (its UTF-8 bytes)
+    /// or an array of bytes. Default none.
+    #[serde(with = "bytes_or_text")]
+    pub warmup_request: Option<Vec<u8>>,
+    /// Back-off for tenants whose helpers keep failing.
+    pub crash_backoff: BackoffConfig,
+    /// The sandbox.
+    pub sandbox: SandboxConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            program: PathBuf::new(),
+            args: Vec::new(),
+            env_allowlist: Vec::new(),
+            spares: 2,
+            idle_timeout: Duration::from_secs(300),
+            max_helpers: 1024,
+            max_in_flight: 16,
+            request_timeout: Duration::from_secs(10),
+            spawn_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(2),
+            max_frame: ByteSize::b(u64::from(DEFAULT_MAX_FRAME)),
+            max_requests_per_helper: 0,
+            warmup_request: None,
+            crash_backoff: BackoffConfig::default(),
+            sandbox: SandboxConfig::default(),
+        }
+    }
+}
+
+/// serde for an optional byte string written as text or as an array of bytes.
+mod bytes_or_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Bytes(Vec<u8>),
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Vec<u8>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        value
+            .as_ref()
+            .map(|bytes| match std::str::from_utf8(bytes) {
+                Ok(text) => Repr::Text(text.to_owned()),
+                Err(_) => Repr::Bytes(bytes.clone()),
+            })
+            .serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<u8>>, D::Error> {
+        Ok(Option::<Repr>::deserialize(d)?.map(|repr| match repr {
+            Repr::Text(text) => text.into_bytes(),
+            Repr::Bytes(bytes) => bytes,
+        }))
+    }
+}
+
+impl Config {
+    /// A configuration with every default and the given helper program.
+    pub fn new(program: impl Into<PathBuf>) -> Self {
+        Config {
+            program: program.into(),
+            ..Config::default()
+        }
+    }
+
+    /// Parses a TOML document (e.g. the `[sandpool]` table of a server's
+    /// configuration file) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config =
+            toml::from_str(text).map_err(|err| ConfigError::new("toml", err.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The launch configuration of one helper.
+    pub fn helper_config(&self) -> HelperConfig {
+        HelperConfig {
+            program: self.program.clone(),
+            args: self.args.clone(),
+            env_allowlist: self.env_allowlist.clone(),
+            spawn_timeout: self.spawn_timeout,
+            max_frame: u32::try_from(self.max_frame.as_u64()).unwrap_or(u32::MAX),
+            max_in_flight: self.max_in_flight,
+            sandbox: self.sandbox.clone(),
+        }
+    }
+
+    /// Checks every field; the error names the first invalid one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_frame.as_u64() > u64::from(MAX_FRAME_CEILING) {
+            return Err(ConfigError::new(
+                "max_frame",
+                format!(
+                    "{} is larger than {MAX_FRAME_CEILING} bytes",
+                    self.max_frame.as_u64()
+                ),
+            ));
+        }
+        self.helper_config().validate()?;
+        if self.max_helpers == 0 {
+            return Err(ConfigError::new("max_helpers", "must be at least 1"));
+        }
+        if self.spares > self.max_helpers {
+            return Err(ConfigError::new(
+                "spares",
+                format!(
+                    "{} is more than max_helpers ({})",
+                    self.spares, self.max_helpers
+                ),
+            ));
+        }
+        for (field, value) in [
+            ("idle_timeout", self.idle_timeout),
+            ("request_timeout", self.request_timeout),
+            ("crash_backoff.initial", self.crash_backoff.initial),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::new(field, "must be greater than zero"));
+            }
+        }
+        if self.crash_backoff.max < self.crash_backoff.initial {
+            return Err(ConfigError::new(
+                "crash_backoff.max",
+                "is shorter than crash_backoff.initial",
+            ));
+        }
+        if let Some(warmup) = &self.warmup_request {
+            if warmup.len() as u64 > self.max_frame.as_u64() {
+                return Err(ConfigError::new(
+                    "warmup_request",
+                    "is larger than max_frame",
+                ));
+            }
+        }
+        Ok(())
     }
 }

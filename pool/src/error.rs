@@ -1,6 +1,7 @@
 //! Error types, each named after the operation that failed.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -224,6 +225,14 @@ pub enum LaunchError {
         /// Why.
         refusal: HelloRefusal,
     },
+    /// The configured warm-up request failed on a new spare.
+    #[error("warm-up request on helper pid {pid} failed: {source}")]
+    WarmUp {
+        /// The helper's pid.
+        pid: u32,
+        /// The call's error.
+        source: Box<CallError>,
+    },
     /// Reading or writing the helper's pipes failed.
     #[error("talking to helper pid {pid} at startup failed: {source}")]
     Io {
@@ -306,6 +315,39 @@ pub enum CallError {
         /// The helper's pid.
         pid: u32,
     },
+    /// No helper could be launched for the tenant (the launch error says
+    /// why). Counts as a failure of the tenant for back-off.
+    #[error("launching a helper failed: {0}")]
+    Launch(Arc<LaunchError>),
+    /// The tenant's helpers failed `failures` times in a row; calls fail fast
+    /// until the back-off ends.
+    #[error(
+        "tenant is backed off after {failures} helper failures in a row; retry in {retry_in:?}"
+    )]
+    BackingOff {
+        /// Failures in a row.
+        failures: u32,
+        /// Time until the back-off ends.
+        retry_in: Duration,
+    },
+    /// `max_helpers` helpers were live and busy until the deadline.
+    #[error("pool full: {max_helpers} helpers live and busy for {waited:?}")]
+    PoolFull {
+        /// The cap.
+        max_helpers: usize,
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// Another call was already getting a helper for this tenant and had not
+    /// finished by the deadline.
+    #[error("waited {waited:?} for the tenant's helper to be launched")]
+    LaunchWait {
+        /// How long the call waited.
+        waited: Duration,
+    },
+    /// The pool is shutting down or shut down.
+    #[error("the pool is shut down")]
+    ShutDown,
     /// This helper was already retired by an earlier failure.
     #[error("helper pid {pid} is no longer usable: {reason}")]
     Retired {
@@ -322,6 +364,19 @@ impl CallError {
         matches!(
             self,
             CallError::Helper(_) | CallError::RequestTooLarge { .. }
+        )
+    }
+
+    /// Whether this error is a failure of the tenant's helper (it died, hung,
+    /// broke the protocol, or could not be launched), as counted for back-off.
+    pub fn is_helper_failure(&self) -> bool {
+        matches!(
+            self,
+            CallError::Timeout { .. }
+                | CallError::Died { .. }
+                | CallError::Protocol { .. }
+                | CallError::Io { .. }
+                | CallError::Launch(_)
         )
     }
 

@@ -558,4 +558,18 @@ impl Helper {
         });
         self.process.lock().kill_and_reap()
     }
+
+    /// If the process has exited (e.g. while idle), retires the helper and
+    /// returns how, as a [`CallError::Died`]. Does not block.
+    pub(crate) fn check_exit(&self) -> Option<CallError> {
+        if self.is_retired() {
+            return None;
+        }
+        let status = self.process.lock().try_wait()?;
+        Some(self.fail(CallError::Died {
+            pid: self.pid,
+            status,
+            stderr: stderr_tail(&self.stderr),
+        }))
+    }
 }

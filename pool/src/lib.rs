@@ -1,6 +1,9 @@
 //! sandpool: per-tenant sandboxed helper processes behind pipes.
 //!
-//! This is the host side. A [`Launcher`] spawns helpers with posix_spawn
+//! This is the host side. A [`Pool`] keeps one helper per tenant (launched
+//! lazily or taken from prewarmed spares, quiesced when idle, replaced when
+//! it dies) and is what a server calls: `pool.call(tenant, request)`.
+//! Underneath, a [`Launcher`] spawns helpers with posix_spawn
 //! (never fork), waits for each one's Hello, checks it against the
 //! configuration and the kernel, and hands back a [`Helper`] whose
 //! [`call`](Helper::call) sends a request and waits, under a deadline, for its
@@ -18,10 +21,12 @@ mod error;
 mod helper;
 mod io;
 mod launcher;
+mod pool;
 mod process;
 mod verify;
 
-pub use config::{ConfigError, HelperConfig, SandboxConfig};
+pub use config::{BackoffConfig, Config, ConfigError, HelperConfig, RlimitConfig, SandboxConfig};
 pub use error::{CallError, ExitStatus, HelloRefusal, LaunchError, ProtocolViolation};
 pub use helper::{Helper, Launcher};
+pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};
 pub use sandpool_protocol::{FdCloseMethod, Hello, RlimitSpec, SeccompMode};

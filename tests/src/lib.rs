@@ -79,3 +79,26 @@ pub fn children() -> Vec<(u32, char)> {
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Polls `condition` every millisecond until it holds or `timeout` passes;
+/// returns whether it held. For waiting on background work (a spare being
+/// launched, a helper being quiesced); the assertion is on the condition.
+pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A pool configuration for the reference helper with the given arguments.
+pub fn pool_config(args: &[&str]) -> sandpool::Config {
+    let mut config = sandpool::Config::new(helper_bin());
+    config.args = args.iter().map(|arg| arg.to_string()).collect();
+    config
+}

@@ -1,0 +1,787 @@
+//! The pool: one helper per tenant, prewarmed spares, idle quiesce, caps,
+//! crash back-off, shutdown.
+//!
+//! State lives behind one mutex, held only for bookkeeping, never across a
+//! launch, a pipe read or a wait on a helper. Calls run on the caller's
+//! thread; a background *keeper* thread refills spares, quiesces idle
+//! helpers and closes retired ones.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use tracing::{debug, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::error::{CallError, ExitStatus, LaunchError};
+use crate::helper::{Helper, Launcher};
+
+/// Why a helper was closed by the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// Idle longer than `idle_timeout`.
+    Idle,
+    /// Served `max_requests_per_helper` calls.
+    MaxRequests,
+    /// Evicted (least recently used) to make room under `max_helpers`.
+    Evicted,
+    /// The pool shut down.
+    Shutdown,
+}
+
+/// A snapshot of the pool. Counters count since the pool was created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live helpers: bound, spare, and launches in progress.
+    pub live: usize,
+    /// Spare helpers ready for a tenant.
+    pub spare: usize,
+    /// Bound helpers with a call in flight.
+    pub busy: usize,
+    /// Bound helpers with no call in flight.
+    pub idle: usize,
+    /// Launches in progress.
+    pub launching: usize,
+    /// Helpers launched and verified.
+    pub launches: u64,
+    /// Launches that failed.
+    pub launch_failures: u64,
+    /// Tenants without a helper that got a spare.
+    pub spare_hits: u64,
+    /// Tenants without a helper that had to wait for a launch.
+    pub spare_misses: u64,
+    /// Helpers closed after `idle_timeout`.
+    pub quiesced_idle: u64,
+    /// Helpers closed after `max_requests_per_helper` calls.
+    pub quiesced_max_requests: u64,
+    /// Helpers evicted to make room.
+    pub evicted: u64,
+    /// Helpers closed by shutdown.
+    pub shut_down: u64,
+    /// Helper failures by cause.
+    pub failures: FailureStats,
+    /// Calls refused because the tenant was backed off.
+    pub backed_off_calls: u64,
+    /// Calls answered (including handler errors).
+    pub calls_ok: u64,
+    /// Calls that failed for any other reason.
+    pub calls_failed: u64,
+}
+
+/// Helper failures by cause.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailureStats {
+    /// Exited on its own with a status code.
+    pub exited: u64,
+    /// Killed by a signal other than SIGSYS.
+    pub signaled: u64,
+    /// Killed by seccomp (SIGSYS): a forbidden syscall.
+    pub seccomp: u64,
+    /// Timed out and was killed.
+    pub timeout: u64,
+    /// Broke the protocol and was killed.
+    pub protocol: u64,
+    /// Failed to launch.
+    pub launch: u64,
+    /// Pipe I/O errors.
+    pub io: u64,
+}
+
+/// What the pool knows about one tenant's helper (for introspection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperInfo {
+    /// The helper's pid.
+    pub pid: u32,
+    /// Calls it has answered.
+    pub calls: u64,
+    /// Calls in flight.
+    pub in_flight: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    launches: AtomicU64,
+    launch_failures: AtomicU64,
+    spare_hits: AtomicU64,
+    spare_misses: AtomicU64,
+    quiesced_idle: AtomicU64,
+    quiesced_max_requests: AtomicU64,
+    evicted: AtomicU64,
+    shut_down: AtomicU64,
+    exited: AtomicU64,
+    signaled: AtomicU64,
+    seccomp: AtomicU64,
+    timeout: AtomicU64,
+    protocol: AtomicU64,
+    launch: AtomicU64,
+    io: AtomicU64,
+    backed_off_calls: AtomicU64,
+    calls_ok: AtomicU64,
+    calls_failed: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn read(counter: &AtomicU64) -> u64 {
+    counter.load(Ordering::Relaxed)
+}
+
+#[derive(Default)]
+struct Tenant {
+    helper: Option<Arc<Helper>>,
+    last_used: Option<Instant>,
+    /// A thread is getting a helper for this tenant (launch or spare bind).
+    launching: bool,
+    /// Helper failures in a row.
+    failures: u32,
+    backoff_until: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    tenants: HashMap<Box<[u8]>, Tenant>,
+    spares: VecDeque<Arc<Helper>>,
+    bound: usize,
+    launching: usize,
+    shut: bool,
+}
+
+impl State {
+    fn live(&self) -> usize {
+        self.bound + self.spares.len() + self.launching
+    }
+}
+
+enum KeeperMsg {
+    Refill,
+    Close(Arc<Helper>, CloseCause),
+    Shutdown,
+}
+
+struct Shared {
+    config: Config,
+    launcher: Launcher,
+    state: Mutex<State>,
+    /// Signalled whenever a helper is installed, a launch ends, or room frees up.
+    changed: Condvar,
+    keeper: Sender<KeeperMsg>,
+    counters: Counters,
+    shut: AtomicBool,
+}
+
+/// A pool of per-tenant sandboxed helpers. `Send + Sync`: share it (or an
+/// `Arc` of it) between threads and call it from all of them.
+///
+/// Dropping the pool shuts it down with the configured `shutdown_grace`.
+pub struct Pool {
+    shared: Arc<Shared>,
+    keeper: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Creating a pool failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The launch configuration is invalid.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// The keeper thread could not be started.
+    #[error("starting the sandpool keeper thread failed: {0}")]
+    Thread(std::io::Error),
+}
+
+impl Pool {
+    /// Validates `config`, and starts the keeper thread, which launches the
+    /// spares in the background.
+    pub fn new(config: Config) -> Result<Pool, PoolError> {
+        config.validate()?;
+        let launcher = Launcher::new(config.helper_config())?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared {
+            config,
+            launcher,
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            keeper: tx,
+            counters: Counters::default(),
+            shut: AtomicBool::new(false),
+        });
+        let keeper_shared = shared.clone();
+        // A long-lived thread: helpers it spawns must not depend on the
+        // lifetime of a caller's thread.
+        let keeper = std::thread::Builder::new()
+            .name("sandpool-keeper".into())
+            .spawn(move || keeper_shared.keep(rx))
+            .map_err(PoolError::Thread)?;
+        let pool = Pool {
+            shared,
+            keeper: Mutex::new(Some(keeper)),
+        };
+        let _ = pool.shared.keeper.send(KeeperMsg::Refill);
+        Ok(pool)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Calls the tenant's helper with `request`, within `request_timeout`
+    /// (which includes any wait for a helper).
+    pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
+        let deadline = Instant::now() + self.shared.config.request_timeout;
+        self.call_with_deadline(tenant, request, deadline)
+    }
+
+    /// Calls the tenant's helper with `request`, failing at `deadline`.
+    pub fn call_with_deadline(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        request: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let shared = &self.shared;
+        let tenant = tenant.as_ref();
+        let result = shared.helper_for(tenant, deadline).and_then(|helper| {
+            let result = helper.call(request, deadline);
+            shared.after_call(tenant, &helper, &result);
+            result
+        });
+        match &result {
+            Ok(_) | Err(CallError::Helper(_)) => bump(&shared.counters.calls_ok),
+            Err(_) => bump(&shared.counters.calls_failed),
+        }
+        result
+    }
+
+    /// Makes sure the tenant has a helper (from a spare or a launch), ahead
+    /// of its first call, e.g. when the tenant becomes active.
+    pub fn prewarm(&self, tenant: impl AsRef<[u8]>) -> Result<(), CallError> {
+        let deadline = Instant::now() + self.shared.config.request_timeout;
+        self.shared.helper_for(tenant.as_ref(), deadline).map(drop)
+    }
+
+    /// The tenant's current helper, if it has one.
+    pub fn helper_info(&self, tenant: impl AsRef<[u8]>) -> Option<HelperInfo> {
+        let state = self.shared.state.lock();
+        let helper = state.tenants.get(tenant.as_ref())?.helper.as_ref()?;
+        Some(HelperInfo {
+            pid: helper.pid(),
+            calls: helper.calls(),
+            in_flight: helper.in_flight(),
+        })
+    }
+
+    /// The pids of the spare helpers, oldest first.
+    pub fn spare_pids(&self) -> Vec<u32> {
+        self.shared
+            .state
+            .lock()
+            .spares
+            .iter()
+            .map(|h| h.pid())
+            .collect()
+    }
+
+    /// A snapshot of the pool's state and counters. Takes the state lock
+    /// once and walks the tenants: cheap enough to call every second.
+    pub fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let (live, spare, launching, busy, idle) = {
+            let state = self.shared.state.lock();
+            let busy = state
+                .tenants
+                .values()
+                .filter_map(|t| t.helper.as_ref())
+                .filter(|h| h.in_flight() > 0)
+                .count();
+            (
+                state.live(),
+                state.spares.len(),
+                state.launching,
+                busy,
+                state.bound - busy,
+            )
+        };
+        Stats {
+            live,
+            spare,
+            busy,
+            idle,
+            launching,
+            launches: read(&c.launches),
+            launch_failures: read(&c.launch_failures),
+            spare_hits: read(&c.spare_hits),
+            spare_misses: read(&c.spare_misses),
+            quiesced_idle: read(&c.quiesced_idle),
+            quiesced_max_requests: read(&c.quiesced_max_requests),
+            evicted: read(&c.evicted),
+            shut_down: read(&c.shut_down),
+            failures: FailureStats {
+                exited: read(&c.exited),
+                signaled: read(&c.signaled),
+                seccomp: read(&c.seccomp),
+                timeout: read(&c.timeout),
+                protocol: read(&c.protocol),
+                launch: read(&c.launch),
+                io: read(&c.io),
+            },
+            backed_off_calls: read(&c.backed_off_calls),
+            calls_ok: read(&c.calls_ok),
+            calls_failed: read(&c.calls_failed),
+        }
+    }
+
+    /// Shuts the pool down: new calls fail with [`CallError::ShutDown`];
+    /// every helper's stdin is closed, each gets up to `grace` to exit, the
+    /// rest are killed; all are reaped before this returns. Idempotent.
+    pub fn shutdown(&self, grace: Duration) {
+        let shared = &self.shared;
+        let helpers: Vec<Arc<Helper>> = {
+            let mut state = shared.state.lock();
+            state.shut = true;
+            shared.shut.store(true, Ordering::Release);
+            let mut helpers: Vec<_> = state.spares.drain(..).collect();
+            for tenant in state.tenants.values_mut() {
+                helpers.extend(tenant.helper.take());
+            }
+            state.bound = 0;
+            state.tenants.clear();
+            helpers
+        };
+        shared.changed.notify_all();
+        let _ = shared.keeper.send(KeeperMsg::Shutdown);
+        if let Some(keeper) = self.keeper.lock().take() {
+            let _ = keeper.join();
+        }
+        let deadline = Instant::now() + grace;
+        close_all(&helpers, deadline, |_| bump(&shared.counters.shut_down));
+        info!(helpers = helpers.len(), "sandpool shut down");
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shutdown(self.shared.config.shutdown_grace);
+    }
+}
+
+/// Closes every helper's stdin, then waits for each until the shared
+/// deadline, kills what is left, and reaps all.
+fn close_all(helpers: &[Arc<Helper>], deadline: Instant, mut on_closed: impl FnMut(&Helper)) {
+    for helper in helpers {
+        helper.close_stdin(deadline);
+    }
+    for helper in helpers {
+        let status = helper.shutdown(deadline.saturating_duration_since(Instant::now()));
+        debug!(pid = helper.pid(), %status, "helper closed");
+        on_closed(helper);
+    }
+}
+
+impl Shared {
+    /// The tenant's helper: its current one, a spare bound to it, or a new
+    /// launch. Waits (until `deadline`) for another thread's launch for the
+    /// same tenant, and for room under `max_helpers`.
+    fn helper_for(&self, tenant: &[u8], deadline: Instant) -> Result<Arc<Helper>, CallError> {
+        let started = Instant::now();
+        let mut state = self.state.lock();
+        loop {
+            if state.shut {
+                return Err(CallError::ShutDown);
+            }
+            let now = Instant::now();
+            let entry = tenant_mut(&mut state, tenant);
+            if let Some(until) = entry.backoff_until.filter(|until| *until > now) {
+                bump(&self.counters.backed_off_calls);
+                return Err(CallError::BackingOff {
+                    failures: entry.failures,
+                    retry_in: until - now,
+                });
+            }
+            if let Some(helper) = &entry.helper {
+                if !helper.is_retired() {
+                    entry.last_used = Some(now);
+                    return Ok(helper.clone());
+                }
+            }
+            if entry.helper.take().is_some() {
+                state.bound -= 1;
+                continue;
+            }
+            if entry.launching {
+                if self.changed.wait_until(&mut state, deadline).timed_out() {
+                    return Err(CallError::LaunchWait {
+                        waited: started.elapsed(),
+                    });
+                }
+                continue;
+            }
+            if let Some(spare) = state.spares.pop_front() {
+                bump(&self.counters.spare_hits);
+                let _ = self.keeper.send(KeeperMsg::Refill);
+                tenant_mut(&mut state, tenant).launching = true;
+                state.launching += 1;
+                let bound = MutexGuard::unlocked(&mut state, || spare.bind(tenant, deadline));
+                state.launching -= 1;
+                tenant_mut(&mut state, tenant).launching = false;
+                match bound {
+                    Ok(()) => return self.install(&mut state, tenant, spare),
+                    Err(err) => {
+                        // A spare that died while waiting: try the next one.
+                        warn!(pid = spare.pid(), %err, "spare helper unusable");
+                        self.count_failure(&err);
+                        self.changed.notify_all();
+                        continue;
+                    }
+                }
+            }
+            if state.live() >= self.config.max_helpers && !self.evict_one(&mut state) {
+                if self.changed.wait_until(&mut state, deadline).timed_out() {
+                    return Err(CallError::PoolFull {
+                        max_helpers: self.config.max_helpers,
+                        waited: started.elapsed(),
+                    });
+                }
+                continue;
+            }
+            bump(&self.counters.spare_misses);
+            tenant_mut(&mut state, tenant).launching = true;
+            state.launching += 1;
+            let launched = MutexGuard::unlocked(&mut state, || {
+                let helper = self
+                    .launcher
+                    .launch()
+                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                helper.bind(tenant, deadline)?;
+                Ok(helper)
+            });
+            state.launching -= 1;
+            tenant_mut(&mut state, tenant).launching = false;
+            return match launched {
+                Ok(helper) => {
+                    bump(&self.counters.launches);
+                    self.install(&mut state, tenant, Arc::new(helper))
+                }
+                Err(err) => {
+                    if matches!(err, CallError::Launch(_)) {
+                        bump(&self.counters.launch_failures);
+                    }
+                    self.record_failure(&mut state, tenant, &err);
+                    self.changed.notify_all();
+                    Err(err)
+                }
+            };
+        }
+    }
+
+    fn install(
+        &self,
+        state: &mut State,
+        tenant: &[u8],
+        helper: Arc<Helper>,
+    ) -> Result<Arc<Helper>, CallError> {
+        if state.shut {
+            // Shutdown began while this helper was being launched or bound.
+            helper.kill();
+            bump(&self.counters.shut_down);
+            return Err(CallError::ShutDown);
+        }
+        let entry = tenant_mut(state, tenant);
+        entry.helper = Some(helper.clone());
+        entry.last_used = Some(Instant::now());
+        state.bound += 1;
+        debug!(pid = helper.pid(), tenant = %String::from_utf8_lossy(tenant), "helper bound");
+        self.changed.notify_all();
+        Ok(helper)
+    }
+
+    /// Evicts the least recently used idle helper of any tenant. Returns
+    /// whether one was evicted.
+    fn evict_one(&self, state: &mut State) -> bool {
+        let victim = state
+            .tenants
+            .iter()
+            .filter_map(|(key, t)| {
+                let helper = t.helper.as_ref()?;
+                // Idle: no call in flight and no caller holding it.
+                (Arc::strong_count(helper) == 1).then_some((t.last_used, key.clone()))
+            })
+            .min_by_key(|(last_used, _)| *last_used)
+            .map(|(_, key)| key);
+        let Some(key) = victim else {
+            return false;
+        };
+        let Some(helper) = state.tenants.get_mut(&key).and_then(|t| t.helper.take()) else {
+            return false;
+        };
+        state.bound -= 1;
+        bump(&self.counters.evicted);
+        debug!(pid = helper.pid(), "evicting least recently used helper");
+        let _ = self
+            .keeper
+            .send(KeeperMsg::Close(helper, CloseCause::Evicted));
+        true
+    }
+
+    /// Bookkeeping after a call on `helper` for `tenant`.
+    fn after_call(&self, tenant: &[u8], helper: &Arc<Helper>, result: &Result<Vec<u8>, CallError>) {
+        match result {
+            Ok(_) | Err(CallError::Helper(_)) => {
+                let calls = helper.calls();
+                let recycle = self.config.max_requests_per_helper > 0
+                    && calls >= self.config.max_requests_per_helper;
+                if calls == 1 || recycle {
+                    let mut state = self.state.lock();
+                    if calls == 1 {
+                        // The tenant's helper works: forget earlier failures.
+                        if let Some(entry) = state.tenants.get_mut(tenant) {
+                            entry.failures = 0;
+                            entry.backoff_until = None;
+                        }
+                    }
+                    if recycle && self.unbind(&mut state, tenant, helper) {
+                        bump(&self.counters.quiesced_max_requests);
+                        let _ = self
+                            .keeper
+                            .send(KeeperMsg::Close(helper.clone(), CloseCause::MaxRequests));
+                    }
+                }
+            }
+            Err(err) if err.is_helper_failure() => {
+                let mut state = self.state.lock();
+                self.unbind(&mut state, tenant, helper);
+                self.record_failure(&mut state, tenant, err);
+                self.changed.notify_all();
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Removes `helper` from `tenant` if it is still the tenant's helper.
+    fn unbind(&self, state: &mut State, tenant: &[u8], helper: &Arc<Helper>) -> bool {
+        let Some(entry) = state.tenants.get_mut(tenant) else {
+            return false;
+        };
+        if entry
+            .helper
+            .as_ref()
+            .is_some_and(|h| Arc::ptr_eq(h, helper))
+        {
+            entry.helper = None;
+            state.bound -= 1;
+            self.changed.notify_all();
+            return true;
+        }
+        false
+    }
+
+    fn record_failure(&self, state: &mut State, tenant: &[u8], err: &CallError) {
+        self.count_failure(err);
+        let Some(entry) = state.tenants.get_mut(tenant) else {
+            return;
+        };
+        entry.failures = entry.failures.saturating_add(1);
+        if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
+            entry.backoff_until = Some(Instant::now() + delay);
+            warn!(
+                tenant = %String::from_utf8_lossy(tenant),
+                failures = entry.failures,
+                delay_ms = delay.as_millis() as u64,
+                %err,
+                "tenant backed off"
+            );
+        }
+    }
+
+    fn count_failure(&self, err: &CallError) {
+        let c = &self.counters;
+        match err {
+            CallError::Died { status, .. } if status.is_seccomp_kill() => bump(&c.seccomp),
+            CallError::Died {
+                status: ExitStatus::Signaled(_),
+                ..
+            } => bump(&c.signaled),
+            CallError::Died { .. } => bump(&c.exited),
+            CallError::Timeout { .. } => bump(&c.timeout),
+            CallError::Protocol { .. } => bump(&c.protocol),
+            CallError::Launch(_) => bump(&c.launch),
+            CallError::Io { .. } => bump(&c.io),
+            _ => {}
+        }
+    }
+
+    /// The keeper thread: refills spares, quiesces idle helpers, closes
+    /// helpers handed to it once no caller holds them.
+    fn keep(&self, rx: Receiver<KeeperMsg>) {
+        let tick =
+            (self.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let mut closing: Vec<(Arc<Helper>, CloseCause)> = Vec::new();
+        let mut next_scan = Instant::now() + tick;
+        let mut refill_after = Instant::now();
+        loop {
+            match rx.recv_timeout(next_scan.saturating_duration_since(Instant::now())) {
+                Ok(KeeperMsg::Refill) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(KeeperMsg::Close(helper, cause)) => closing.push((helper, cause)),
+                Ok(KeeperMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= refill_after && !self.refill_spares() {
+                // Launches are failing: retry on a later tick, not in a loop.
+                refill_after = Instant::now() + tick;
+            }
+            if Instant::now() >= next_scan {
+                self.quiesce_idle(&mut closing);
+                next_scan = Instant::now() + tick;
+            }
+            // Close what no caller holds any more; the rest waits a tick.
+            let (ready, waiting): (Vec<_>, Vec<_>) = closing
+                .drain(..)
+                .partition(|(helper, _)| Arc::strong_count(helper) == 1);
+            closing = waiting;
+            let deadline = Instant::now() + self.config.shutdown_grace;
+            let helpers: Vec<_> = ready.iter().map(|(helper, _)| helper.clone()).collect();
+            close_all(&helpers, deadline, |_| {});
+            for (helper, cause) in &ready {
+                debug!(pid = helper.pid(), ?cause, "helper closed by the pool");
+            }
+        }
+        // Shutdown: whatever is still waiting is closed now.
+        let helpers: Vec<_> = closing.into_iter().map(|(helper, _)| helper).collect();
+        close_all(
+            &helpers,
+            Instant::now() + self.config.shutdown_grace,
+            |_| {},
+        );
+    }
+
+    /// Launches spares until there are `spares` of them (within
+    /// `max_helpers`). Returns false if a launch failed.
+    fn refill_spares(&self) -> bool {
+        loop {
+            {
+                let mut state = self.state.lock();
+                // The keeper is the only thread launching spares, and it
+                // launches one at a time.
+                if state.shut
+                    || state.spares.len() >= self.config.spares
+                    || state.live() >= self.config.max_helpers
+                {
+                    return true;
+                }
+                state.launching += 1;
+            }
+            let launched = self.launcher.launch();
+            let warmed = launched.and_then(|helper| self.warm_up(helper));
+            let mut state = self.state.lock();
+            state.launching -= 1;
+            match warmed {
+                Ok(helper) if !state.shut => {
+                    bump(&self.counters.launches);
+                    state.spares.push_back(Arc::new(helper));
+                    self.changed.notify_all();
+                }
+                Ok(helper) => {
+                    drop(state);
+                    helper.shutdown(Duration::ZERO);
+                    return true;
+                }
+                Err(err) => {
+                    bump(&self.counters.launch_failures);
+                    bump(&self.counters.launch);
+                    warn!(%err, "launching a spare helper failed");
+                    self.changed.notify_all();
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Runs the configured warm-up request on a new spare.
+    fn warm_up(&self, helper: Helper) -> Result<Helper, LaunchError> {
+        let Some(request) = &self.config.warmup_request else {
+            return Ok(helper);
+        };
+        let deadline = Instant::now() + self.config.request_timeout;
+        match helper.call(request, deadline) {
+            Ok(_) | Err(CallError::Helper(_)) => Ok(helper),
+            Err(err) => Err(LaunchError::WarmUp {
+                pid: helper.pid(),
+                source: Box::new(err),
+            }),
+        }
+    }
+
+    /// Takes helpers idle longer than `idle_timeout` (and helpers that died
+    /// while idle) away from their tenants, and forgets tenants that have
+    /// nothing left to remember.
+    fn quiesce_idle(&self, closing: &mut Vec<(Arc<Helper>, CloseCause)>) {
+        let now = Instant::now();
+        let idle_timeout = self.config.idle_timeout;
+        let mut state = self.state.lock();
+        let mut unbound = 0;
+        state.tenants.retain(|_, tenant| {
+            if let Some(helper) = &tenant.helper {
+                let unused = Arc::strong_count(helper) == 1;
+                // A helper that died with no call in flight is found here.
+                let died = if unused { helper.check_exit() } else { None };
+                let idle = unused
+                    && tenant
+                        .last_used
+                        .is_none_or(|at| now.duration_since(at) >= idle_timeout);
+                if let Some(err) = &died {
+                    warn!(pid = helper.pid(), %err, "idle helper died");
+                    self.count_failure(err);
+                    tenant.failures = tenant.failures.saturating_add(1);
+                }
+                if died.is_some() || idle || helper.is_retired() {
+                    if let Some(helper) = tenant.helper.take() {
+                        unbound += 1;
+                        if died.is_none() && !helper.is_retired() {
+                            bump(&self.counters.quiesced_idle);
+                            closing.push((helper, CloseCause::Idle));
+                        }
+                    }
+                }
+            }
+            tenant.helper.is_some()
+                || tenant.launching
+                || tenant.backoff_until.is_some_and(|until| until > now)
+                || tenant.failures > 0
+                    && tenant
+                        .last_used
+                        .is_some_and(|at| now.duration_since(at) < idle_timeout)
+        });
+        state.bound -= unbound;
+        if unbound > 0 {
+            self.changed.notify_all();
+        }
+    }
+}
+
+/// The tenant's entry, created if missing (it can vanish while the lock is
+/// released, e.g. by shutdown). Allocates only when it creates the entry.
+fn tenant_mut<'a>(state: &'a mut State, tenant: &[u8]) -> &'a mut Tenant {
+    if !state.tenants.contains_key(tenant) {
+        state.tenants.insert(tenant.into(), Tenant::default());
+    }
+    match state.tenants.get_mut(tenant) {
+        Some(entry) => entry,
+        None => unreachable!("inserted above under the same lock"),
+    }
+}
