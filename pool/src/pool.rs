@@ -400,6 +400,8 @@ impl Shared {
     /// launch. Waits (until `deadline`) for another thread's launch for the
     /// same tenant, and for room under `max_helpers`.
     fn helper_for(&self, tenant: &[u8], deadline: Instant) -> Result<Arc<Helper>, CallError> {
+        // Checked up front: an invalid label must not use up spares.
+        sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
         let started = Instant::now();
         let mut state = self.state.lock();
         loop {

@@ -361,3 +361,47 @@ fn invalid_config_values_are_named() {
     let err = Config::from_toml("program = \"/h\"\ncolour = \"blue\"").unwrap_err();
     assert!(err.to_string().contains("colour"), "{err}");
 }
+
+#[test]
+fn pool_is_send_and_sync_and_tenant_ids_are_checked() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Pool>();
+    let mut config = pool_config(&[]);
+    config.spares = 1;
+    let pool = Pool::new(config).unwrap();
+    assert!(wait_for(10 * SECOND, || pool.stats().spare == 1));
+    let spare = pool.spare_pids();
+    for bad in [&b""[..], &[7u8; 300][..]] {
+        assert!(matches!(
+            pool.call(bad, &request(OP_ECHO, b"x")),
+            Err(CallError::InvalidTenant(_))
+        ));
+    }
+    assert_eq!(
+        pool.spare_pids(),
+        spare,
+        "an invalid tenant id uses up no spare"
+    );
+    // Any bytes make a tenant id.
+    assert_eq!(
+        pool.call([0u8, 255, 10], &request(OP_ECHO, b"bin"))
+            .unwrap(),
+        b"bin"
+    );
+}
+
+#[test]
+fn the_example_config_parses_to_the_documented_defaults() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../sandpool.example.toml"
+    ))
+    .unwrap();
+    let parsed = Config::from_toml(&text).unwrap();
+    let mut defaults = Config::new("target/helper/release/sandpool-helper");
+    defaults.program = parsed.program.clone();
+    assert_eq!(
+        parsed, defaults,
+        "sandpool.example.toml documents exactly the defaults"
+    );
+}
