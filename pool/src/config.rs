@@ -289,6 +289,17 @@ pub struct Config {
     pub warmup_request: Option<Vec<u8>>,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
+    /// A launch slower than this logs a warning (once per pool). Default 50 ms.
+    #[serde(with = "humantime_serde")]
+    pub slow_launch_threshold: Duration,
+    /// Helper stderr forwarded to the log per helper per second (bursts of
+    /// four seconds' worth); the rest is read and dropped. Default 16 KiB.
+    pub stderr_bytes_per_second: ByteSize,
+    /// Helper stderr forwarded over a helper's whole life. Default 1 MiB.
+    pub stderr_max_bytes_per_helper: ByteSize,
+    /// Label per-tenant call metrics with the tenant id. Unbounded label
+    /// cardinality: only for small deployments. Default `false`.
+    pub metrics_tenant_label: bool,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -310,6 +321,10 @@ impl Default for Config {
             max_requests_per_helper: 0,
             warmup_request: None,
             crash_backoff: BackoffConfig::default(),
+            slow_launch_threshold: Duration::from_millis(50),
+            stderr_bytes_per_second: ByteSize::kib(16),
+            stderr_max_bytes_per_helper: ByteSize::mib(1),
+            metrics_tenant_label: false,
             sandbox: SandboxConfig::default(),
         }
     }

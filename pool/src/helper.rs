@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
 use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all};
 use crate::launcher::{LaunchPlan, spawn};
 use crate::process::Process;
+use crate::stderr::{StderrHub, StderrStream};
 use crate::verify::verify_hello;
 
 /// How much of a failed helper's stderr is read (the rest is discarded).
@@ -37,13 +39,23 @@ const EXIT_GRACE: Duration = Duration::from_millis(100);
 pub struct Launcher {
     config: HelperConfig,
     plan: LaunchPlan,
+    stderr_hub: Option<Arc<StderrHub>>,
 }
 
 impl Launcher {
     /// Validates `config` and prepares the launch (argv, environment).
     pub fn new(config: HelperConfig) -> Result<Launcher, LaunchError> {
         let plan = LaunchPlan::new(&config)?;
-        Ok(Launcher { config, plan })
+        Ok(Launcher {
+            config,
+            plan,
+            stderr_hub: None,
+        })
+    }
+
+    /// Forwards the stderr of every helper launched from now on through `hub`.
+    pub(crate) fn forward_stderr(&mut self, hub: Arc<StderrHub>) {
+        self.stderr_hub = Some(hub);
     }
 
     /// The configuration.
@@ -120,6 +132,13 @@ impl Launcher {
             launch_us = launch_time.as_micros() as u64,
             "helper ready"
         );
+        let stderr = match &self.stderr_hub {
+            Some(hub) => StderrSink::Hub {
+                stream: hub.register(pid, spawned.stderr),
+                hub: hub.clone(),
+            },
+            None => StderrSink::Pipe(spawned.stderr),
+        };
         Ok(Helper {
             pid,
             hello,
@@ -143,7 +162,7 @@ impl Launcher {
             failure: Mutex::new(None),
             retired: AtomicBool::new(false),
             process: Mutex::new(process),
-            stderr: spawned.stderr,
+            stderr,
             calls: AtomicU64::new(0),
         })
     }
@@ -151,6 +170,26 @@ impl Launcher {
 
 fn stderr_tail(stderr: &OwnedFd) -> String {
     String::from_utf8_lossy(&drain_tail(stderr, STDERR_DRAIN_CAP, STDERR_TAIL)).into_owned()
+}
+
+/// Where a helper's stderr goes: read only when it fails (a lone helper), or
+/// forwarded to the log as it arrives (a pool's helpers).
+#[derive(Debug)]
+enum StderrSink {
+    Pipe(OwnedFd),
+    Hub {
+        stream: Arc<StderrStream>,
+        hub: Arc<StderrHub>,
+    },
+}
+
+impl StderrSink {
+    fn tail(&self) -> String {
+        match self {
+            StderrSink::Pipe(fd) => stderr_tail(fd),
+            StderrSink::Hub { stream, hub } => stream.tail(hub),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -195,7 +234,7 @@ pub struct Helper {
     failure: Mutex<Option<CallError>>,
     retired: AtomicBool,
     process: Mutex<Process>,
-    stderr: OwnedFd,
+    stderr: StderrSink,
     calls: AtomicU64,
 }
 
@@ -252,6 +291,9 @@ impl Helper {
         }
         self.send(&mut writer, Kind::Bind, 0, tenant, deadline, Instant::now())?;
         writer.bound = true;
+        if let StderrSink::Hub { stream, .. } = &self.stderr {
+            stream.set_tenant(tenant);
+        }
         Ok(())
     }
 
@@ -500,7 +542,7 @@ impl Helper {
                     Some(status) => self.fail(CallError::Died {
                         pid,
                         status,
-                        stderr: stderr_tail(&self.stderr),
+                        stderr: self.stderr.tail(),
                     }),
                     None if matches!(failure, IoFailure::StdinClosed) => {
                         self.fail_violation(ProtocolViolation::ClosedStdin)
@@ -569,7 +611,7 @@ impl Helper {
         Some(self.fail(CallError::Died {
             pid: self.pid,
             status,
-            stderr: stderr_tail(&self.stderr),
+            stderr: self.stderr.tail(),
         }))
     }
 }

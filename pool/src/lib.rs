@@ -23,6 +23,8 @@ mod io;
 mod launcher;
 mod pool;
 mod process;
+mod stderr;
+mod telemetry;
 mod verify;
 
 pub use config::{BackoffConfig, Config, ConfigError, HelperConfig, RlimitConfig, SandboxConfig};
@@ -30,3 +32,4 @@ pub use error::{CallError, ExitStatus, HelloRefusal, LaunchError, ProtocolViolat
 pub use helper::{Helper, Launcher};
 pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};
 pub use sandpool_protocol::{FdCloseMethod, Hello, RlimitSpec, SeccompMode};
+pub use telemetry::METRICS;

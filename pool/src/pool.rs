@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -17,8 +17,10 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConfigError};
-use crate::error::{CallError, ExitStatus, LaunchError};
+use crate::error::{CallError, LaunchError};
 use crate::helper::{Helper, Launcher};
+use crate::stderr::{Budget, StderrHub};
+use crate::telemetry::Telemetry;
 
 /// Why a helper was closed by the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +68,8 @@ pub struct Stats {
     pub failures: FailureStats,
     /// Calls refused because the tenant was backed off.
     pub backed_off_calls: u64,
+    /// Times a tenant was backed off.
+    pub backoffs_engaged: u64,
     /// Calls answered (including handler errors).
     pub calls_ok: u64,
     /// Calls that failed for any other reason.
@@ -100,36 +104,6 @@ pub struct HelperInfo {
     pub calls: u64,
     /// Calls in flight.
     pub in_flight: usize,
-}
-
-#[derive(Default)]
-struct Counters {
-    launches: AtomicU64,
-    launch_failures: AtomicU64,
-    spare_hits: AtomicU64,
-    spare_misses: AtomicU64,
-    quiesced_idle: AtomicU64,
-    quiesced_max_requests: AtomicU64,
-    evicted: AtomicU64,
-    shut_down: AtomicU64,
-    exited: AtomicU64,
-    signaled: AtomicU64,
-    seccomp: AtomicU64,
-    timeout: AtomicU64,
-    protocol: AtomicU64,
-    launch: AtomicU64,
-    io: AtomicU64,
-    backed_off_calls: AtomicU64,
-    calls_ok: AtomicU64,
-    calls_failed: AtomicU64,
-}
-
-fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-fn read(counter: &AtomicU64) -> u64 {
-    counter.load(Ordering::Relaxed)
 }
 
 #[derive(Default)]
@@ -171,7 +145,7 @@ struct Shared {
     /// Signalled whenever a helper is installed, a launch ends, or room frees up.
     changed: Condvar,
     keeper: Sender<KeeperMsg>,
-    counters: Counters,
+    telemetry: Telemetry,
     shut: AtomicBool,
 }
 
@@ -182,6 +156,7 @@ struct Shared {
 pub struct Pool {
     shared: Arc<Shared>,
     keeper: Mutex<Option<JoinHandle<()>>>,
+    stderr_hub: Arc<StderrHub>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -201,8 +176,8 @@ pub enum PoolError {
     /// The launch configuration is invalid.
     #[error(transparent)]
     Launch(#[from] LaunchError),
-    /// The keeper thread could not be started.
-    #[error("starting the sandpool keeper thread failed: {0}")]
+    /// A background thread (keeper, stderr forwarder) could not be started.
+    #[error("starting a sandpool background thread failed: {0}")]
     Thread(std::io::Error),
 }
 
@@ -211,7 +186,20 @@ impl Pool {
     /// spares in the background.
     pub fn new(config: Config) -> Result<Pool, PoolError> {
         config.validate()?;
-        let launcher = Launcher::new(config.helper_config())?;
+        let mut launcher = Launcher::new(config.helper_config())?;
+        let telemetry = Telemetry::new(config.metrics_tenant_label, config.slow_launch_threshold);
+        let budget = Budget {
+            bytes_per_second: config.stderr_bytes_per_second.as_u64(),
+            max_bytes_per_helper: config.stderr_max_bytes_per_helper.as_u64(),
+        };
+        let hub = StderrHub::start(
+            budget,
+            telemetry.stderr_lines.clone(),
+            telemetry.stderr_dropped.clone(),
+        )
+        .map_err(PoolError::Thread)?;
+        let hub = Arc::new(hub);
+        launcher.forward_stderr(hub.clone());
         let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             config,
@@ -219,7 +207,7 @@ impl Pool {
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
             keeper: tx,
-            counters: Counters::default(),
+            telemetry,
             shut: AtomicBool::new(false),
         });
         let keeper_shared = shared.clone();
@@ -232,6 +220,7 @@ impl Pool {
         let pool = Pool {
             shared,
             keeper: Mutex::new(Some(keeper)),
+            stderr_hub: hub,
         };
         let _ = pool.shared.keeper.send(KeeperMsg::Refill);
         Ok(pool)
@@ -258,15 +247,16 @@ impl Pool {
     ) -> Result<Vec<u8>, CallError> {
         let shared = &self.shared;
         let tenant = tenant.as_ref();
+        let started = Instant::now();
+        shared.telemetry.call_started();
         let result = shared.helper_for(tenant, deadline).and_then(|helper| {
             let result = helper.call(request, deadline);
             shared.after_call(tenant, &helper, &result);
             result
         });
-        match &result {
-            Ok(_) | Err(CallError::Helper(_)) => bump(&shared.counters.calls_ok),
-            Err(_) => bump(&shared.counters.calls_failed),
-        }
+        shared
+            .telemetry
+            .call_finished(tenant, &result, started.elapsed());
         result
     }
 
@@ -302,49 +292,14 @@ impl Pool {
     /// A snapshot of the pool's state and counters. Takes the state lock
     /// once and walks the tenants: cheap enough to call every second.
     pub fn stats(&self) -> Stats {
-        let c = &self.shared.counters;
-        let (live, spare, launching, busy, idle) = {
-            let state = self.shared.state.lock();
-            let busy = state
-                .tenants
-                .values()
-                .filter_map(|t| t.helper.as_ref())
-                .filter(|h| h.in_flight() > 0)
-                .count();
-            (
-                state.live(),
-                state.spares.len(),
-                state.launching,
-                busy,
-                state.bound - busy,
-            )
-        };
+        let (live, spare, launching, busy, idle) = self.shared.helper_counts();
         Stats {
             live,
             spare,
             busy,
             idle,
             launching,
-            launches: read(&c.launches),
-            launch_failures: read(&c.launch_failures),
-            spare_hits: read(&c.spare_hits),
-            spare_misses: read(&c.spare_misses),
-            quiesced_idle: read(&c.quiesced_idle),
-            quiesced_max_requests: read(&c.quiesced_max_requests),
-            evicted: read(&c.evicted),
-            shut_down: read(&c.shut_down),
-            failures: FailureStats {
-                exited: read(&c.exited),
-                signaled: read(&c.signaled),
-                seccomp: read(&c.seccomp),
-                timeout: read(&c.timeout),
-                protocol: read(&c.protocol),
-                launch: read(&c.launch),
-                io: read(&c.io),
-            },
-            backed_off_calls: read(&c.backed_off_calls),
-            calls_ok: read(&c.calls_ok),
-            calls_failed: read(&c.calls_failed),
+            ..self.shared.telemetry.counters()
         }
     }
 
@@ -371,7 +326,10 @@ impl Pool {
             let _ = keeper.join();
         }
         let deadline = Instant::now() + grace;
-        close_all(&helpers, deadline, |_| bump(&shared.counters.shut_down));
+        close_all(&helpers, deadline, |_| {
+            shared.telemetry.closed(CloseCause::Shutdown)
+        });
+        self.stderr_hub.stop();
         info!(helpers = helpers.len(), "sandpool shut down");
     }
 }
@@ -396,6 +354,24 @@ fn close_all(helpers: &[Arc<Helper>], deadline: Instant, mut on_closed: impl FnM
 }
 
 impl Shared {
+    /// (live, spare, launching, busy, idle), from one pass over the tenants.
+    fn helper_counts(&self) -> (usize, usize, usize, usize, usize) {
+        let state = self.state.lock();
+        let busy = state
+            .tenants
+            .values()
+            .filter_map(|t| t.helper.as_ref())
+            .filter(|h| h.in_flight() > 0)
+            .count();
+        (
+            state.live(),
+            state.spares.len(),
+            state.launching,
+            busy,
+            state.bound - busy,
+        )
+    }
+
     /// The tenant's helper: its current one, a spare bound to it, or a new
     /// launch. Waits (until `deadline`) for another thread's launch for the
     /// same tenant, and for room under `max_helpers`.
@@ -411,7 +387,6 @@ impl Shared {
             let now = Instant::now();
             let entry = tenant_mut(&mut state, tenant);
             if let Some(until) = entry.backoff_until.filter(|until| *until > now) {
-                bump(&self.counters.backed_off_calls);
                 return Err(CallError::BackingOff {
                     failures: entry.failures,
                     retry_in: until - now,
@@ -436,7 +411,6 @@ impl Shared {
                 continue;
             }
             if let Some(spare) = state.spares.pop_front() {
-                bump(&self.counters.spare_hits);
                 let _ = self.keeper.send(KeeperMsg::Refill);
                 tenant_mut(&mut state, tenant).launching = true;
                 state.launching += 1;
@@ -444,11 +418,14 @@ impl Shared {
                 state.launching -= 1;
                 tenant_mut(&mut state, tenant).launching = false;
                 match bound {
-                    Ok(()) => return self.install(&mut state, tenant, spare),
+                    Ok(()) => {
+                        self.telemetry.spare_hit(started.elapsed());
+                        return self.install(&mut state, tenant, spare);
+                    }
                     Err(err) => {
                         // A spare that died while waiting: try the next one.
                         warn!(pid = spare.pid(), %err, "spare helper unusable");
-                        self.count_failure(&err);
+                        self.telemetry.failure(&err);
                         self.changed.notify_all();
                         continue;
                     }
@@ -463,7 +440,7 @@ impl Shared {
                 }
                 continue;
             }
-            bump(&self.counters.spare_misses);
+            self.telemetry.spare_miss(self.config.spares);
             tenant_mut(&mut state, tenant).launching = true;
             state.launching += 1;
             let launched = MutexGuard::unlocked(&mut state, || {
@@ -476,14 +453,16 @@ impl Shared {
             });
             state.launching -= 1;
             tenant_mut(&mut state, tenant).launching = false;
+            self.telemetry.queue_wait(started.elapsed());
             return match launched {
                 Ok(helper) => {
-                    bump(&self.counters.launches);
+                    self.telemetry
+                        .launched(helper.launch_time(), helper.hello(), helper.pid());
                     self.install(&mut state, tenant, Arc::new(helper))
                 }
                 Err(err) => {
                     if matches!(err, CallError::Launch(_)) {
-                        bump(&self.counters.launch_failures);
+                        self.telemetry.launch_failed();
                     }
                     self.record_failure(&mut state, tenant, &err);
                     self.changed.notify_all();
@@ -502,7 +481,7 @@ impl Shared {
         if state.shut {
             // Shutdown began while this helper was being launched or bound.
             helper.kill();
-            bump(&self.counters.shut_down);
+            self.telemetry.closed(CloseCause::Shutdown);
             return Err(CallError::ShutDown);
         }
         let entry = tenant_mut(state, tenant);
@@ -534,7 +513,7 @@ impl Shared {
             return false;
         };
         state.bound -= 1;
-        bump(&self.counters.evicted);
+        self.telemetry.closed(CloseCause::Evicted);
         debug!(pid = helper.pid(), "evicting least recently used helper");
         let _ = self
             .keeper
@@ -559,7 +538,7 @@ impl Shared {
                         }
                     }
                     if recycle && self.unbind(&mut state, tenant, helper) {
-                        bump(&self.counters.quiesced_max_requests);
+                        self.telemetry.closed(CloseCause::MaxRequests);
                         let _ = self
                             .keeper
                             .send(KeeperMsg::Close(helper.clone(), CloseCause::MaxRequests));
@@ -595,13 +574,14 @@ impl Shared {
     }
 
     fn record_failure(&self, state: &mut State, tenant: &[u8], err: &CallError) {
-        self.count_failure(err);
+        self.telemetry.failure(err);
         let Some(entry) = state.tenants.get_mut(tenant) else {
             return;
         };
         entry.failures = entry.failures.saturating_add(1);
         if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
             entry.backoff_until = Some(Instant::now() + delay);
+            self.telemetry.backoff_engaged();
             warn!(
                 tenant = %String::from_utf8_lossy(tenant),
                 failures = entry.failures,
@@ -609,23 +589,6 @@ impl Shared {
                 %err,
                 "tenant backed off"
             );
-        }
-    }
-
-    fn count_failure(&self, err: &CallError) {
-        let c = &self.counters;
-        match err {
-            CallError::Died { status, .. } if status.is_seccomp_kill() => bump(&c.seccomp),
-            CallError::Died {
-                status: ExitStatus::Signaled(_),
-                ..
-            } => bump(&c.signaled),
-            CallError::Died { .. } => bump(&c.exited),
-            CallError::Timeout { .. } => bump(&c.timeout),
-            CallError::Protocol { .. } => bump(&c.protocol),
-            CallError::Launch(_) => bump(&c.launch),
-            CallError::Io { .. } => bump(&c.io),
-            _ => {}
         }
     }
 
@@ -650,6 +613,9 @@ impl Shared {
             if Instant::now() >= next_scan {
                 self.quiesce_idle(&mut closing);
                 next_scan = Instant::now() + tick;
+                let (_, spare, launching, busy, idle) = self.helper_counts();
+                self.telemetry
+                    .set_helpers(spare, idle, busy, launching, closing.len());
             }
             // Close what no caller holds any more; the rest waits a tick.
             let (ready, waiting): (Vec<_>, Vec<_>) = closing
@@ -694,7 +660,8 @@ impl Shared {
             state.launching -= 1;
             match warmed {
                 Ok(helper) if !state.shut => {
-                    bump(&self.counters.launches);
+                    self.telemetry
+                        .launched(helper.launch_time(), helper.hello(), helper.pid());
                     state.spares.push_back(Arc::new(helper));
                     self.changed.notify_all();
                 }
@@ -704,9 +671,9 @@ impl Shared {
                     return true;
                 }
                 Err(err) => {
-                    bump(&self.counters.launch_failures);
-                    bump(&self.counters.launch);
-                    warn!(%err, "launching a spare helper failed");
+                    self.telemetry.launch_failed();
+                    self.telemetry.failure(&CallError::Launch(Arc::new(err)));
+                    warn!("launching a spare helper failed");
                     self.changed.notify_all();
                     return false;
                 }
@@ -748,14 +715,14 @@ impl Shared {
                         .is_none_or(|at| now.duration_since(at) >= idle_timeout);
                 if let Some(err) = &died {
                     warn!(pid = helper.pid(), %err, "idle helper died");
-                    self.count_failure(err);
+                    self.telemetry.failure(err);
                     tenant.failures = tenant.failures.saturating_add(1);
                 }
                 if died.is_some() || idle || helper.is_retired() {
                     if let Some(helper) = tenant.helper.take() {
                         unbound += 1;
                         if died.is_none() && !helper.is_retired() {
-                            bump(&self.counters.quiesced_idle);
+                            self.telemetry.closed(CloseCause::Idle);
                             closing.push((helper, CloseCause::Idle));
                         }
                     }

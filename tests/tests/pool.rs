@@ -405,3 +405,11 @@ fn the_example_config_parses_to_the_documented_defaults() {
         "sandpool.example.toml documents exactly the defaults"
     );
 }
+
+#[test]
+fn the_readme_lists_every_metric() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    for (name, _, _) in sandpool::METRICS {
+        assert!(readme.contains(&format!("`{name}")), "README does not list {name}");
+    }
+}

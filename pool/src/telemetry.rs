@@ -1,0 +1,416 @@
+//! Everything the pool counts, recorded twice from one place: into atomics
+//! for [`Pool::stats`](crate::Pool::stats) and into the `metrics` facade
+//! (whatever recorder the embedding server installed before `Pool::new`), so
+//! the two never disagree. Also the once-per-cause slow-path warnings.
+//!
+//! Metric names carry the `sandpool_` prefix and base units; labels are
+//! bounded enums (never a tenant id, unless `metrics_tenant_label` is set).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, Unit};
+use tracing::warn;
+
+use crate::error::{CallError, ExitStatus};
+use crate::pool::{CloseCause, FailureStats, Stats};
+
+/// Every metric the pool emits: name, kind, unit, meaning. The README's
+/// metrics table is this list.
+pub const METRICS: &[(&str, &str, &str)] = &[
+    (
+        "sandpool_launch_seconds",
+        "histogram",
+        "spawn to verified Hello, per launched helper",
+    ),
+    (
+        "sandpool_call_seconds",
+        "histogram",
+        "duration of pool.call, by outcome",
+    ),
+    (
+        "sandpool_queue_wait_seconds",
+        "histogram",
+        "time a call waited for a helper (spare bind, launch, room under max_helpers)",
+    ),
+    (
+        "sandpool_helper_fd_close_seconds",
+        "histogram",
+        "time the helper took to count and close its inherited fds (from its Hello)",
+    ),
+    (
+        "sandpool_launches_total",
+        "counter",
+        "launches by outcome (ok, failed)",
+    ),
+    (
+        "sandpool_spares_total",
+        "counter",
+        "cold tenants served by a spare (hit) or a launch (miss)",
+    ),
+    (
+        "sandpool_quiesced_total",
+        "counter",
+        "helpers closed by the pool, by cause (idle, max_requests, evicted, shutdown)",
+    ),
+    (
+        "sandpool_helper_deaths_total",
+        "counter",
+        "helper failures by cause (exit, signal, seccomp, timeout, protocol, launch, io)",
+    ),
+    (
+        "sandpool_calls_total",
+        "counter",
+        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, saturated, shut_down, rejected)",
+    ),
+    (
+        "sandpool_backoff_engaged_total",
+        "counter",
+        "times a tenant was backed off after repeated helper failures",
+    ),
+    (
+        "sandpool_helper_stderr_lines_total",
+        "counter",
+        "helper stderr lines forwarded to the log",
+    ),
+    (
+        "sandpool_helper_stderr_dropped_bytes_total",
+        "counter",
+        "helper stderr bytes dropped by the per-helper rate limit or line cap",
+    ),
+    (
+        "sandpool_helpers",
+        "gauge",
+        "helpers by state (spare, idle, busy, launching, closing)",
+    ),
+    (
+        "sandpool_calls_in_flight",
+        "gauge",
+        "calls in flight across the pool",
+    ),
+];
+
+/// The `outcome` label of a call.
+fn outcome(result: &Result<Vec<u8>, CallError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(CallError::Helper(_)) => "helper_error",
+        Err(CallError::Timeout { .. }) => "timeout",
+        Err(CallError::Died { .. }) => "died",
+        Err(CallError::Protocol { .. }) => "protocol",
+        Err(CallError::Io { .. }) => "io",
+        Err(CallError::Launch(_)) => "launch_failed",
+        Err(CallError::BackingOff { .. }) => "backed_off",
+        Err(CallError::PoolFull { .. } | CallError::LaunchWait { .. }) => "pool_full",
+        Err(CallError::Saturated { .. }) => "saturated",
+        Err(CallError::ShutDown | CallError::Retired { .. }) => "shut_down",
+        Err(
+            CallError::RequestTooLarge { .. }
+            | CallError::InvalidTenant(_)
+            | CallError::AlreadyBound { .. },
+        ) => "rejected",
+    }
+}
+
+const OUTCOMES: &[&str] = &[
+    "ok",
+    "helper_error",
+    "timeout",
+    "died",
+    "protocol",
+    "io",
+    "launch_failed",
+    "backed_off",
+    "pool_full",
+    "saturated",
+    "shut_down",
+    "rejected",
+];
+
+/// A counter recorded both as an atomic (for stats) and as a metric.
+struct Count {
+    value: AtomicU64,
+    metric: Counter,
+}
+
+impl Count {
+    fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Count {
+        let labels: Vec<metrics::Label> = labels
+            .iter()
+            .map(|(k, v)| metrics::Label::new(*k, *v))
+            .collect();
+        Count {
+            value: AtomicU64::new(0),
+            metric: metrics::counter!(name, labels),
+        }
+    }
+
+    fn bump(&self) {
+        self.value.fetch_add(1, Ordering::Relaxed);
+        self.metric.increment(1);
+    }
+
+    fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct Telemetry {
+    launch_seconds: Histogram,
+    queue_wait_seconds: Histogram,
+    fd_close_seconds: Histogram,
+    call_seconds: Vec<Histogram>,
+    calls: Vec<Count>,
+    launches_ok: Count,
+    launches_failed: Count,
+    spare_hits: Count,
+    spare_misses: Count,
+    quiesced_idle: Count,
+    quiesced_max_requests: Count,
+    evicted: Count,
+    shut_down: Count,
+    died_exit: Count,
+    died_signal: Count,
+    died_seccomp: Count,
+    died_timeout: Count,
+    died_protocol: Count,
+    died_launch: Count,
+    died_io: Count,
+    backoff_engaged: Count,
+    pub(crate) stderr_lines: Counter,
+    pub(crate) stderr_dropped: Counter,
+    helpers: [Gauge; 5],
+    in_flight: Gauge,
+    tenant_label: bool,
+    slow_launch: Duration,
+    warned_fd_walk: AtomicBool,
+    warned_slow_launch: AtomicBool,
+    warned_spares_low: AtomicBool,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+fn describe() {
+    for (name, kind, meaning) in METRICS {
+        match *kind {
+            "histogram" => metrics::describe_histogram!(*name, Unit::Seconds, *meaning),
+            "gauge" => metrics::describe_gauge!(*name, Unit::Count, *meaning),
+            _ => metrics::describe_counter!(*name, Unit::Count, *meaning),
+        }
+    }
+}
+
+impl Telemetry {
+    pub(crate) fn new(tenant_label: bool, slow_launch: Duration) -> Telemetry {
+        describe();
+        let death = |cause| Count::new("sandpool_helper_deaths_total", &[("cause", cause)]);
+        let quiesced = |cause| Count::new("sandpool_quiesced_total", &[("cause", cause)]);
+        let helpers = |state| metrics::gauge!("sandpool_helpers", "state" => state);
+        Telemetry {
+            launch_seconds: metrics::histogram!("sandpool_launch_seconds"),
+            queue_wait_seconds: metrics::histogram!("sandpool_queue_wait_seconds"),
+            fd_close_seconds: metrics::histogram!("sandpool_helper_fd_close_seconds"),
+            call_seconds: OUTCOMES
+                .iter()
+                .map(|o| metrics::histogram!("sandpool_call_seconds", "outcome" => *o))
+                .collect(),
+            calls: OUTCOMES
+                .iter()
+                .map(|o| Count::new("sandpool_calls_total", &[("outcome", o)]))
+                .collect(),
+            launches_ok: Count::new("sandpool_launches_total", &[("outcome", "ok")]),
+            launches_failed: Count::new("sandpool_launches_total", &[("outcome", "failed")]),
+            spare_hits: Count::new("sandpool_spares_total", &[("result", "hit")]),
+            spare_misses: Count::new("sandpool_spares_total", &[("result", "miss")]),
+            quiesced_idle: quiesced("idle"),
+            quiesced_max_requests: quiesced("max_requests"),
+            evicted: quiesced("evicted"),
+            shut_down: quiesced("shutdown"),
+            died_exit: death("exit"),
+            died_signal: death("signal"),
+            died_seccomp: death("seccomp"),
+            died_timeout: death("timeout"),
+            died_protocol: death("protocol"),
+            died_launch: death("launch"),
+            died_io: death("io"),
+            backoff_engaged: Count::new("sandpool_backoff_engaged_total", &[]),
+            stderr_lines: metrics::counter!("sandpool_helper_stderr_lines_total"),
+            stderr_dropped: metrics::counter!("sandpool_helper_stderr_dropped_bytes_total"),
+            helpers: [
+                helpers("spare"),
+                helpers("idle"),
+                helpers("busy"),
+                helpers("launching"),
+                helpers("closing"),
+            ],
+            in_flight: metrics::gauge!("sandpool_calls_in_flight"),
+            tenant_label,
+            slow_launch,
+            warned_fd_walk: AtomicBool::new(false),
+            warned_slow_launch: AtomicBool::new(false),
+            warned_spares_low: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn launched(
+        &self,
+        launch_time: Duration,
+        hello: &sandpool_protocol::Hello,
+        pid: u32,
+    ) {
+        self.launches_ok.bump();
+        self.launch_seconds.record(launch_time.as_secs_f64());
+        self.fd_close_seconds
+            .record(hello.fd_close_nanos as f64 / 1e9);
+        if hello.fd_close_method != sandpool_protocol::FdCloseMethod::CloseRange
+            && !self.warned_fd_walk.swap(true, Ordering::Relaxed)
+        {
+            warn!(pid, method = ?hello.fd_close_method, fds = hello.fds_closed,
+                "slow path: helper closed inherited fds without close_range (is the kernel older than 5.9?)");
+        }
+        if launch_time > self.slow_launch && !self.warned_slow_launch.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                pid,
+                launch_ms = launch_time.as_millis() as u64,
+                threshold_ms = self.slow_launch.as_millis() as u64,
+                fds_closed = hello.fds_closed,
+                "slow path: a helper launch took longer than slow_launch_threshold (many host fds? a dynamic helper binary?)"
+            );
+        }
+    }
+
+    pub(crate) fn launch_failed(&self) {
+        self.launches_failed.bump();
+    }
+
+    pub(crate) fn spare_hit(&self, queue_wait: Duration) {
+        self.spare_hits.bump();
+        self.queue_wait_seconds.record(queue_wait.as_secs_f64());
+    }
+
+    pub(crate) fn spare_miss(&self, configured_spares: usize) {
+        self.spare_misses.bump();
+        if configured_spares > 0 && !self.warned_spares_low.swap(true, Ordering::Relaxed) {
+            warn!(
+                spares = configured_spares,
+                "slow path: a cold tenant found no spare ready and waited for a launch (spares too low for the load?)"
+            );
+        }
+    }
+
+    pub(crate) fn queue_wait(&self, waited: Duration) {
+        self.queue_wait_seconds.record(waited.as_secs_f64());
+    }
+
+    pub(crate) fn closed(&self, cause: CloseCause) {
+        match cause {
+            CloseCause::Idle => self.quiesced_idle.bump(),
+            CloseCause::MaxRequests => self.quiesced_max_requests.bump(),
+            CloseCause::Evicted => self.evicted.bump(),
+            CloseCause::Shutdown => self.shut_down.bump(),
+        }
+    }
+
+    pub(crate) fn failure(&self, err: &CallError) {
+        match err {
+            CallError::Died { status, .. } if status.is_seccomp_kill() => self.died_seccomp.bump(),
+            CallError::Died {
+                status: ExitStatus::Signaled(_),
+                ..
+            } => self.died_signal.bump(),
+            CallError::Died { .. } => self.died_exit.bump(),
+            CallError::Timeout { .. } => self.died_timeout.bump(),
+            CallError::Protocol { .. } => self.died_protocol.bump(),
+            CallError::Launch(_) => self.died_launch.bump(),
+            CallError::Io { .. } => self.died_io.bump(),
+            _ => {}
+        }
+    }
+
+    pub(crate) fn backoff_engaged(&self) {
+        self.backoff_engaged.bump();
+    }
+
+    pub(crate) fn call_started(&self) {
+        self.in_flight.increment(1.0);
+    }
+
+    pub(crate) fn call_finished(
+        &self,
+        tenant: &[u8],
+        result: &Result<Vec<u8>, CallError>,
+        took: Duration,
+    ) {
+        self.in_flight.decrement(1.0);
+        let outcome = outcome(result);
+        let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.calls[index].bump();
+        self.call_seconds[index].record(took.as_secs_f64());
+        if self.tenant_label {
+            let tenant = String::from_utf8_lossy(tenant).into_owned();
+            metrics::counter!("sandpool_tenant_calls_total", "tenant" => tenant.clone(), "outcome" => outcome)
+                .increment(1);
+            metrics::histogram!("sandpool_tenant_call_seconds", "tenant" => tenant)
+                .record(took.as_secs_f64());
+        }
+    }
+
+    /// Sets the helper-state gauges.
+    pub(crate) fn set_helpers(
+        &self,
+        spare: usize,
+        idle: usize,
+        busy: usize,
+        launching: usize,
+        closing: usize,
+    ) {
+        for (gauge, value) in self
+            .helpers
+            .iter()
+            .zip([spare, idle, busy, launching, closing])
+        {
+            gauge.set(value as f64);
+        }
+    }
+
+    /// The counters, for a stats snapshot (the caller fills in the gauges).
+    pub(crate) fn counters(&self) -> Stats {
+        let calls = |name: &str| {
+            OUTCOMES
+                .iter()
+                .position(|o| *o == name)
+                .map_or(0, |i| self.calls[i].get())
+        };
+        let calls_ok = calls("ok") + calls("helper_error");
+        let calls_total: u64 = self.calls.iter().map(Count::get).sum();
+        Stats {
+            launches: self.launches_ok.get(),
+            launch_failures: self.launches_failed.get(),
+            spare_hits: self.spare_hits.get(),
+            spare_misses: self.spare_misses.get(),
+            quiesced_idle: self.quiesced_idle.get(),
+            quiesced_max_requests: self.quiesced_max_requests.get(),
+            evicted: self.evicted.get(),
+            shut_down: self.shut_down.get(),
+            failures: FailureStats {
+                exited: self.died_exit.get(),
+                signaled: self.died_signal.get(),
+                seccomp: self.died_seccomp.get(),
+                timeout: self.died_timeout.get(),
+                protocol: self.died_protocol.get(),
+                launch: self.died_launch.get(),
+                io: self.died_io.get(),
+            },
+            backed_off_calls: calls("backed_off"),
+            backoffs_engaged: self.backoff_engaged.get(),
+            calls_ok,
+            calls_failed: calls_total - calls_ok,
+            ..Stats::default()
+        }
+    }
+}
