@@ -408,8 +408,12 @@ fn the_example_config_parses_to_the_documented_defaults() {
 
 #[test]
 fn the_readme_lists_every_metric() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     for (name, _, _) in sandpool::METRICS {
-        assert!(readme.contains(&format!("`{name}")), "README does not list {name}");
+        assert!(
+            readme.contains(&format!("`{name}")),
+            "README does not list {name}"
+        );
     }
 }

@@ -1,0 +1,369 @@
+//! sandpool-demo: a multi-tenant page server in miniature.
+//!
+//! Hundreds of tenants, each with its own sandboxed page-redo helper, under a
+//! skewed (Zipf) workload with bursts and idle gaps, so spares, quiesce and
+//! eviction all happen. One tenant is hostile: now and then its request makes
+//! its helper attempt a forbidden syscall; it is killed by seccomp, its calls
+//! fail with the named error, it is backed off, and every other tenant goes
+//! on. Every response is checked against the same redo computed in-process;
+//! any mismatch makes the demo exit non-zero.
+//!
+//! `cargo run --release -p sandpool-tests --bin sandpool-demo -- --help`
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use parking_lot::Mutex;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Zipf};
+use sandpool::{CallError, Config, Pool, Stats};
+use sandpool_helper::redo;
+use sandpool_helper::reference::{OP_OPEN, OP_REDO, request};
+
+#[derive(Parser, Debug)]
+#[command(about = "A multi-tenant page server in miniature, on sandpool")]
+struct Args {
+    /// Number of tenants.
+    #[arg(long, default_value_t = 300)]
+    tenants: usize,
+    /// How long to run (e.g. "20s", "1m").
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// A sandpool TOML config (as a server would use; see
+    /// sandpool.example.toml). An empty `program` means the reference helper.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Client threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// The hostile tenant's index.
+    #[arg(long, default_value_t = 7)]
+    hostile: usize,
+}
+
+/// The helper the build script built.
+const HELPER: &str = env!("SANDPOOL_HELPER_BIN");
+
+fn tenant_name(index: usize) -> String {
+    format!("tenant-{index:04}")
+}
+
+fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| format!("reading {}: {err}", path.display()))?;
+            toml_with_default_program(&text)?
+        }
+        None => {
+            let mut config = Config::new(HELPER);
+            // Tuned so a short demo shows every mechanism: a few spares,
+            // helpers quiesced after 2 s idle, a cap that forces evictions.
+            config.spares = 4;
+            config.idle_timeout = Duration::from_secs(2);
+            config.max_helpers = (args.tenants * 2 / 3).clamp(args.threads + 8, 1024);
+            config.request_timeout = Duration::from_secs(5);
+            config.crash_backoff.initial = Duration::from_millis(500);
+            config.crash_backoff.max = Duration::from_secs(4);
+            config
+        }
+    };
+    // The hostile ops of the reference helper need this flag; a real
+    // deployment would not pass it.
+    if config.program == PathBuf::from(HELPER) && !config.args.iter().any(|a| a == "--test-ops") {
+        config.args.push("--test-ops".into());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn toml_with_default_program(text: &str) -> Result<Config, Box<dyn std::error::Error>> {
+    match Config::from_toml(text) {
+        Ok(config) => Ok(config),
+        Err(err) if err.field == "program" => {
+            let mut with_program = format!("program = {HELPER:?}\n");
+            with_program.push_str(
+                &text
+                    .lines()
+                    .filter(|line| !line.trim_start().starts_with("program"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
+            Ok(Config::from_toml(&with_program)?)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    calls: AtomicU64,
+    ok: AtomicU64,
+    mismatches: AtomicU64,
+    errors: Mutex<BTreeMap<String, u64>>,
+    /// Errors of tenants other than the hostile one.
+    innocent_errors: AtomicU64,
+    latencies: Mutex<Vec<Duration>>,
+}
+
+fn error_kind(err: &CallError) -> String {
+    match err {
+        CallError::Died { status, .. } if status.is_seccomp_kill() => {
+            "killed by seccomp (SIGSYS)".into()
+        }
+        CallError::Died { status, .. } => format!("died ({status})"),
+        CallError::BackingOff { .. } => "backed off".into(),
+        CallError::Timeout { .. } => "timeout".into(),
+        CallError::Protocol { .. } => "protocol violation".into(),
+        CallError::PoolFull { .. } | CallError::LaunchWait { .. } => "pool full".into(),
+        CallError::Launch(_) => "launch failed".into(),
+        CallError::Helper(_) => "helper error".into(),
+        other => format!("other: {other}"),
+    }
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn worker(pool: &Pool, args: &Args, tally: &Tally, stop: &AtomicBool, id: usize) {
+    let mut rng =
+        SmallRng::seed_from_u64(args.seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let zipf = Zipf::new(args.tenants as f64, 1.1).expect("tenants >= 1");
+    let started = Instant::now();
+    let mut page_request = Vec::with_capacity(redo::PAGE_SIZE + 512);
+    let mut expected = Vec::with_capacity(redo::PAGE_SIZE);
+    while !stop.load(Ordering::Relaxed) {
+        // Bursts and idle gaps: every 6 s, 4 s of load then 2 s of quiet
+        // (long enough for idle helpers to be quiesced).
+        if started.elapsed().as_millis() % 6000 >= 4000 {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        let index = zipf.sample(&mut rng) as usize - 1;
+        let tenant = tenant_name(index);
+        let hostile = index == args.hostile;
+        let payload = if hostile && rng.random_ratio(1, 4) {
+            request(OP_OPEN, b"/etc/shadow")
+        } else {
+            page_request.clear();
+            page_request.extend((0..redo::PAGE_SIZE).map(|i| (i as u8) ^ (index as u8)));
+            for _ in 0..rng.random_range(1..8) {
+                let len = rng.random_range(1..64usize);
+                let offset = rng.random_range(0..(redo::PAGE_SIZE - len)) as u16;
+                let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                redo::push_record(&mut page_request, offset, &body);
+            }
+            expected.clear();
+            redo::apply(&page_request, &mut expected).expect("the demo builds valid records");
+            request(OP_REDO, &page_request)
+        };
+        let call_started = Instant::now();
+        let result = pool.call(&tenant, &payload);
+        let took = call_started.elapsed();
+        tally.calls.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(page) => {
+                if payload[0] == OP_REDO && page != expected {
+                    tally.mismatches.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("MISMATCH for {tenant}");
+                }
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                tally.latencies.lock().push(took);
+            }
+            Err(err) => {
+                *tally.errors.lock().entry(error_kind(&err)).or_default() += 1;
+                if !hostile {
+                    tally.innocent_errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("unexpected error for {tenant}: {err}");
+                }
+            }
+        }
+    }
+}
+
+fn helper_memory_kib(pool: &Pool, tenants: usize) -> (usize, u64) {
+    let mut pids: Vec<u32> = (0..tenants)
+        .filter_map(|t| pool.helper_info(tenant_name(t)))
+        .map(|i| i.pid)
+        .collect();
+    pids.extend(pool.spare_pids());
+    let total: u64 = pids
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum();
+    (pids.len(), total)
+}
+
+fn status_line(stats: &Stats, calls: u64, rate: f64, recent: &mut Vec<Duration>) -> String {
+    recent.sort_unstable();
+    format!(
+        "{calls} calls ({rate:.0}/s) p50 {:?} p99 {:?} | helpers live {} spare {} idle {} busy {} | launches {} spare hits {} | quiesced {} evicted {} | killed {} backed off {}",
+        percentile(recent, 0.5),
+        percentile(recent, 0.99),
+        stats.live,
+        stats.spare,
+        stats.idle,
+        stats.busy,
+        stats.launches,
+        stats.spare_hits,
+        stats.quiesced_idle,
+        stats.evicted,
+        stats.failures.seccomp + stats.failures.signaled + stats.failures.exited,
+        stats.backed_off_calls,
+    )
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(1),
+        Err(err) => {
+            eprintln!("sandpool-demo: {err}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<bool, Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if args.tenants == 0 || args.threads == 0 {
+        return Err("--tenants and --threads must be at least 1".into());
+    }
+    if let Some(addr) = args.metrics_addr {
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .map_err(|err| format!("serving metrics on {addr}: {err}"))?;
+        println!("metrics: http://{addr}/metrics");
+    }
+    let config = demo_config(&args)?;
+    println!(
+        "sandpool demo: {} tenants (Zipf 1.1), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
+        args.tenants,
+        args.threads,
+        args.duration,
+        tenant_name(args.hostile),
+        config.spares,
+        config.idle_timeout,
+        config.max_helpers
+    );
+    let pool = Arc::new(Pool::new(config)?);
+    let tally = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let args = Arc::new(args);
+    let workers: Vec<_> = (0..args.threads)
+        .map(|id| {
+            let (pool, args, tally, stop) =
+                (pool.clone(), args.clone(), tally.clone(), stop.clone());
+            std::thread::spawn(move || worker(&pool, &args, &tally, &stop, id))
+        })
+        .collect();
+
+    let bar = ProgressBar::new(args.duration.as_millis() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {msg}")
+            .map_err(|err| err.to_string())?
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut last_calls = 0;
+    let mut last_tick = Instant::now();
+    let mut seen = 0;
+    while started.elapsed() < args.duration {
+        std::thread::sleep(Duration::from_millis(250));
+        let calls = tally.calls.load(Ordering::Relaxed);
+        let rate = (calls - last_calls) as f64 / last_tick.elapsed().as_secs_f64();
+        let mut recent: Vec<Duration> = tally.latencies.lock()[seen..].to_vec();
+        seen += recent.len();
+        (last_calls, last_tick) = (calls, Instant::now());
+        bar.set_position(started.elapsed().as_millis() as u64);
+        bar.set_message(status_line(&pool.stats(), calls, rate, &mut recent));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.join().map_err(|_| "a client thread panicked")?;
+    }
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let stats = pool.stats();
+    let (helpers, pss_kib) = helper_memory_kib(&pool, args.tenants);
+    pool.shutdown(Duration::from_secs(2));
+
+    let mut latencies = std::mem::take(&mut *tally.latencies.lock());
+    latencies.sort_unstable();
+    let calls = tally.calls.load(Ordering::Relaxed);
+    let mismatches = tally.mismatches.load(Ordering::Relaxed);
+    let innocent = tally.innocent_errors.load(Ordering::Relaxed);
+    let cold = stats.spare_hits + stats.spare_misses;
+    println!("\n| summary | value |\n|---|---|");
+    println!(
+        "| calls | {calls} ({:.0}/s) |",
+        calls as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "| answered and verified | {} |",
+        tally.ok.load(Ordering::Relaxed)
+    );
+    for (kind, count) in tally.errors.lock().iter() {
+        println!("| errors: {kind} | {count} |");
+    }
+    println!("| errors of non-hostile tenants | {innocent} |");
+    println!("| response mismatches | {mismatches} |");
+    for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
+        println!("| latency {name} | {:?} |", percentile(&latencies, q));
+    }
+    println!(
+        "| launches | {} ({} failed) |",
+        stats.launches, stats.launch_failures
+    );
+    println!(
+        "| spare hit rate | {:.0}% ({} of {} cold tenants) |",
+        100.0 * stats.spare_hits as f64 / cold.max(1) as f64,
+        stats.spare_hits,
+        cold
+    );
+    println!("| quiesced (idle) | {} |", stats.quiesced_idle);
+    println!("| evicted | {} |", stats.evicted);
+    println!(
+        "| helper kills: seccomp / other | {} / {} |",
+        stats.failures.seccomp,
+        stats.failures.signaled
+            + stats.failures.exited
+            + stats.failures.timeout
+            + stats.failures.protocol
+    );
+    println!("| back-offs engaged | {} |", stats.backoffs_engaged);
+    println!(
+        "| helper memory (PSS) | {} KiB over {helpers} live helpers ({} KiB each) |",
+        pss_kib,
+        pss_kib / helpers.max(1) as u64
+    );
+    if mismatches > 0 || innocent > 0 {
+        println!("FAILED: {mismatches} mismatches, {innocent} errors for non-hostile tenants");
+        return Ok(false);
+    }
+    println!("OK: every response verified; only the hostile tenant saw errors");
+    Ok(true)
+}
