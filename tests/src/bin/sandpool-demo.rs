@@ -83,7 +83,7 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
     };
     // The hostile ops of the reference helper need this flag; a real
     // deployment would not pass it.
-    if config.program == PathBuf::from(HELPER) && !config.args.iter().any(|a| a == "--test-ops") {
+    if config.program == std::path::Path::new(HELPER) && !config.args.iter().any(|a| a == "--test-ops") {
         config.args.push("--test-ops".into());
     }
     config.validate()?;
@@ -216,7 +216,7 @@ fn helper_memory_kib(pool: &Pool, tenants: usize) -> (usize, u64) {
     (pids.len(), total)
 }
 
-fn status_line(stats: &Stats, calls: u64, rate: f64, recent: &mut Vec<Duration>) -> String {
+fn status_line(stats: &Stats, calls: u64, rate: f64, recent: &mut [Duration]) -> String {
     recent.sort_unstable();
     format!(
         "{calls} calls ({rate:.0}/s) p50 {:?} p99 {:?} | helpers live {} spare {} idle {} busy {} | launches {} spare hits {} | quiesced {} evicted {} | killed {} backed off {}",
