@@ -11,6 +11,10 @@ use sandpool_protocol::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// The longest duration any setting accepts (a day): deadlines computed
+/// from settings can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
 /// A configuration value is invalid. Names the field and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[error("invalid configuration: {field}: {problem}")]
@@ -426,6 +430,17 @@ impl Config {
         ] {
             if value.is_zero() {
                 return Err(ConfigError::new(field, "must be greater than zero"));
+            }
+        }
+        for (field, value) in [
+            ("idle_timeout", self.idle_timeout),
+            ("request_timeout", self.request_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("crash_backoff.max", self.crash_backoff.max),
+            ("slow_launch_threshold", self.slow_launch_threshold),
+        ] {
+            if value > MAX_DURATION {
+                return Err(ConfigError::new(field, "must be at most a day"));
             }
         }
         if self.crash_backoff.max < self.crash_backoff.initial {

@@ -225,6 +225,9 @@ pub enum LaunchError {
         /// Why.
         refusal: HelloRefusal,
     },
+    /// The launch panicked (a bug); the child, if any, was killed and reaped.
+    #[error("launching a helper panicked: {0}")]
+    Panicked(String),
     /// The configured warm-up request failed on a new spare.
     #[error("warm-up request on helper pid {pid} failed: {source}")]
     WarmUp {
@@ -295,6 +298,16 @@ pub enum CallError {
         /// The error.
         source: Errno,
     },
+    /// The deadline passed while this call queued behind other calls on the
+    /// same helper (for the writer or for its reply). The helper is not
+    /// blamed and keeps serving; a reply that arrives later is discarded.
+    #[error("deadline passed after {waited:?} queued behind other calls on helper pid {pid}")]
+    QueueTimeout {
+        /// The helper's pid.
+        pid: u32,
+        /// Time since the call started.
+        waited: Duration,
+    },
     /// `max_in_flight` calls were already in flight on this helper and none
     /// finished before the deadline; nothing was sent and the helper is
     /// unaffected.
@@ -363,7 +376,12 @@ impl CallError {
     pub fn helper_survives(&self) -> bool {
         matches!(
             self,
-            CallError::Helper(_) | CallError::RequestTooLarge { .. }
+            CallError::Helper(_)
+                | CallError::RequestTooLarge { .. }
+                | CallError::InvalidTenant(_)
+                | CallError::AlreadyBound { .. }
+                | CallError::Saturated { .. }
+                | CallError::QueueTimeout { .. }
         )
     }
 

@@ -67,12 +67,18 @@ impl Launcher {
     /// proves the startup contract. On any failure the child is killed and
     /// reaped before the error is returned.
     pub fn launch(&self) -> Result<Helper, LaunchError> {
+        self.launch_until(Instant::now() + self.config.spawn_timeout)
+    }
+
+    /// Like [`launch`](Self::launch), but gives up at `deadline` if that
+    /// comes before `spawn_timeout` does.
+    pub fn launch_until(&self, deadline: Instant) -> Result<Helper, LaunchError> {
         let started = Instant::now();
+        let deadline = deadline.min(started + self.config.spawn_timeout);
         let spawned = spawn(&self.plan)?;
         let pid = spawned.pid;
         let mut process = Process::new(pid, spawned.pidfd);
         let mut reader = FrameReader::new();
-        let deadline = started + self.config.spawn_timeout;
         let first = reader.read_frame(&spawned.stdout, deadline, self.config.max_frame);
         let refuse = |process: &mut Process, violation| {
             process.kill_and_reap();
@@ -156,7 +162,7 @@ impl Launcher {
                 frames: reader,
                 parked: HashMap::new(),
             }),
-            outstanding: Mutex::new(VecDeque::new()),
+            outstanding: Mutex::new(Outstanding::default()),
             in_flight: Mutex::new(0),
             slot_freed: Condvar::new(),
             failure: Mutex::new(None),
@@ -164,8 +170,15 @@ impl Launcher {
             process: Mutex::new(process),
             stderr,
             calls: AtomicU64::new(0),
+            calls_at_bind: AtomicU64::new(0),
+            tenant_success: AtomicBool::new(false),
         })
     }
+}
+
+/// An instant far enough ahead to stand for "no deadline".
+pub(crate) fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 fn stderr_tail(stderr: &OwnedFd) -> String {
@@ -209,6 +222,15 @@ struct Reader {
     parked: HashMap<u64, Result<Vec<u8>, CallError>>,
 }
 
+/// Ids in flight, and ids whose callers gave up (their replies are dropped).
+#[derive(Debug, Default)]
+struct Outstanding {
+    /// Ids written and not yet answered, in the order they were written (the
+    /// order the helper must answer them in).
+    queue: VecDeque<u64>,
+    abandoned: Vec<u64>,
+}
+
 /// A running, verified helper.
 ///
 /// Calls take `&self` and may come from many threads at once; up to
@@ -226,9 +248,7 @@ pub struct Helper {
     max_in_flight: usize,
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
-    /// Ids written and not yet answered, in the order they were written (the
-    /// order the helper must answer them in).
-    outstanding: Mutex<VecDeque<u64>>,
+    outstanding: Mutex<Outstanding>,
     in_flight: Mutex<usize>,
     slot_freed: Condvar,
     failure: Mutex<Option<CallError>>,
@@ -236,6 +256,10 @@ pub struct Helper {
     process: Mutex<Process>,
     stderr: StderrSink,
     calls: AtomicU64,
+    /// `calls` when the helper was bound (a spare's warm-up came before).
+    calls_at_bind: AtomicU64,
+    /// Whether a call of its tenant has succeeded yet.
+    tenant_success: AtomicBool,
 }
 
 /// A claimed in-flight slot, released on drop.
@@ -276,6 +300,18 @@ impl Helper {
         self.calls.load(Ordering::Relaxed)
     }
 
+    /// Calls answered since the helper was bound to its tenant (a spare's
+    /// warm-up call does not count).
+    pub fn tenant_calls(&self) -> u64 {
+        self.calls()
+            .saturating_sub(self.calls_at_bind.load(Ordering::Relaxed))
+    }
+
+    /// Records a successful tenant call; true the first time.
+    pub(crate) fn note_tenant_success(&self) -> bool {
+        !self.tenant_success.swap(true, Ordering::Relaxed)
+    }
+
     /// Calls in flight right now.
     pub fn in_flight(&self) -> usize {
         *self.in_flight.lock()
@@ -291,6 +327,7 @@ impl Helper {
         }
         self.send(&mut writer, Kind::Bind, 0, tenant, deadline, Instant::now())?;
         writer.bound = true;
+        self.calls_at_bind.store(self.calls(), Ordering::Relaxed);
         if let StderrSink::Hub { stream, .. } = &self.stderr {
             stream.set_tenant(tenant);
         }
@@ -383,7 +420,7 @@ impl Helper {
     ) -> Result<(), CallError> {
         self.check_retired()?;
         let mut outstanding = self.outstanding.lock();
-        if outstanding.is_empty() {
+        if outstanding.queue.is_empty() {
             if let Some(mut guard) = self.reader.try_lock() {
                 let reader = &mut *guard;
                 if reader.frames.has_buffered() || readable_now(&reader.stdout) {
@@ -413,16 +450,16 @@ impl Helper {
                 max: self.max_frame,
             });
         }
-        if kind == Kind::Request {
-            outstanding.push_back(id);
-        }
-        drop(outstanding);
         let Some(stdin) = &writer.stdin else {
             return Err(CallError::Retired {
                 pid: self.pid,
                 reason: "stdin already closed".into(),
             });
         };
+        if kind == Kind::Request {
+            outstanding.queue.push_back(id);
+        }
+        drop(outstanding);
         write_all(stdin.as_fd(), &writer.buf, deadline)
             .map_err(|failure| self.fail_io(failure, started))
     }
@@ -430,7 +467,14 @@ impl Helper {
     /// Waits for the reply to `id`, reading frames for others on the way.
     fn collect(&self, id: u64, deadline: Instant, started: Instant) -> Result<Vec<u8>, CallError> {
         let Some(mut reader) = self.reader.try_lock_until(deadline) else {
-            return Err(self.fail_timeout(started));
+            // Queued behind other callers' replies (the reader holding the
+            // lock answers for the helper's health): give up on this reply
+            // without blaming the helper. Its reply is dropped when it comes.
+            self.outstanding.lock().abandoned.push(id);
+            return Err(CallError::QueueTimeout {
+                pid: self.pid,
+                waited: started.elapsed(),
+            });
         };
         loop {
             if let Some(result) = reader.parked.remove(&id) {
@@ -456,7 +500,27 @@ impl Helper {
                     return Err(self.fail_io(failure, started));
                 }
             };
-            let expected = self.outstanding.lock().pop_front();
+            let (expected, abandoned) = {
+                let mut outstanding = self.outstanding.lock();
+                let expected = outstanding.queue.pop_front();
+                let abandoned = outstanding
+                    .abandoned
+                    .iter()
+                    .position(|a| Some(*a) == expected);
+                if let Some(index) = abandoned {
+                    outstanding.abandoned.swap_remove(index);
+                }
+                // Replies parked before their callers gave up are dropped too.
+                let stale = std::mem::take(&mut outstanding.abandoned);
+                for id in &stale {
+                    reader.parked.remove(id);
+                }
+                outstanding.abandoned = stale
+                    .into_iter()
+                    .filter(|id| outstanding.queue.contains(id))
+                    .collect();
+                (expected, abandoned.is_some())
+            };
             let result = match header.kind {
                 Kind::Response | Kind::Error if Some(header.id) != expected => {
                     drop(reader);
@@ -495,7 +559,9 @@ impl Helper {
             if header.id == id {
                 return result;
             }
-            reader.parked.insert(header.id, result);
+            if !abandoned {
+                reader.parked.insert(header.id, result);
+            }
             // Hand the lock to the caller whose reply this was, if it waits.
             MutexGuard::bump(&mut reader);
         }
@@ -564,12 +630,30 @@ impl Helper {
     /// to exit), waits up to `grace` for it to exit, then kills it; always
     /// reaps it. Calls still in flight fail. Returns how it ended.
     pub fn shutdown(&self, grace: Duration) -> ExitStatus {
-        self.close_stdin(Instant::now() + grace);
-        let mut process = self.process.lock();
-        match process.wait_timeout(grace) {
-            Some(status) => status,
-            None => process.kill_and_reap(),
+        let deadline = Instant::now().checked_add(grace).unwrap_or_else(far_future);
+        self.close_stdin(deadline);
+        // Poll rather than wait under the process lock: a caller in flight
+        // may need that lock to report the helper's death.
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return self.process.lock().kill_and_reap();
+            }
+            std::thread::sleep(left.min(Duration::from_millis(1)));
         }
+    }
+
+    /// Reaps the helper if it has exited, without blocking.
+    pub(crate) fn try_wait(&self) -> Option<ExitStatus> {
+        self.process.lock().try_wait()
+    }
+
+    /// Kills and reaps the helper (it was already retired).
+    pub(crate) fn kill_and_reap(&self) -> ExitStatus {
+        self.process.lock().kill_and_reap()
     }
 
     /// Closes the helper's stdin: it finishes the requests it has already

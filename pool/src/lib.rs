@@ -27,7 +27,9 @@ mod stderr;
 mod telemetry;
 mod verify;
 
-pub use config::{BackoffConfig, Config, ConfigError, HelperConfig, RlimitConfig, SandboxConfig};
+pub use config::{
+    BackoffConfig, Config, ConfigError, HelperConfig, MAX_DURATION, RlimitConfig, SandboxConfig,
+};
 pub use error::{CallError, ExitStatus, HelloRefusal, LaunchError, ProtocolViolation};
 pub use helper::{Helper, Launcher};
 pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};

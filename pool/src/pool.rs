@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -100,8 +100,10 @@ pub struct FailureStats {
 pub struct HelperInfo {
     /// The helper's pid.
     pub pid: u32,
-    /// Calls it has answered.
+    /// Calls of its tenant it has answered.
     pub calls: u64,
+    /// Calls it has answered in all, a spare's warm-up included.
+    pub total_calls: u64,
     /// Calls in flight.
     pub in_flight: usize,
 }
@@ -114,6 +116,7 @@ struct Tenant {
     launching: bool,
     /// Helper failures in a row.
     failures: u32,
+    last_failure: Option<Instant>,
     backoff_until: Option<Instant>,
 }
 
@@ -123,12 +126,14 @@ struct State {
     spares: VecDeque<Arc<Helper>>,
     bound: usize,
     launching: usize,
+    /// Helpers taken from their tenants and not yet reaped.
+    closing: usize,
     shut: bool,
 }
 
 impl State {
     fn live(&self) -> usize {
-        self.bound + self.spares.len() + self.launching
+        self.bound + self.spares.len() + self.launching + self.closing
     }
 }
 
@@ -144,9 +149,11 @@ struct Shared {
     state: Mutex<State>,
     /// Signalled whenever a helper is installed, a launch ends, or room frees up.
     changed: Condvar,
+    /// Calls waiting for room under `max_helpers`: a call that finishes
+    /// makes its helper evictable, and must then wake them.
+    waiting_for_room: AtomicUsize,
     keeper: Sender<KeeperMsg>,
     telemetry: Telemetry,
-    shut: AtomicBool,
 }
 
 /// A pool of per-tenant sandboxed helpers. `Send + Sync`: share it (or an
@@ -155,7 +162,7 @@ struct Shared {
 /// Dropping the pool shuts it down with the configured `shutdown_grace`.
 pub struct Pool {
     shared: Arc<Shared>,
-    keeper: Mutex<Option<JoinHandle<()>>>,
+    keeper: Mutex<Option<JoinHandle<Vec<Arc<Helper>>>>>,
     stderr_hub: Arc<StderrHub>,
 }
 
@@ -206,9 +213,9 @@ impl Pool {
             launcher,
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
+            waiting_for_room: AtomicUsize::new(0),
             keeper: tx,
             telemetry,
-            shut: AtomicBool::new(false),
         });
         let keeper_shared = shared.clone();
         // A long-lived thread: helpers it spawns must not depend on the
@@ -234,7 +241,7 @@ impl Pool {
     /// Calls the tenant's helper with `request`, within `request_timeout`
     /// (which includes any wait for a helper).
     pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        let deadline = Instant::now() + self.shared.config.request_timeout;
+        let deadline = deadline_after(self.shared.config.request_timeout);
         self.call_with_deadline(tenant, request, deadline)
     }
 
@@ -254,6 +261,12 @@ impl Pool {
             shared.after_call(tenant, &helper, &result);
             result
         });
+        // The helper handle is dropped: if calls wait for room, this helper
+        // may now be evictable.
+        if shared.waiting_for_room.load(Ordering::Acquire) > 0 {
+            let _state = shared.state.lock();
+            shared.changed.notify_all();
+        }
         shared
             .telemetry
             .call_finished(tenant, &result, started.elapsed());
@@ -263,7 +276,7 @@ impl Pool {
     /// Makes sure the tenant has a helper (from a spare or a launch), ahead
     /// of its first call, e.g. when the tenant becomes active.
     pub fn prewarm(&self, tenant: impl AsRef<[u8]>) -> Result<(), CallError> {
-        let deadline = Instant::now() + self.shared.config.request_timeout;
+        let deadline = deadline_after(self.shared.config.request_timeout);
         self.shared.helper_for(tenant.as_ref(), deadline).map(drop)
     }
 
@@ -273,7 +286,8 @@ impl Pool {
         let helper = state.tenants.get(tenant.as_ref())?.helper.as_ref()?;
         Some(HelperInfo {
             pid: helper.pid(),
-            calls: helper.calls(),
+            calls: helper.tenant_calls(),
+            total_calls: helper.calls(),
             in_flight: helper.in_flight(),
         })
     }
@@ -292,26 +306,27 @@ impl Pool {
     /// A snapshot of the pool's state and counters. Takes the state lock
     /// once and walks the tenants: cheap enough to call every second.
     pub fn stats(&self) -> Stats {
-        let (live, spare, launching, busy, idle) = self.shared.helper_counts();
+        let counts = self.shared.helper_counts();
         Stats {
-            live,
-            spare,
-            busy,
-            idle,
-            launching,
+            live: counts.live,
+            spare: counts.spare,
+            busy: counts.busy,
+            idle: counts.idle,
+            launching: counts.launching,
             ..self.shared.telemetry.counters()
         }
     }
 
     /// Shuts the pool down: new calls fail with [`CallError::ShutDown`];
-    /// every helper's stdin is closed, each gets up to `grace` to exit, the
-    /// rest are killed; all are reaped before this returns. Idempotent.
+    /// every helper's stdin is closed, all get up to `grace` (together) to
+    /// exit, the rest are killed; all are reaped before this returns.
+    /// Idempotent.
     pub fn shutdown(&self, grace: Duration) {
         let shared = &self.shared;
-        let helpers: Vec<Arc<Helper>> = {
+        let deadline = deadline_after(grace);
+        let mut helpers: Vec<Arc<Helper>> = {
             let mut state = shared.state.lock();
             state.shut = true;
-            shared.shut.store(true, Ordering::Release);
             let mut helpers: Vec<_> = state.spares.drain(..).collect();
             for tenant in state.tenants.values_mut() {
                 helpers.extend(tenant.helper.take());
@@ -322,15 +337,25 @@ impl Pool {
         };
         shared.changed.notify_all();
         let _ = shared.keeper.send(KeeperMsg::Shutdown);
-        if let Some(keeper) = self.keeper.lock().take() {
-            let _ = keeper.join();
+        for helper in &helpers {
+            helper.close_stdin(Instant::now());
         }
-        let deadline = Instant::now() + grace;
-        close_all(&helpers, deadline, |_| {
+        // The keeper hands back what it was still closing: one deadline for all.
+        if let Some(keeper) = self.keeper.lock().take() {
+            match keeper.join() {
+                Ok(closing) => helpers.extend(closing),
+                Err(_) => warn!("the sandpool keeper thread panicked"),
+            }
+        }
+        let count = helpers.len();
+        reap_all(helpers, deadline, |_| {
             shared.telemetry.closed(CloseCause::Shutdown)
         });
+        shared.state.lock().closing = 0;
         self.stderr_hub.stop();
-        info!(helpers = helpers.len(), "sandpool shut down");
+        if count > 0 {
+            info!(helpers = count, "sandpool shut down");
+        }
     }
 }
 
@@ -340,22 +365,66 @@ impl Drop for Pool {
     }
 }
 
-/// Closes every helper's stdin, then waits for each until the shared
-/// deadline, kills what is left, and reaps all.
-fn close_all(helpers: &[Arc<Helper>], deadline: Instant, mut on_closed: impl FnMut(&Helper)) {
-    for helper in helpers {
-        helper.close_stdin(deadline);
-    }
-    for helper in helpers {
-        let status = helper.shutdown(deadline.saturating_duration_since(Instant::now()));
-        debug!(pid = helper.pid(), %status, "helper closed");
-        on_closed(helper);
+/// `now + after`, saturating far in the future instead of overflowing.
+fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(crate::helper::far_future)
+}
+
+/// Waits (polling, no lock held) until every helper has exited or the
+/// deadline passes, kills the rest, and reaps all. Their stdin must already
+/// be closed.
+fn reap_all(mut helpers: Vec<Arc<Helper>>, deadline: Instant, mut on_reaped: impl FnMut(&Helper)) {
+    loop {
+        helpers.retain(|helper| match helper.try_wait() {
+            Some(status) => {
+                debug!(pid = helper.pid(), %status, "helper closed");
+                on_reaped(helper);
+                false
+            }
+            None => true,
+        });
+        if helpers.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for helper in &helpers {
+                let status = helper.kill_and_reap();
+                debug!(pid = helper.pid(), %status, "helper killed after the grace");
+                on_reaped(helper);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
+/// Counts of helpers by state, from one pass over the tenants.
+struct HelperCounts {
+    live: usize,
+    spare: usize,
+    launching: usize,
+    busy: usize,
+    idle: usize,
+    closing: usize,
+}
+
+/// Runs `work` (a launch or a bind: no panics are expected, but a panic
+/// there must not leave a tenant marked as launching forever).
+fn guarded<T>(work: impl FnOnce() -> Result<T, CallError>) -> Result<T, CallError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(CallError::Launch(Arc::new(LaunchError::Panicked(message))))
+    })
+}
+
 impl Shared {
-    /// (live, spare, launching, busy, idle), from one pass over the tenants.
-    fn helper_counts(&self) -> (usize, usize, usize, usize, usize) {
+    fn helper_counts(&self) -> HelperCounts {
         let state = self.state.lock();
         let busy = state
             .tenants
@@ -363,13 +432,14 @@ impl Shared {
             .filter_map(|t| t.helper.as_ref())
             .filter(|h| h.in_flight() > 0)
             .count();
-        (
-            state.live(),
-            state.spares.len(),
-            state.launching,
+        HelperCounts {
+            live: state.live(),
+            spare: state.spares.len(),
+            launching: state.launching,
             busy,
-            state.bound - busy,
-        )
+            idle: state.bound - busy,
+            closing: state.closing,
+        }
     }
 
     /// The tenant's helper: its current one, a spare bound to it, or a new
@@ -414,9 +484,11 @@ impl Shared {
                 let _ = self.keeper.send(KeeperMsg::Refill);
                 tenant_mut(&mut state, tenant).launching = true;
                 state.launching += 1;
-                let bound = MutexGuard::unlocked(&mut state, || spare.bind(tenant, deadline));
+                let bound =
+                    MutexGuard::unlocked(&mut state, || guarded(|| spare.bind(tenant, deadline)));
                 state.launching -= 1;
                 tenant_mut(&mut state, tenant).launching = false;
+                self.changed.notify_all();
                 match bound {
                     Ok(()) => {
                         self.telemetry.spare_hit(started.elapsed());
@@ -426,13 +498,15 @@ impl Shared {
                         // A spare that died while waiting: try the next one.
                         warn!(pid = spare.pid(), %err, "spare helper unusable");
                         self.telemetry.failure(&err);
-                        self.changed.notify_all();
                         continue;
                     }
                 }
             }
             if state.live() >= self.config.max_helpers && !self.evict_one(&mut state) {
-                if self.changed.wait_until(&mut state, deadline).timed_out() {
+                self.waiting_for_room.fetch_add(1, Ordering::AcqRel);
+                let timed_out = self.changed.wait_until(&mut state, deadline).timed_out();
+                self.waiting_for_room.fetch_sub(1, Ordering::AcqRel);
+                if timed_out {
                     return Err(CallError::PoolFull {
                         max_helpers: self.config.max_helpers,
                         waited: started.elapsed(),
@@ -444,15 +518,18 @@ impl Shared {
             tenant_mut(&mut state, tenant).launching = true;
             state.launching += 1;
             let launched = MutexGuard::unlocked(&mut state, || {
-                let helper = self
-                    .launcher
-                    .launch()
-                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
-                helper.bind(tenant, deadline)?;
-                Ok(helper)
+                guarded(|| {
+                    let helper = self
+                        .launcher
+                        .launch_until(deadline)
+                        .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                    helper.bind(tenant, deadline)?;
+                    Ok(helper)
+                })
             });
             state.launching -= 1;
             tenant_mut(&mut state, tenant).launching = false;
+            self.changed.notify_all();
             self.telemetry.queue_wait(started.elapsed());
             return match launched {
                 Ok(helper) => {
@@ -465,7 +542,6 @@ impl Shared {
                         self.telemetry.launch_failed();
                     }
                     self.record_failure(&mut state, tenant, &err);
-                    self.changed.notify_all();
                     Err(err)
                 }
             };
@@ -479,8 +555,8 @@ impl Shared {
         helper: Arc<Helper>,
     ) -> Result<Arc<Helper>, CallError> {
         if state.shut {
-            // Shutdown began while this helper was being launched or bound.
-            helper.kill();
+            // Shutdown began while this helper was being launched or bound:
+            // it is killed and reaped when the last handle drops (at once).
             self.telemetry.closed(CloseCause::Shutdown);
             return Err(CallError::ShutDown);
         }
@@ -513,24 +589,33 @@ impl Shared {
             return false;
         };
         state.bound -= 1;
+        state.closing += 1;
         self.telemetry.closed(CloseCause::Evicted);
         debug!(pid = helper.pid(), "evicting least recently used helper");
-        let _ = self
-            .keeper
-            .send(KeeperMsg::Close(helper, CloseCause::Evicted));
+        self.send_close(state, helper, CloseCause::Evicted);
         true
+    }
+
+    /// Hands a helper (already counted in `closing`) to the keeper.
+    fn send_close(&self, state: &mut State, helper: Arc<Helper>, cause: CloseCause) {
+        if let Err(err) = self.keeper.send(KeeperMsg::Close(helper, cause)) {
+            // The keeper is gone (shutdown): the helper is killed and reaped
+            // when this last handle drops.
+            state.closing -= 1;
+            drop(err);
+        }
     }
 
     /// Bookkeeping after a call on `helper` for `tenant`.
     fn after_call(&self, tenant: &[u8], helper: &Arc<Helper>, result: &Result<Vec<u8>, CallError>) {
         match result {
             Ok(_) | Err(CallError::Helper(_)) => {
-                let calls = helper.calls();
-                let recycle = self.config.max_requests_per_helper > 0
-                    && calls >= self.config.max_requests_per_helper;
-                if calls == 1 || recycle {
+                let first = helper.note_tenant_success();
+                let max = self.config.max_requests_per_helper;
+                let recycle = max > 0 && helper.tenant_calls() >= max;
+                if first || recycle {
                     let mut state = self.state.lock();
-                    if calls == 1 {
+                    if first {
                         // The tenant's helper works: forget earlier failures.
                         if let Some(entry) = state.tenants.get_mut(tenant) {
                             entry.failures = 0;
@@ -538,18 +623,19 @@ impl Shared {
                         }
                     }
                     if recycle && self.unbind(&mut state, tenant, helper) {
+                        state.closing += 1;
                         self.telemetry.closed(CloseCause::MaxRequests);
-                        let _ = self
-                            .keeper
-                            .send(KeeperMsg::Close(helper.clone(), CloseCause::MaxRequests));
+                        self.send_close(&mut state, helper.clone(), CloseCause::MaxRequests);
                     }
                 }
             }
             Err(err) if err.is_helper_failure() => {
                 let mut state = self.state.lock();
-                self.unbind(&mut state, tenant, helper);
-                self.record_failure(&mut state, tenant, err);
-                self.changed.notify_all();
+                // Every call in flight on the dead helper sees the same
+                // error; only the first to unbind it counts the failure.
+                if self.unbind(&mut state, tenant, helper) {
+                    self.record_failure(&mut state, tenant, err);
+                }
             }
             Err(_) => {}
         }
@@ -578,9 +664,11 @@ impl Shared {
         let Some(entry) = state.tenants.get_mut(tenant) else {
             return;
         };
+        let now = Instant::now();
         entry.failures = entry.failures.saturating_add(1);
+        entry.last_failure = Some(now);
         if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
-            entry.backoff_until = Some(Instant::now() + delay);
+            entry.backoff_until = Some(now + delay);
             self.telemetry.backoff_engaged();
             warn!(
                 tenant = %String::from_utf8_lossy(tenant),
@@ -593,49 +681,97 @@ impl Shared {
     }
 
     /// The keeper thread: refills spares, quiesces idle helpers, closes
-    /// helpers handed to it once no caller holds them.
-    fn keep(&self, rx: Receiver<KeeperMsg>) {
+    /// helpers handed to it once no caller holds them (without waiting on
+    /// any of them), and reaps them. At shutdown it returns the helpers it
+    /// had not finished with, for the pool's single shutdown deadline.
+    fn keep(&self, rx: Receiver<KeeperMsg>) -> Vec<Arc<Helper>> {
         let tick =
             (self.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
-        let mut closing: Vec<(Arc<Helper>, CloseCause)> = Vec::new();
+        // Handed over, waiting for the last caller to let go.
+        let mut pending: Vec<(Arc<Helper>, CloseCause)> = Vec::new();
+        // stdin closed, waiting for the exit until the deadline.
+        let mut reaping: Vec<(Arc<Helper>, Instant)> = Vec::new();
         let mut next_scan = Instant::now() + tick;
         let mut refill_after = Instant::now();
         loop {
-            match rx.recv_timeout(next_scan.saturating_duration_since(Instant::now())) {
-                Ok(KeeperMsg::Refill) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(KeeperMsg::Close(helper, cause)) => closing.push((helper, cause)),
-                Ok(KeeperMsg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
+            let busy = !pending.is_empty() || !reaping.is_empty();
+            let wake = if busy {
+                next_scan.min(Instant::now() + Duration::from_millis(2))
+            } else {
+                next_scan
+            };
+            let mut messages = Vec::new();
+            match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(msg) => messages.push(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => messages.push(KeeperMsg::Shutdown),
+            }
+            messages.extend(rx.try_iter());
+            let mut shutdown = false;
+            for msg in messages {
+                match msg {
+                    KeeperMsg::Refill => {}
+                    KeeperMsg::Close(helper, cause) => pending.push((helper, cause)),
+                    KeeperMsg::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                let mut left: Vec<_> = pending.into_iter().map(|(helper, _)| helper).collect();
+                left.extend(reaping.into_iter().map(|(helper, _)| helper));
+                return left;
             }
             if Instant::now() >= refill_after && !self.refill_spares() {
                 // Launches are failing: retry on a later tick, not in a loop.
                 refill_after = Instant::now() + tick;
             }
             if Instant::now() >= next_scan {
-                self.quiesce_idle(&mut closing);
+                self.quiesce_idle(&mut pending);
                 next_scan = Instant::now() + tick;
-                let (_, spare, launching, busy, idle) = self.helper_counts();
-                self.telemetry
-                    .set_helpers(spare, idle, busy, launching, closing.len());
+                let counts = self.helper_counts();
+                self.telemetry.set_helpers(
+                    counts.spare,
+                    counts.idle,
+                    counts.busy,
+                    counts.launching,
+                    counts.closing,
+                );
             }
-            // Close what no caller holds any more; the rest waits a tick.
-            let (ready, waiting): (Vec<_>, Vec<_>) = closing
-                .drain(..)
-                .partition(|(helper, _)| Arc::strong_count(helper) == 1);
-            closing = waiting;
-            let deadline = Instant::now() + self.config.shutdown_grace;
-            let helpers: Vec<_> = ready.iter().map(|(helper, _)| helper.clone()).collect();
-            close_all(&helpers, deadline, |_| {});
-            for (helper, cause) in &ready {
-                debug!(pid = helper.pid(), ?cause, "helper closed by the pool");
+            // Close what no caller holds any more; the rest waits.
+            let mut still_pending = Vec::new();
+            for (helper, cause) in pending.drain(..) {
+                if Arc::strong_count(&helper) == 1 {
+                    helper.close_stdin(Instant::now());
+                    debug!(pid = helper.pid(), ?cause, "closing helper");
+                    reaping.push((helper, deadline_after(self.config.shutdown_grace)));
+                } else {
+                    still_pending.push((helper, cause));
+                }
+            }
+            pending = still_pending;
+            let before = reaping.len();
+            let now = Instant::now();
+            reaping.retain(|(helper, deadline)| {
+                if helper.try_wait().is_some() {
+                    return false;
+                }
+                if now >= *deadline {
+                    warn!(
+                        pid = helper.pid(),
+                        "helper ignored the end of its stdin; killed after the grace"
+                    );
+                    helper.kill_and_reap();
+                    return false;
+                }
+                true
+            });
+            let reaped = before - reaping.len();
+            if reaped > 0 {
+                let mut state = self.state.lock();
+                state.closing = state.closing.saturating_sub(reaped);
+                drop(state);
+                self.changed.notify_all();
             }
         }
-        // Shutdown: whatever is still waiting is closed now.
-        let helpers: Vec<_> = closing.into_iter().map(|(helper, _)| helper).collect();
-        close_all(
-            &helpers,
-            Instant::now() + self.config.shutdown_grace,
-            |_| {},
-        );
     }
 
     /// Launches spares until there are `spares` of them (within
@@ -654,27 +790,29 @@ impl Shared {
                 }
                 state.launching += 1;
             }
-            let launched = self.launcher.launch();
-            let warmed = launched.and_then(|helper| self.warm_up(helper));
+            let warmed = guarded(|| {
+                let helper = self
+                    .launcher
+                    .launch()
+                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                self.warm_up(helper)
+                    .map_err(|err| CallError::Launch(Arc::new(err)))
+            });
             let mut state = self.state.lock();
             state.launching -= 1;
+            self.changed.notify_all();
             match warmed {
                 Ok(helper) if !state.shut => {
                     self.telemetry
                         .launched(helper.launch_time(), helper.hello(), helper.pid());
                     state.spares.push_back(Arc::new(helper));
-                    self.changed.notify_all();
                 }
-                Ok(helper) => {
-                    drop(state);
-                    helper.shutdown(Duration::ZERO);
-                    return true;
-                }
+                // Shutting down: the helper is killed and reaped as it drops.
+                Ok(_) => return true,
                 Err(err) => {
                     self.telemetry.launch_failed();
-                    self.telemetry.failure(&CallError::Launch(Arc::new(err)));
-                    warn!("launching a spare helper failed");
-                    self.changed.notify_all();
+                    self.telemetry.failure(&err);
+                    warn!(%err, "launching a spare helper failed");
                     return false;
                 }
             }
@@ -686,7 +824,7 @@ impl Shared {
         let Some(request) = &self.config.warmup_request else {
             return Ok(helper);
         };
-        let deadline = Instant::now() + self.config.request_timeout;
+        let deadline = deadline_after(self.config.request_timeout);
         match helper.call(request, deadline) {
             Ok(_) | Err(CallError::Helper(_)) => Ok(helper),
             Err(err) => Err(LaunchError::WarmUp {
@@ -696,49 +834,61 @@ impl Shared {
         }
     }
 
-    /// Takes helpers idle longer than `idle_timeout` (and helpers that died
-    /// while idle) away from their tenants, and forgets tenants that have
-    /// nothing left to remember.
-    fn quiesce_idle(&self, closing: &mut Vec<(Arc<Helper>, CloseCause)>) {
+    /// Takes helpers idle longer than `idle_timeout` away from their tenants,
+    /// notices helpers that died while idle, and forgets tenants that have
+    /// nothing left to remember. No I/O happens under the state lock.
+    fn quiesce_idle(&self, pending: &mut Vec<(Arc<Helper>, CloseCause)>) {
         let now = Instant::now();
         let idle_timeout = self.config.idle_timeout;
-        let mut state = self.state.lock();
-        let mut unbound = 0;
-        state.tenants.retain(|_, tenant| {
-            if let Some(helper) = &tenant.helper {
-                let unused = Arc::strong_count(helper) == 1;
-                // A helper that died with no call in flight is found here.
-                let died = if unused { helper.check_exit() } else { None };
-                let idle = unused
-                    && tenant
-                        .last_used
-                        .is_none_or(|at| now.duration_since(at) >= idle_timeout);
-                if let Some(err) = &died {
-                    warn!(pid = helper.pid(), %err, "idle helper died");
-                    self.telemetry.failure(err);
-                    tenant.failures = tenant.failures.saturating_add(1);
+        let forget_after = idle_timeout.max(self.config.crash_backoff.max.saturating_mul(2));
+        let mut unused = Vec::new();
+        {
+            let mut state = self.state.lock();
+            let mut quiesced = 0;
+            for (key, tenant) in state.tenants.iter_mut() {
+                let Some(helper) = &tenant.helper else {
+                    continue;
+                };
+                if Arc::strong_count(helper) != 1 || helper.is_retired() {
+                    continue;
                 }
-                if died.is_some() || idle || helper.is_retired() {
+                if tenant
+                    .last_used
+                    .is_none_or(|at| now.duration_since(at) >= idle_timeout)
+                {
                     if let Some(helper) = tenant.helper.take() {
-                        unbound += 1;
-                        if died.is_none() && !helper.is_retired() {
-                            self.telemetry.closed(CloseCause::Idle);
-                            closing.push((helper, CloseCause::Idle));
-                        }
+                        quiesced += 1;
+                        self.telemetry.closed(CloseCause::Idle);
+                        pending.push((helper, CloseCause::Idle));
                     }
+                } else {
+                    unused.push((key.clone(), helper.clone()));
                 }
             }
-            tenant.helper.is_some()
-                || tenant.launching
-                || tenant.backoff_until.is_some_and(|until| until > now)
-                || tenant.failures > 0
-                    && tenant
-                        .last_used
-                        .is_some_and(|at| now.duration_since(at) < idle_timeout)
-        });
-        state.bound -= unbound;
-        if unbound > 0 {
-            self.changed.notify_all();
+            state.bound -= quiesced;
+            state.closing += quiesced;
+            state.tenants.retain(|_, tenant| {
+                tenant.helper.is_some()
+                    || tenant.launching
+                    || tenant.backoff_until.is_some_and(|until| until > now)
+                    || tenant
+                        .last_failure
+                        .is_some_and(|at| now.duration_since(at) < forget_after)
+            });
+            if quiesced > 0 {
+                self.changed.notify_all();
+            }
+        }
+        // Outside the lock: has any idle helper died? (Reaping and reading
+        // the last of its stderr are I/O.)
+        for (tenant, helper) in unused {
+            if let Some(err) = helper.check_exit() {
+                warn!(pid = helper.pid(), %err, "idle helper died");
+                let mut state = self.state.lock();
+                if self.unbind(&mut state, &tenant, &helper) {
+                    self.record_failure(&mut state, &tenant, &err);
+                }
+            }
         }
     }
 }

@@ -102,7 +102,7 @@ fn outcome(result: &Result<Vec<u8>, CallError>) -> &'static str {
         Err(CallError::Launch(_)) => "launch_failed",
         Err(CallError::BackingOff { .. }) => "backed_off",
         Err(CallError::PoolFull { .. } | CallError::LaunchWait { .. }) => "pool_full",
-        Err(CallError::Saturated { .. }) => "saturated",
+        Err(CallError::Saturated { .. } | CallError::QueueTimeout { .. }) => "saturated",
         Err(CallError::ShutDown | CallError::Retired { .. }) => "shut_down",
         Err(
             CallError::RequestTooLarge { .. }

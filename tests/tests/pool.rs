@@ -79,10 +79,11 @@ fn warm_up_runs_on_each_spare_before_it_serves() {
     let pool = Pool::new(config).unwrap();
     assert!(wait_for(10 * SECOND, || pool.stats().spare == 1));
     echo(&pool, "t", b"first").unwrap();
+    let info = pool.helper_info("t").unwrap();
     assert_eq!(
-        pool.helper_info("t").unwrap().calls,
-        2,
-        "warm-up call plus the first real one"
+        (info.total_calls, info.calls),
+        (2, 1),
+        "the warm-up call came before the tenant's"
     );
 }
 
@@ -119,8 +120,9 @@ fn at_the_cap_the_least_recently_used_idle_helper_is_evicted() {
     assert!(pool.helper_info("b").is_none(), "b was evicted");
     assert!(pool.helper_info("a").is_some());
     assert_eq!(pool.stats().evicted, 1);
-    assert_eq!(pool.stats().live, 2);
+    // The evicted helper counts as live until it has been reaped.
     assert!(wait_for(10 * SECOND, || !process_exists(b_pid)));
+    assert!(wait_for(10 * SECOND, || pool.stats().live == 2));
 }
 
 #[test]
@@ -416,4 +418,144 @@ fn the_readme_lists_every_metric() {
             "README does not list {name}"
         );
     }
+}
+
+fn slow_echo(ms: u32, body: &[u8]) -> Vec<u8> {
+    let mut payload = ms.to_le_bytes().to_vec();
+    payload.extend_from_slice(body);
+    request(OP_SLEEP, &payload)
+}
+
+#[test]
+fn one_death_seen_by_several_calls_counts_once() {
+    let mut config = pool_config(&["--test-ops"]);
+    config.spares = 0;
+    let pool = Arc::new(Pool::new(config).unwrap());
+    let in_thread = |payload: Vec<u8>| {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.call("t", &payload))
+    };
+    pool.prewarm("t").unwrap();
+    let slow = in_thread(slow_echo(300, b"slow"));
+    std::thread::sleep(Duration::from_millis(50));
+    let fatal = in_thread(request(OP_OPEN, b"/etc/passwd"));
+    std::thread::sleep(Duration::from_millis(50));
+    let queued = in_thread(request(OP_ECHO, b"queued"));
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    assert!(fatal.join().unwrap().unwrap_err().is_seccomp_kill());
+    assert!(queued.join().unwrap().unwrap_err().is_seccomp_kill());
+    assert_eq!(pool.stats().failures.seccomp, 1, "one helper died once");
+    assert_eq!(
+        echo(&pool, "t", b"next").unwrap(),
+        b"next",
+        "one failure is replaced at once, not backed off"
+    );
+}
+
+#[test]
+fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
+    let mut config = pool_config(&["--test-ops"]);
+    config.spares = 0;
+    let pool = Arc::new(Pool::new(config).unwrap());
+    pool.prewarm("t").unwrap();
+    let pid = pool.helper_info("t").unwrap().pid;
+    let slow = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.call("t", &slow_echo(500, b"slow")))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let err = pool
+        .call_with_deadline(
+            "t",
+            &request(OP_ECHO, b"impatient"),
+            Instant::now() + Duration::from_millis(100),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert!(err.helper_survives());
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    // The impatient call's reply was dropped; the stream stays in step.
+    assert_eq!(echo(&pool, "t", b"after").unwrap(), b"after");
+    assert_eq!(pool.helper_info("t").unwrap().pid, pid);
+    assert_eq!(pool.stats().failures, sandpool::FailureStats::default());
+}
+
+#[test]
+fn a_call_waiting_for_room_is_woken_when_a_helper_becomes_idle() {
+    let mut config = pool_config(&["--test-ops"]);
+    config.spares = 0;
+    config.max_helpers = 1;
+    let pool = Arc::new(Pool::new(config).unwrap());
+    let busy = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.call("a", &slow_echo(300, b"a")))
+    };
+    assert!(wait_for(10 * SECOND, || pool.stats().busy == 1));
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    assert_eq!(
+        pool.call_with_deadline("b", &request(OP_ECHO, b"b"), deadline)
+            .unwrap(),
+        b"b"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "woken when a finished, not at the deadline"
+    );
+    assert_eq!(busy.join().unwrap().unwrap(), b"a");
+}
+
+#[test]
+fn a_helper_that_ignores_eof_does_not_stall_the_keeper() {
+    let mut config = pool_config(&[]);
+    config.spares = 1;
+    config.idle_timeout = Duration::from_millis(100);
+    config.shutdown_grace = Duration::from_secs(30);
+    let pool = Pool::new(config).unwrap();
+    assert!(wait_for(10 * SECOND, || pool.stats().spare == 1));
+    echo(&pool, "stopped", b"x").unwrap();
+    let pid = pool.helper_info("stopped").unwrap().pid;
+    // Stopped, it cannot react to EOF: closing it takes the whole grace.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    assert!(wait_for(10 * SECOND, || pool.stats().quiesced_idle == 1));
+    // Meanwhile the keeper goes on refilling spares.
+    echo(&pool, "other", b"y").unwrap();
+    assert!(
+        wait_for(10 * SECOND, || pool.stats().spare == 1),
+        "spare refilled during the grace"
+    );
+    assert!(process_exists(pid), "still within its grace");
+    pool.shutdown(Duration::from_millis(100));
+    assert!(!process_exists(pid), "shutdown killed and reaped it");
+}
+
+#[test]
+fn a_launch_gives_up_at_the_call_deadline() {
+    let mut config = pool_config(&["--misbehave", "no-hello"]);
+    config.spares = 0;
+    config.spawn_timeout = Duration::from_secs(30);
+    let pool = Pool::new(config).unwrap();
+    let started = Instant::now();
+    let err = pool
+        .call_with_deadline(
+            "t",
+            &request(OP_ECHO, b"x"),
+            Instant::now() + Duration::from_millis(200),
+        )
+        .unwrap_err();
+    match &err {
+        CallError::Launch(launch) => assert!(
+            matches!(**launch, sandpool::LaunchError::HelloTimeout { .. }),
+            "{launch:?}"
+        ),
+        other => panic!("expected a launch timeout, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the 30 s spawn timeout"
+    );
 }

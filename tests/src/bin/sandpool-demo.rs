@@ -83,7 +83,9 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
     };
     // The hostile ops of the reference helper need this flag; a real
     // deployment would not pass it.
-    if config.program == std::path::Path::new(HELPER) && !config.args.iter().any(|a| a == "--test-ops") {
+    if config.program == std::path::Path::new(HELPER)
+        && !config.args.iter().any(|a| a == "--test-ops")
+    {
         config.args.push("--test-ops".into());
     }
     config.validate()?;
