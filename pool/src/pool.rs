@@ -781,10 +781,13 @@ impl Shared {
             {
                 let mut state = self.state.lock();
                 // The keeper is the only thread launching spares, and it
-                // launches one at a time.
+                // launches one at a time. At the cap, the least recently used
+                // idle helper makes room: it would be the next one evicted by
+                // a cold tenant anyway, and this way the eviction and the
+                // launch happen here, off the call path.
                 if state.shut
                     || state.spares.len() >= self.config.spares
-                    || state.live() >= self.config.max_helpers
+                    || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
                 {
                     return true;
                 }

@@ -52,6 +52,9 @@ struct Args {
     /// The hostile tenant's index.
     #[arg(long, default_value_t = 7)]
     hostile: usize,
+    /// Target calls per second over all threads during bursts.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
 }
 
 /// The helper the build script built.
@@ -72,9 +75,9 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
             let mut config = Config::new(HELPER);
             // Tuned so a short demo shows every mechanism: a few spares,
             // helpers quiesced after 2 s idle, a cap that forces evictions.
-            config.spares = 4;
+            config.spares = 8;
             config.idle_timeout = Duration::from_secs(2);
-            config.max_helpers = (args.tenants * 2 / 3).clamp(args.threads + 8, 1024);
+            config.max_helpers = (args.tenants * 3 / 4).clamp(args.threads + 16, 1024);
             config.request_timeout = Duration::from_secs(5);
             config.crash_backoff.initial = Duration::from_millis(500);
             config.crash_backoff.max = Duration::from_secs(4);
@@ -147,17 +150,20 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
 fn worker(pool: &Pool, args: &Args, tally: &Tally, stop: &AtomicBool, id: usize) {
     let mut rng =
         SmallRng::seed_from_u64(args.seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    let zipf = Zipf::new(args.tenants as f64, 1.1).expect("tenants >= 1");
+    let zipf = Zipf::new(args.tenants as f64, 1.2).expect("tenants >= 1");
+    let pause = Duration::from_secs_f64(args.threads as f64 / f64::from(args.rate.max(1)));
     let started = Instant::now();
     let mut page_request = Vec::with_capacity(redo::PAGE_SIZE + 512);
     let mut expected = Vec::with_capacity(redo::PAGE_SIZE);
     while !stop.load(Ordering::Relaxed) {
-        // Bursts and idle gaps: every 6 s, 4 s of load then 2 s of quiet
-        // (long enough for idle helpers to be quiesced).
-        if started.elapsed().as_millis() % 6000 >= 4000 {
+        // Bursts and gaps: every 6 s, 4.5 s of load then 1.5 s of quiet.
+        // Hot tenants outlive a gap; the long tail goes idle, is quiesced
+        // after idle_timeout, and comes back cold (to a spare, if one is ready).
+        if started.elapsed().as_millis() % 6000 >= 4500 {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
+        std::thread::sleep(pause);
         let index = zipf.sample(&mut rng) as usize - 1;
         let tenant = tenant_name(index);
         let hostile = index == args.hostile;
@@ -262,7 +268,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     }
     let config = demo_config(&args)?;
     println!(
-        "sandpool demo: {} tenants (Zipf 1.1), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
+        "sandpool demo: {} tenants (Zipf 1.2), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
         args.tenants,
         args.threads,
         args.duration,
