@@ -6,7 +6,8 @@
 //! - `--test-ops`: accept the hostile test ops (forbidden syscalls, panics, sleeps);
 //! - `--misbehave NAME`: break the protocol or the startup contract on purpose
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
-//!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `corpus:<case>`);
+//!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
+//!   `stderr-flood`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 #![forbid(unsafe_code)]
 
@@ -108,6 +109,17 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             let status = std::process::Command::new("/bin/true").status()?;
             out.extend_from_slice(status.to_string().as_bytes());
         }
+        OP_EXEC => {
+            // Hostile on purpose: execve without fork; seccomp must stop it.
+            let err = std::os::unix::process::CommandExt::exec(&mut std::process::Command::new(
+                "/bin/true",
+            ));
+            return Err(err.into());
+        }
+        OP_PTRACE => {
+            nix::sys::ptrace::traceme()?;
+            out.extend_from_slice(b"traced");
+        }
         OP_PANIC => panic!("{}", String::from_utf8_lossy(body)),
         OP_FAIL => return Err(String::from_utf8_lossy(body).into_owned().into()),
         OP_SLEEP => {
@@ -138,6 +150,20 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
         sandpool_helper::sandbox_with_spec(options, spec).map_err(|e| e.to_string())?;
     if misbehave == "lie-seccomp" {
         sandboxed.hello.seccomp = SeccompMode::Enforce;
+    }
+    if misbehave == "stderr-flood" {
+        // Says hello, then writes stderr without end and never serves.
+        let _session = sandboxed.say_hello().map_err(|err| err.to_string())?;
+        let line = b"flooding stderr with no end in sight, flooding stderr with no end in sight\n";
+        while std::io::stderr().write_all(line).is_ok() {}
+        std::process::exit(0);
+    }
+    if misbehave == "no-read" {
+        // Says hello, then never reads its stdin: the host's writes back up.
+        let _session = sandboxed.say_hello().map_err(|err| err.to_string())?;
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
     }
     if misbehave == "no-hello" {
         // Sandboxed, but never says hello: wait for the host to give up.

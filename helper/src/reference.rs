@@ -23,6 +23,10 @@ pub const OP_FAIL: u8 = 0x14;
 pub const OP_SLEEP: u8 = 0x15;
 /// Test op: writes the body to stderr, then echoes it.
 pub const OP_STDERR: u8 = 0x16;
+/// Test op: replaces the process with `/bin/true` (forbidden by seccomp: `execve`).
+pub const OP_EXEC: u8 = 0x17;
+/// Test op: asks to be traced (forbidden by seccomp: `ptrace`).
+pub const OP_PTRACE: u8 = 0x18;
 
 /// Builds a request: the op byte, then the body.
 pub fn request(op: u8, body: &[u8]) -> Vec<u8> {
@@ -44,5 +48,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "wrong-id",
     "answer-twice",
     "pre-answer",
+    "no-read",
+    "stderr-flood",
     "corpus:<case name>",
 ];

@@ -1,0 +1,362 @@
+//! The hostile helper matrix: every way a compromised helper can misbehave,
+//! each run in a pool while other tenants' calls are in flight.
+//!
+//! For each case: the hostile tenant's call fails with the right typed error,
+//! its helper is killed and reaped, the host's memory stays bounded, every
+//! bystander call made at the same time succeeds, and after the pool is gone
+//! no fd and no child is left. Cases run one after another in this binary (so
+//! the fd and child accounting is exact).
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViolation};
+use sandpool_helper::reference::*;
+use sandpool_protocol::DecodeError;
+use sandpool_tests::{children, open_fds, pool_config, process_exists, wait_for};
+
+/// The tests of this binary run one at a time: each counts the process's fds.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Resident set of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+struct Bystanders {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+fn bystanders(pool: &Arc<Pool>) -> Bystanders {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let threads = (0..3)
+        .map(|t| {
+            let (pool, stop, ok) = (pool.clone(), stop.clone(), ok.clone());
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let body = format!("bystander {t} call {i}");
+                    match pool.call(format!("good-{t}"), &request(OP_ECHO, body.as_bytes())) {
+                        Ok(reply) if reply == body.as_bytes() => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        other => failures.push(format!("{other:?}")),
+                    }
+                    i += 1;
+                }
+                failures
+            })
+        })
+        .collect();
+    Bystanders { stop, ok, threads }
+}
+
+/// Runs one hostile case and checks everything around it.
+fn case(
+    name: &str,
+    args: &[&str],
+    tune: impl FnOnce(&mut Config),
+    attack: impl FnOnce(&Pool) -> CallError,
+    check: impl FnOnce(&CallError) -> bool,
+) {
+    let fds_before = open_fds();
+    let rss_before = rss_kib();
+    let mut config = pool_config(&["--test-ops"]);
+    config.args.extend(args.iter().map(|a| a.to_string()));
+    config.spares = 0;
+    config.request_timeout = Duration::from_secs(5);
+    tune(&mut config);
+    // Bystanders use the well-behaved helper: the hostile one's flags are
+    // launch arguments, so they get a pool of their own.
+    let good = Arc::new(Pool::new(pool_config(&[])).unwrap());
+    let evil = Pool::new(config).unwrap();
+    let bystanders = bystanders(&good);
+    assert!(wait_for(Duration::from_secs(10), || bystanders
+        .ok
+        .load(Ordering::Relaxed)
+        > 10));
+    let calls_before = bystanders.ok.load(Ordering::Relaxed);
+
+    let err = attack(&evil);
+    assert!(check(&err), "{name}: unexpected error {err:?}");
+    let pids: Vec<u32> = children().into_iter().map(|(pid, _)| pid).collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || bystanders
+            .ok
+            .load(Ordering::Relaxed)
+            > calls_before + 10),
+        "{name}: bystanders kept going"
+    );
+
+    bystanders.stop.store(true, Ordering::Relaxed);
+    for thread in bystanders.threads {
+        let failures = thread.join().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{name}: bystander calls failed: {failures:?}"
+        );
+    }
+    drop(evil);
+    drop(good);
+    for pid in pids {
+        assert!(!process_exists(pid), "{name}: pid {pid} reaped");
+    }
+    assert_eq!(children(), vec![], "{name}: no child left");
+    assert_eq!(open_fds(), fds_before, "{name}: no fd left");
+    let grown = rss_kib().saturating_sub(rss_before);
+    assert!(grown < 64 * 1024, "{name}: host RSS grew by {grown} KiB");
+}
+
+fn protocol(err: &CallError, want: impl Fn(&ProtocolViolation) -> bool) -> bool {
+    matches!(err, CallError::Protocol { violation, .. } if want(violation))
+}
+
+fn seccomp(err: &CallError) -> bool {
+    err.is_seccomp_kill()
+}
+
+fn echo_call(pool: &Pool) -> CallError {
+    pool.call("evil", &request(OP_ECHO, b"x")).unwrap_err()
+}
+
+fn short_call(pool: &Pool) -> CallError {
+    pool.call_with_deadline(
+        "evil",
+        &request(OP_ECHO, b"x"),
+        Instant::now() + Duration::from_millis(500),
+    )
+    .unwrap_err()
+}
+
+#[test]
+fn hostile_helper_matrix() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    case(
+        "claims a 4 GiB frame",
+        &["--misbehave", "corpus:claims-4gib"],
+        |_| {},
+        echo_call,
+        |e| {
+            protocol(e, |v| {
+                matches!(
+                    v,
+                    ProtocolViolation::Frame(DecodeError::Oversized { len: u32::MAX, .. })
+                )
+            })
+        },
+    );
+    case(
+        "claims the max frame, sends a byte, hangs",
+        &["--misbehave", "corpus:claims-max-sends-1"],
+        |_| {},
+        short_call,
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    case(
+        "truncated frame then hang",
+        &["--misbehave", "corpus:truncated-payload"],
+        |_| {},
+        short_call,
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    case(
+        "bytes that are not a frame",
+        &["--misbehave", "garbage"],
+        |_| {},
+        echo_call,
+        |e| {
+            protocol(e, |v| {
+                matches!(v, ProtocolViolation::Frame(DecodeError::BadMagic { .. }))
+            })
+        },
+    );
+    case(
+        "wrong request id",
+        &["--misbehave", "wrong-id"],
+        |_| {},
+        echo_call,
+        |e| protocol(e, |v| matches!(v, ProtocolViolation::UnexpectedId { .. })),
+    );
+    case(
+        "answers twice",
+        &["--misbehave", "answer-twice"],
+        |_| {},
+        |pool| {
+            pool.call("evil", &request(OP_ECHO, b"x")).unwrap();
+            pool.call("evil", &request(OP_ECHO, b"y")).unwrap_err()
+        },
+        |e| {
+            protocol(e, |v| {
+                matches!(
+                    v,
+                    ProtocolViolation::Unsolicited { .. } | ProtocolViolation::UnexpectedId { .. }
+                )
+            })
+        },
+    );
+    case(
+        "answers before being asked",
+        &["--misbehave", "pre-answer"],
+        |_| {},
+        |pool| {
+            pool.call("evil", &request(OP_ECHO, b"x")).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            pool.call("evil", &request(OP_ECHO, b"y")).unwrap_err()
+        },
+        |e| protocol(e, |v| matches!(v, ProtocolViolation::Unsolicited { .. })),
+    );
+    case(
+        "never sends Hello",
+        &["--misbehave", "no-hello"],
+        |c| c.spawn_timeout = Duration::from_millis(300),
+        echo_call,
+        |e| matches!(e, CallError::Launch(l) if matches!(**l, LaunchError::HelloTimeout { .. })),
+    );
+    case(
+        "Hello that lies about seccomp",
+        &["--misbehave", "lie-seccomp"],
+        |_| {},
+        echo_call,
+        |e| matches!(e, CallError::Launch(l) if matches!(**l, LaunchError::HelloRefused { refusal: HelloRefusal::KernelDisagrees { .. }, .. })),
+    );
+    case(
+        "writes stderr without end",
+        &["--misbehave", "stderr-flood"],
+        |_| {},
+        short_call,
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    case(
+        "stops reading stdin",
+        &["--misbehave", "no-read"],
+        |_| {},
+        |pool| {
+            // Far more than a pipe holds: the host's write would block forever.
+            pool.call_with_deadline(
+                "evil",
+                &request(OP_ECHO, &vec![0u8; 512 * 1024]),
+                Instant::now() + Duration::from_millis(500),
+            )
+            .unwrap_err()
+        },
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    case(
+        "exits mid-response",
+        &["--misbehave", "exit-mid-response"],
+        |_| {},
+        |pool| {
+            pool.call("evil", &request(OP_ECHO, &[1; 1000]))
+                .unwrap_err()
+        },
+        |e| {
+            matches!(
+                e,
+                CallError::Died {
+                    status: sandpool::ExitStatus::Exited(0),
+                    ..
+                }
+            )
+        },
+    );
+    case(
+        "gets SIGSTOP'd",
+        &[],
+        |_| {},
+        |pool| {
+            pool.prewarm("evil").unwrap();
+            let pid = pool.helper_info("evil").unwrap().pid;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .unwrap();
+            short_call(pool)
+        },
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    for (what, op, body) in [
+        ("spawns a process", OP_SPAWN, &b""[..]),
+        ("opens a file", OP_OPEN, b"/etc/passwd"),
+        ("creates a socket", OP_SOCKET, b""),
+        ("calls ptrace", OP_PTRACE, b""),
+        ("calls execve", OP_EXEC, b""),
+    ] {
+        case(
+            what,
+            &[],
+            |_| {},
+            |pool| pool.call("evil", &request(op, body)).unwrap_err(),
+            seccomp,
+        );
+    }
+}
+
+/// The pipe inode behind each of a process's fds.
+fn pipes_of(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .map(|target| target.display().to_string())
+        .collect()
+}
+
+#[test]
+fn a_helper_cannot_reach_another_tenants_data() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let pool = Pool::new(pool_config(&["--test-ops"])).unwrap();
+    pool.call("tenant-a", &request(OP_ECHO, b"a's page"))
+        .unwrap();
+    pool.call("tenant-b", &request(OP_ECHO, b"b's page"))
+        .unwrap();
+    let a = pool.helper_info("tenant-a").unwrap().pid;
+    let b = pool.helper_info("tenant-b").unwrap().pid;
+    let (a_fds, b_fds) = (pipes_of(a), pipes_of(b));
+    assert_eq!(
+        b_fds.len(),
+        3,
+        "b holds exactly its stdin, stdout and stderr: {b_fds:?}"
+    );
+    assert!(b_fds.iter().all(|f| f.starts_with("pipe:[")), "{b_fds:?}");
+    for fd in &b_fds {
+        assert!(!a_fds.contains(fd), "b shares {fd} with a");
+    }
+    // No shared memory: every writable mapping of b is private to it.
+    let maps = std::fs::read_to_string(format!("/proc/{b}/maps")).unwrap();
+    for line in maps.lines() {
+        let perms = line.split_whitespace().nth(1).unwrap();
+        assert!(
+            !perms.contains('s') || !perms.contains('w'),
+            "shared writable mapping in b: {line}"
+        );
+    }
+    // And b cannot open anything, /proc/<a>/mem included: it dies trying.
+    let err = pool
+        .call(
+            "tenant-b",
+            &request(OP_OPEN, format!("/proc/{a}/mem").as_bytes()),
+        )
+        .unwrap_err();
+    assert!(err.is_seccomp_kill(), "{err:?}");
+    assert_eq!(
+        pool.call("tenant-a", &request(OP_ECHO, b"still a"))
+            .unwrap(),
+        b"still a"
+    );
+    assert_eq!(pool.helper_info("tenant-a").unwrap().pid, a);
+}
