@@ -179,3 +179,61 @@ pub(crate) fn drain_tail(fd: impl AsFd, cap: usize, keep: usize) -> Vec<u8> {
     }
     tail
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::time::Duration;
+
+    use nix::fcntl::OFlag;
+    use proptest::prelude::*;
+    use sandpool_protocol::{Direction, Kind, decode_frame, encode_frame};
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The host's reader, fed through a real pipe in pieces cut at
+        /// arbitrary points by a writer thread, returns exactly the frames
+        /// that were sent, whatever the cuts.
+        #[test]
+        fn frame_reader_reassembles_split_streams(
+            frames in proptest::collection::vec((any::<u64>(), proptest::collection::vec(any::<u8>(), 0..3000)), 1..6),
+            cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        ) {
+            let mut stream = Vec::new();
+            for (id, payload) in &frames {
+                encode_frame(Kind::Response, *id, payload, 1 << 20, &mut stream).unwrap();
+            }
+            let (read_end, write_end) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK).unwrap();
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (stream.len() + 1)).collect();
+            points.push(stream.len());
+            points.sort_unstable();
+            let writer = {
+                let stream = stream.clone();
+                std::thread::spawn(move || {
+                    let mut at = 0;
+                    for point in points {
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        write_all(write_end.as_fd(), &stream[at..point], deadline).unwrap();
+                        at = point;
+                        std::thread::yield_now();
+                    }
+                })
+            };
+            let mut reader = FrameReader::new();
+            for (id, payload) in &frames {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let (header, got) = reader.read_frame(&read_end, deadline, 1 << 20).unwrap();
+                prop_assert_eq!(header.id, *id);
+                prop_assert_eq!(&got, payload);
+            }
+            writer.join().unwrap();
+            prop_assert!(!reader.has_buffered());
+            // And the whole stream decodes the same way in one piece.
+            prop_assert!(decode_frame(&stream, 1 << 20, Direction::HelperToHost).is_ok());
+        }
+    }
+}

@@ -256,11 +256,26 @@ impl Pool {
         let tenant = tenant.as_ref();
         let started = Instant::now();
         shared.telemetry.call_started();
-        let result = shared.helper_for(tenant, deadline).and_then(|helper| {
-            let result = helper.call(request, deadline);
-            shared.after_call(tenant, &helper, &result);
-            result
-        });
+        let mut attempts = 0;
+        let result = loop {
+            let result = shared.helper_for(tenant, deadline).and_then(|helper| {
+                let result = helper.call(request, deadline);
+                shared.after_call(tenant, &helper, &result);
+                result
+            });
+            attempts += 1;
+            match result {
+                // The helper was retired (another call saw it die) before this
+                // request was sent: nothing was dispatched, so get the tenant
+                // a new helper and try again.
+                Err(CallError::Retired { .. })
+                    if attempts < 3 && !self.shared.state.lock().shut =>
+                {
+                    continue;
+                }
+                result => break result,
+            }
+        };
         // The helper handle is dropped: if calls wait for room, this helper
         // may now be evictable.
         if shared.waiting_for_room.load(Ordering::Acquire) > 0 {
