@@ -400,7 +400,7 @@ fn the_example_config_parses_to_the_documented_defaults() {
     ))
     .unwrap();
     let parsed = Config::from_toml(&text).unwrap();
-    let mut defaults = Config::new("target/helper/release/sandpool-helper");
+    let mut defaults = Config::new("sandpool-helper");
     defaults.program = parsed.program.clone();
     assert_eq!(
         parsed, defaults,

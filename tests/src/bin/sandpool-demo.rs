@@ -69,7 +69,11 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|err| format!("reading {}: {err}", path.display()))?;
-            toml_with_default_program(&text)?
+            let mut config = toml_with_default_program(&text)?;
+            if config.program == std::path::Path::new("sandpool-helper") {
+                config.program = HELPER.into();
+            }
+            config
         }
         None => {
             let mut config = Config::new(HELPER);
