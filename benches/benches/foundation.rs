@@ -44,15 +44,19 @@ fn main() {
         "## Launch to verified Hello (reference helper, {launch_rounds} rounds of 5, interleaved)\n"
     );
     println!("| helper | n | median | p99 | vs dynamic |\n|---|---|---|---|---|");
-    let dynamic = Launcher::new(HelperConfig::new(env!("SANDPOOL_HELPER_BIN"))).expect("config");
-    let static_ =
-        Launcher::new(HelperConfig::new(env!("SANDPOOL_HELPER_STATIC_BIN"))).expect("config");
-    let (mut dyn_samples, mut static_samples) = (Vec::new(), Vec::new());
+    let launcher = |path: &str, pin_image: bool| {
+        let mut config = HelperConfig::new(path);
+        config.pin_image = pin_image;
+        Launcher::new(config).expect("config")
+    };
+    let contenders = [
+        ("dynamic (glibc), from its file", launcher(env!("SANDPOOL_HELPER_BIN"), false)),
+        ("static (+crt-static), from its file", launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), false)),
+        ("static, pinned image (sealed memfd)", launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), true)),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); contenders.len()];
     for _ in 0..launch_rounds {
-        for (launcher, samples) in [
-            (&dynamic, &mut dyn_samples),
-            (&static_, &mut static_samples),
-        ] {
+        for ((_, launcher), samples) in contenders.iter().zip(samples.iter_mut()) {
             for _ in 0..5 {
                 let helper = launcher.launch().expect("launch");
                 samples.push(helper.launch_time());
@@ -60,16 +64,11 @@ fn main() {
             }
         }
     }
-    let dyn_summary = summarize(&mut dyn_samples);
-    let static_summary = summarize(&mut static_samples);
-    println!(
-        "{}",
-        row("dynamic (glibc, default)", &dyn_summary, &dyn_summary)
-    );
-    println!(
-        "{}",
-        row("static (+crt-static)", &static_summary, &dyn_summary)
-    );
+    let summaries: Vec<_> = samples.iter_mut().map(|s| summarize(s)).collect();
+    for ((name, _), summary) in contenders.iter().zip(&summaries) {
+        println!("{}", row(name, summary, &summaries[0]));
+    }
+    let dynamic = &contenders[0].1;
 
     for size in [16usize, 8192] {
         println!(

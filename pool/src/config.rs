@@ -130,6 +130,9 @@ pub struct HelperConfig {
     pub max_frame: u32,
     /// Calls pipelined on one helper at once; more wait. Default 16.
     pub max_in_flight: usize,
+    /// Copy the helper binary into a sealed memfd once, and launch every
+    /// helper from that image. Default `true`.
+    pub pin_image: bool,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -144,6 +147,7 @@ impl HelperConfig {
             spawn_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
             max_in_flight: 16,
+            pin_image: true,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -291,6 +295,10 @@ pub struct Config {
     /// or an array of bytes. Default none.
     #[serde(with = "bytes_or_text")]
     pub warmup_request: Option<Vec<u8>>,
+    /// Copy the helper binary into a sealed memfd at `Pool::new` and launch
+    /// every helper from that image, so a binary replaced on disk while the
+    /// server runs never yields a helper of another version. Default `true`.
+    pub pin_image: bool,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
     /// A launch slower than this logs a warning (once per pool). Default 50 ms.
@@ -324,6 +332,7 @@ impl Default for Config {
             max_frame: ByteSize::b(u64::from(DEFAULT_MAX_FRAME)),
             max_requests_per_helper: 0,
             warmup_request: None,
+            pin_image: true,
             crash_backoff: BackoffConfig::default(),
             slow_launch_threshold: Duration::from_millis(50),
             stderr_bytes_per_second: ByteSize::kib(16),
@@ -395,6 +404,7 @@ impl Config {
             spawn_timeout: self.spawn_timeout,
             max_frame: u32::try_from(self.max_frame.as_u64()).unwrap_or(u32::MAX),
             max_in_flight: self.max_in_flight,
+            pin_image: self.pin_image,
             sandbox: self.sandbox.clone(),
         }
     }

@@ -157,6 +157,14 @@ pub enum LaunchError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
+    /// The helper binary could not be pinned in a sealed memfd.
+    #[error("pinning the helper image {program} failed: {reason}")]
+    PinImage {
+        /// The program.
+        program: String,
+        /// What failed.
+        reason: String,
+    },
     /// Creating a pipe failed (often: the host is out of fds).
     #[error("creating the helper's {which} pipe failed: {source}")]
     Pipe {

@@ -26,10 +26,43 @@ use crate::error::LaunchError;
 /// Everything posix_spawn needs, prepared once per configuration.
 #[derive(Debug)]
 pub(crate) struct LaunchPlan {
+    /// What posix_spawn executes: the program, or its pinned image.
     program: CString,
     program_display: String,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    /// The sealed copy of the program that every launch executes, if pinned.
+    _image: Option<memfd::Memfd>,
+}
+
+/// Copies the helper binary into a sealed memfd (no writes, no resizing,
+/// seals fixed), so that every launch runs this exact image even if the file
+/// on disk is replaced or upgraded while the server runs. Returns the memfd
+/// and the path posix_spawn executes it by: `/proc/self/fd/N`, resolved in
+/// the child, which inherits N until its exec closes it (O_CLOEXEC).
+fn pin_image(program: &std::path::Path) -> Result<(memfd::Memfd, CString), LaunchError> {
+    let err = |what: &str, detail: String| LaunchError::PinImage {
+        program: program.display().to_string(),
+        reason: format!("{what}: {detail}"),
+    };
+    let image = memfd::MemfdOptions::default()
+        .allow_sealing(true)
+        .close_on_exec(true)
+        .create("sandpool-helper-image")
+        .map_err(|e| err("memfd_create", e.to_string()))?;
+    let mut source = std::fs::File::open(program).map_err(|e| err("open", e.to_string()))?;
+    std::io::copy(&mut source, &mut image.as_file()).map_err(|e| err("copy", e.to_string()))?;
+    image
+        .add_seals(&[
+            memfd::FileSeal::SealShrink,
+            memfd::FileSeal::SealGrow,
+            memfd::FileSeal::SealWrite,
+            memfd::FileSeal::SealSeal,
+        ])
+        .map_err(|e| err("seal", e.to_string()))?;
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
+    let path = CString::new(path).map_err(|e| err("path", e.to_string()))?;
+    Ok((image, path))
 }
 
 /// A freshly spawned helper: its pid, a pidfd, and the host's pipe ends
@@ -71,11 +104,18 @@ impl LaunchPlan {
                 envp.push(cstring("env_allowlist", &pair)?);
             }
         }
+        let (image, program) = if config.pin_image {
+            let (image, path) = pin_image(&config.program)?;
+            (Some(image), path)
+        } else {
+            (None, program)
+        };
         Ok(LaunchPlan {
             program,
             program_display: config.program.display().to_string(),
             argv,
             envp,
+            _image: image,
         })
     }
 }

@@ -239,7 +239,12 @@ fn invalid_config_and_missing_program_are_typed() {
     let mut cfg = config(&[]);
     cfg.sandbox.extra_syscalls = vec!["open; rm".into()];
     assert!(matches!(Launcher::new(cfg), Err(LaunchError::Config(_))));
-    let cfg = sandpool::HelperConfig::new("/nonexistent/helper");
+    let mut cfg = sandpool::HelperConfig::new("/nonexistent/helper");
+    match Launcher::new(cfg.clone()).unwrap_err() {
+        LaunchError::PinImage { reason, .. } => assert!(reason.contains("No such file"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    cfg.pin_image = false;
     match Launcher::new(cfg).unwrap().launch().unwrap_err() {
         LaunchError::Spawn { source, .. } => assert_eq!(source, nix::errno::Errno::ENOENT),
         other => panic!("{other:?}"),
@@ -540,4 +545,39 @@ fn a_death_fails_every_call_in_flight_with_the_same_error() {
         helper.call(&request(OP_ECHO, b"x"), deadline(1.0)),
         Err(CallError::Retired { .. })
     ));
+}
+
+#[test]
+fn a_pinned_image_survives_the_binary_being_replaced_on_disk() {
+    let dir = std::env::temp_dir().join(format!("sandpool-pin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let program = dir.join("helper");
+    std::fs::copy(helper_bin(), &program).unwrap();
+    let mut pinned_cfg = config(&[]);
+    pinned_cfg.program = program.clone();
+    let mut unpinned_cfg = pinned_cfg.clone();
+    unpinned_cfg.pin_image = false;
+    let pinned = Launcher::new(pinned_cfg).unwrap();
+    let unpinned = Launcher::new(unpinned_cfg).unwrap();
+    assert!(pinned.launch().unwrap().hello().build_id.starts_with("sandpool-helper"));
+    assert!(unpinned.launch().is_ok());
+
+    // An "upgrade" lands on disk (atomically, as package managers do).
+    let replacement = dir.join("replacement");
+    std::fs::write(&replacement, "#!/bin/sh\necho 'I am the new version' >&2\nexit 3\n").unwrap();
+    std::fs::set_permissions(&replacement, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::rename(&replacement, &program).unwrap();
+
+    // The pinned launcher still runs the image it pinned.
+    let helper = pinned.launch().unwrap();
+    assert_eq!(helper.call(&request(OP_ECHO, b"same version"), deadline(5.0)).unwrap(), b"same version");
+    // Without pinning, the new file is what runs.
+    match unpinned.launch().unwrap_err() {
+        LaunchError::ExitedBeforeHello { status, stderr, .. } => {
+            assert_eq!(status, ExitStatus::Exited(3));
+            assert!(stderr.contains("new version"), "{stderr}");
+        }
+        other => panic!("expected the replaced binary to run, got {other:?}"),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
