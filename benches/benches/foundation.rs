@@ -50,9 +50,18 @@ fn main() {
         Launcher::new(config).expect("config")
     };
     let contenders = [
-        ("dynamic (glibc), from its file", launcher(env!("SANDPOOL_HELPER_BIN"), false)),
-        ("static (+crt-static), from its file", launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), false)),
-        ("static, pinned image (sealed memfd)", launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), true)),
+        (
+            "dynamic (glibc), from its file",
+            launcher(env!("SANDPOOL_HELPER_BIN"), false),
+        ),
+        (
+            "static (+crt-static), from its file",
+            launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), false),
+        ),
+        (
+            "static, pinned image (sealed memfd)",
+            launcher(env!("SANDPOOL_HELPER_STATIC_BIN"), true),
+        ),
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); contenders.len()];
     for _ in 0..launch_rounds {

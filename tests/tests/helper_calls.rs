@@ -241,7 +241,9 @@ fn invalid_config_and_missing_program_are_typed() {
     assert!(matches!(Launcher::new(cfg), Err(LaunchError::Config(_))));
     let mut cfg = sandpool::HelperConfig::new("/nonexistent/helper");
     match Launcher::new(cfg.clone()).unwrap_err() {
-        LaunchError::PinImage { reason, .. } => assert!(reason.contains("No such file"), "{reason}"),
+        LaunchError::PinImage { reason, .. } => {
+            assert!(reason.contains("No such file"), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     cfg.pin_image = false;
@@ -559,18 +561,38 @@ fn a_pinned_image_survives_the_binary_being_replaced_on_disk() {
     unpinned_cfg.pin_image = false;
     let pinned = Launcher::new(pinned_cfg).unwrap();
     let unpinned = Launcher::new(unpinned_cfg).unwrap();
-    assert!(pinned.launch().unwrap().hello().build_id.starts_with("sandpool-helper"));
+    assert!(
+        pinned
+            .launch()
+            .unwrap()
+            .hello()
+            .build_id
+            .starts_with("sandpool-helper")
+    );
     assert!(unpinned.launch().is_ok());
 
     // An "upgrade" lands on disk (atomically, as package managers do).
     let replacement = dir.join("replacement");
-    std::fs::write(&replacement, "#!/bin/sh\necho 'I am the new version' >&2\nexit 3\n").unwrap();
-    std::fs::set_permissions(&replacement, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        &replacement,
+        "#!/bin/sh\necho 'I am the new version' >&2\nexit 3\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &replacement,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     std::fs::rename(&replacement, &program).unwrap();
 
     // The pinned launcher still runs the image it pinned.
     let helper = pinned.launch().unwrap();
-    assert_eq!(helper.call(&request(OP_ECHO, b"same version"), deadline(5.0)).unwrap(), b"same version");
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"same version"), deadline(5.0))
+            .unwrap(),
+        b"same version"
+    );
     // Without pinning, the new file is what runs.
     match unpinned.launch().unwrap_err() {
         LaunchError::ExitedBeforeHello { status, stderr, .. } => {
