@@ -133,6 +133,10 @@ pub struct HelperConfig {
     /// Copy the helper binary into a sealed memfd once, and launch every
     /// helper from that image. Default `true`.
     pub pin_image: bool,
+    /// Capacity of the request and response pipes (`F_SETPIPE_SZ`), in
+    /// bytes; `None` keeps the kernel's default (64 KiB). Without
+    /// CAP_SYS_RESOURCE at most `/proc/sys/fs/pipe-max-size` (1 MiB).
+    pub pipe_size: Option<u32>,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -148,6 +152,7 @@ impl HelperConfig {
             max_frame: DEFAULT_MAX_FRAME,
             max_in_flight: 16,
             pin_image: true,
+            pipe_size: None,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -299,6 +304,9 @@ pub struct Config {
     /// every helper from that image, so a binary replaced on disk while the
     /// server runs never yields a helper of another version. Default `true`.
     pub pin_image: bool,
+    /// Capacity of each helper's request and response pipes (`F_SETPIPE_SZ`),
+    /// e.g. `"256KiB"`; unset keeps the kernel default (64 KiB).
+    pub pipe_size: Option<ByteSize>,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
     /// A launch slower than this logs a warning (once per pool). Default 50 ms.
@@ -333,6 +341,7 @@ impl Default for Config {
             max_requests_per_helper: 0,
             warmup_request: None,
             pin_image: true,
+            pipe_size: None,
             crash_backoff: BackoffConfig::default(),
             slow_launch_threshold: Duration::from_millis(50),
             stderr_bytes_per_second: ByteSize::kib(16),
@@ -405,6 +414,9 @@ impl Config {
             max_frame: u32::try_from(self.max_frame.as_u64()).unwrap_or(u32::MAX),
             max_in_flight: self.max_in_flight,
             pin_image: self.pin_image,
+            pipe_size: self
+                .pipe_size
+                .map(|size| u32::try_from(size.as_u64()).unwrap_or(u32::MAX)),
             sandbox: self.sandbox.clone(),
         }
     }

@@ -31,6 +31,7 @@ pub(crate) struct LaunchPlan {
     program_display: String,
     argv: Vec<CString>,
     envp: Vec<CString>,
+    pipe_size: Option<i32>,
     /// The sealed copy of the program that every launch executes, if pinned.
     _image: Option<memfd::Memfd>,
 }
@@ -115,6 +116,9 @@ impl LaunchPlan {
             program_display: config.program.display().to_string(),
             argv,
             envp,
+            pipe_size: config
+                .pipe_size
+                .map(|size| size.min(i32::MAX as u32) as i32),
             _image: image,
         })
     }
@@ -159,6 +163,12 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
     set_nonblocking(&host_stdin, "stdin")?;
     set_nonblocking(&host_stdout, "stdout")?;
     set_nonblocking(&host_stderr, "stderr")?;
+    if let Some(size) = plan.pipe_size {
+        for (fd, which) in [(&host_stdin, "stdin"), (&host_stdout, "stdout")] {
+            fcntl(fd, FcntlArg::F_SETPIPE_SZ(size))
+                .map_err(|source| LaunchError::Pipe { which, source })?;
+        }
+    }
 
     let setup = |what| move |source| LaunchError::SpawnSetup { what, source };
     let mut actions = PosixSpawnFileActions::init().map_err(setup("file actions"))?;

@@ -603,3 +603,39 @@ fn a_pinned_image_survives_the_binary_being_replaced_on_disk() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn pipe_size_is_applied_and_an_impossible_one_is_a_typed_error() {
+    let mut cfg = config(&[]);
+    cfg.pipe_size = Some(256 * 1024);
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    // The helper's stdin, opened through /proc, is the same pipe.
+    let stdin: std::os::fd::OwnedFd = std::fs::File::open(format!("/proc/{}/fd/0", helper.pid()))
+        .unwrap()
+        .into();
+    let size = nix::fcntl::fcntl(&stdin, nix::fcntl::FcntlArg::F_GETPIPE_SZ).unwrap();
+    assert_eq!(size, 256 * 1024);
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &[3; 200_000]), deadline(5.0))
+            .unwrap(),
+        vec![3; 200_000]
+    );
+
+    let max: i64 = std::fs::read_to_string("/proc/sys/fs/pipe-max-size")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut cfg = config(&[]);
+    cfg.pipe_size = Some((max * 4) as u32);
+    match Launcher::new(cfg).unwrap().launch() {
+        Err(LaunchError::Pipe { which, source }) => {
+            assert_eq!(which, "stdin");
+            assert_eq!(source, nix::errno::Errno::EPERM);
+        }
+        // With CAP_SYS_RESOURCE the kernel allows it.
+        Ok(_) => {}
+        Err(other) => panic!("{other:?}"),
+    }
+}
