@@ -137,6 +137,9 @@ pub struct HelperConfig {
     /// bytes; `None` keeps the kernel's default (64 KiB). Without
     /// CAP_SYS_RESOURCE at most `/proc/sys/fs/pipe-max-size` (1 MiB).
     pub pipe_size: Option<u32>,
+    /// How long a caller waiting for a reply retries the pipe (yielding the
+    /// CPU in between) before it sleeps. Default 20 us.
+    pub spin_wait: Duration,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -153,6 +156,7 @@ impl HelperConfig {
             max_in_flight: 16,
             pin_image: true,
             pipe_size: None,
+            spin_wait: Duration::from_micros(20),
             sandbox: SandboxConfig::default(),
         }
     }
@@ -169,6 +173,12 @@ impl HelperConfig {
                     "{} is outside {MIN_FRAME_LIMIT}..={MAX_FRAME_CEILING}",
                     self.max_frame
                 ),
+            ));
+        }
+        if self.spin_wait > Duration::from_millis(10) {
+            return Err(ConfigError::new(
+                "spin_wait",
+                "must be at most 10ms (it burns CPU)",
             ));
         }
         if !(1..=4096).contains(&self.max_in_flight) {
@@ -307,6 +317,12 @@ pub struct Config {
     /// Capacity of each helper's request and response pipes (`F_SETPIPE_SZ`),
     /// e.g. `"256KiB"`; unset keeps the kernel default (64 KiB).
     pub pipe_size: Option<ByteSize>,
+    /// How long a caller waiting for its reply retries the pipe (yielding the
+    /// CPU in between) before it sleeps in `poll`: a fast reply is then
+    /// picked up without a sleep and a cross-CPU wake-up. `"0s"` turns it
+    /// off. Default `"20us"`.
+    #[serde(with = "humantime_serde")]
+    pub spin_wait: Duration,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
     /// A launch slower than this logs a warning (once per pool). Default 50 ms.
@@ -342,6 +358,7 @@ impl Default for Config {
             warmup_request: None,
             pin_image: true,
             pipe_size: None,
+            spin_wait: Duration::from_micros(20),
             crash_backoff: BackoffConfig::default(),
             slow_launch_threshold: Duration::from_millis(50),
             stderr_bytes_per_second: ByteSize::kib(16),
@@ -417,6 +434,7 @@ impl Config {
             pipe_size: self
                 .pipe_size
                 .map(|size| u32::try_from(size.as_u64()).unwrap_or(u32::MAX)),
+            spin_wait: self.spin_wait,
             sandbox: self.sandbox.clone(),
         }
     }

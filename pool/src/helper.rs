@@ -78,7 +78,7 @@ impl Launcher {
         let spawned = spawn(&self.plan)?;
         let pid = spawned.pid;
         let mut process = Process::new(pid, spawned.pidfd);
-        let mut reader = FrameReader::new();
+        let mut reader = FrameReader::new(self.config.spin_wait);
         let first = reader.read_frame(&spawned.stdout, deadline, self.config.max_frame);
         let refuse = |process: &mut Process, violation| {
             process.kill_and_reap();

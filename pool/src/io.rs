@@ -3,7 +3,7 @@
 //! bounded wait, never a blocked thread.
 
 use std::os::fd::{AsFd, BorrowedFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, poll};
@@ -62,10 +62,24 @@ pub(crate) fn write_all(
 
 /// Reads one `read` worth of bytes into `buf`, waiting up to the deadline.
 /// Returns 0 at EOF.
-fn read_some(fd: BorrowedFd<'_>, buf: &mut [u8], deadline: Instant) -> Result<usize, IoFailure> {
+///
+/// For the first `spin` of an empty pipe it retries the read, yielding the
+/// CPU in between, before it sleeps in `poll`: a reply that comes within
+/// microseconds is then picked up without a sleep and a cross-CPU wake-up,
+/// which on this kind of machine cost more than the round trip itself.
+fn read_some(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    deadline: Instant,
+    spin: Duration,
+) -> Result<usize, IoFailure> {
+    let spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
     loop {
         match nix::unistd::read(fd, buf) {
             Ok(n) => return Ok(n),
+            Err(Errno::EAGAIN) if spin_until.is_some_and(|until| Instant::now() < until) => {
+                std::thread::yield_now();
+            }
             Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLIN, deadline)?,
             Err(Errno::EINTR) => {}
             Err(errno) => return Err(IoFailure::Os(errno)),
@@ -83,14 +97,17 @@ pub(crate) struct FrameReader {
     buf: Box<[u8]>,
     start: usize,
     end: usize,
+    spin: Duration,
 }
 
 impl FrameReader {
-    pub(crate) fn new() -> Self {
+    /// A reader that spins for `spin` on an empty pipe before sleeping.
+    pub(crate) fn new(spin: Duration) -> Self {
         FrameReader {
             buf: vec![0; READ_AHEAD].into_boxed_slice(),
             start: 0,
             end: 0,
+            spin,
         }
     }
 
@@ -115,7 +132,7 @@ impl FrameReader {
                 self.end -= self.start;
                 self.start = 0;
             }
-            let n = read_some(fd, &mut self.buf[self.end..], deadline)?;
+            let n = read_some(fd, &mut self.buf[self.end..], deadline, self.spin)?;
             if n == 0 {
                 return Err(IoFailure::StdoutClosed);
             }
@@ -143,7 +160,7 @@ impl FrameReader {
             let filled = payload.len();
             let grow = (len - filled).min(filled.max(READ_AHEAD));
             payload.resize(filled + grow, 0);
-            let n = read_some(fd, &mut payload[filled..], deadline)?;
+            let n = read_some(fd, &mut payload[filled..], deadline, self.spin)?;
             payload.truncate(filled + n);
             if n == 0 {
                 return Err(IoFailure::StdoutClosed);
@@ -184,8 +201,6 @@ pub(crate) fn drain_tail(fd: impl AsFd, cap: usize, keep: usize) -> Vec<u8> {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::time::Duration;
-
     use nix::fcntl::OFlag;
     use proptest::prelude::*;
     use sandpool_protocol::{Direction, Kind, decode_frame, encode_frame};
@@ -223,7 +238,7 @@ mod tests {
                     }
                 })
             };
-            let mut reader = FrameReader::new();
+            let mut reader = FrameReader::new(Duration::ZERO);
             for (id, payload) in &frames {
                 let deadline = Instant::now() + Duration::from_secs(5);
                 let (header, got) = reader.read_frame(&read_end, deadline, 1 << 20).unwrap();

@@ -1,0 +1,932 @@
+//! sandpool against what its users would otherwise do, side by side in one
+//! run, written to `results.md`, `results.json` and SVG plots.
+//!
+//! `cargo run --release -p sandpool-benches --bin compare -- [--quick] [--out DIR]`
+//!
+//! Every figure is a median with its p99; every comparison is a ratio of
+//! contenders interleaved in the same process run (A B A B ...), because
+//! this machine is shared and noisy and an absolute time means little.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use plotters::prelude::*;
+use sandpool::{Config, HelperConfig, Launcher, Pool};
+use sandpool_benches::{Summary, summarize};
+use sandpool_helper::reference::{OP_ECHO, request};
+use serde_json::{Value, json};
+
+const HELPER: &str = env!("SANDPOOL_HELPER_STATIC_BIN");
+const PEER_ENV: &str = "SANDPOOL_BENCH_PIPE_PEER";
+
+struct Run {
+    quick: bool,
+    md: String,
+    json: BTreeMap<String, Value>,
+    out: PathBuf,
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn fmt_us(d: Duration) -> String {
+    let v = us(d);
+    if v >= 10_000.0 {
+        format!("{:.1} ms", v / 1000.0)
+    } else {
+        format!("{v:.0} us")
+    }
+}
+
+fn summary_json(s: &Summary) -> Value {
+    json!({ "n": s.n, "median_us": us(s.median), "p99_us": us(s.p99) })
+}
+
+impl Run {
+    fn section(&mut self, title: &str, intro: &str) {
+        println!("== {title}");
+        self.md.push_str(&format!("\n## {title}\n\n{intro}\n\n"));
+    }
+
+    fn table(&mut self, header: &[&str], rows: Vec<Vec<String>>) {
+        self.md.push_str(&format!("| {} |\n", header.join(" | ")));
+        self.md
+            .push_str(&format!("|{}|\n", vec!["---"; header.len()].join("|")));
+        for row in rows {
+            println!("   {}", row.join("  "));
+            self.md.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- spawners
+
+/// How one launch is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spawner {
+    /// sandpool: posix_spawn, helper close_range + seccomp, verified Hello.
+    Sandpool,
+    /// std `Command::spawn` with piped stdio (posix_spawn path), same binary
+    /// doing the same startup (close_range, seccomp), but no host-side
+    /// verification; ready when its Hello arrives.
+    StdPosixSpawn,
+    /// std `Command` with an empty `pre_exec` (the fork path alone).
+    StdForkEmpty,
+    /// std `Command` with a `pre_exec` that marks every possible fd
+    /// close-on-exec with one fcntl each (the fork path plus the slow
+    /// close-fds path that cost a production page server seconds per launch).
+    StdForkFcntlLoop,
+}
+
+impl Spawner {
+    const ALL: [Spawner; 4] = [
+        Spawner::Sandpool,
+        Spawner::StdPosixSpawn,
+        Spawner::StdForkEmpty,
+        Spawner::StdForkFcntlLoop,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Spawner::Sandpool => "sandpool launch",
+            Spawner::StdPosixSpawn => "std Command::spawn (posix_spawn)",
+            Spawner::StdForkEmpty => "std Command + empty pre_exec (fork)",
+            Spawner::StdForkFcntlLoop => "std Command + pre_exec fcntl loop (fork)",
+        }
+    }
+}
+
+/// Marks every fd from 3 to the soft limit close-on-exec, one fcntl each.
+/// Runs between fork and exec, so it uses raw syscalls only.
+fn fcntl_loop_pre_exec() -> std::io::Result<()> {
+    let max = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024) as i32;
+    for fd in 3..max {
+        // SAFETY: fcntl(F_SETFD) takes two integers and touches no memory of
+        // ours; on a closed fd it fails with EBADF, which is ignored. It is
+        // async-signal-safe, as code between fork and exec must be.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+    Ok(())
+}
+
+/// One launch to ready (the Hello has arrived), then the process is ended
+/// and reaped. Returns the launch-to-ready time.
+#[allow(clippy::disallowed_methods)] // the std baselines spawn with Command on purpose
+fn launch_once(spawner: Spawner, launcher: &Launcher) -> Duration {
+    if spawner == Spawner::Sandpool {
+        let helper = launcher.launch().expect("sandpool launch");
+        let took = helper.launch_time();
+        helper.kill();
+        return took;
+    }
+    let started = Instant::now();
+    let mut command = Command::new(HELPER);
+    command
+        .env_clear()
+        .env(
+            sandpool_protocol::SPEC_ENV,
+            "v=1;seccomp=enforce;max_frame=1048576",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    match spawner {
+        Spawner::StdForkEmpty => {
+            // SAFETY: the closure does nothing, which is trivially
+            // async-signal-safe; it exists to force std's fork path.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, || Ok(()));
+            }
+        }
+        Spawner::StdForkFcntlLoop => {
+            // SAFETY: `fcntl_loop_pre_exec` only issues fcntl syscalls.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, fcntl_loop_pre_exec);
+            }
+        }
+        _ => {}
+    }
+    let mut child = command.spawn().expect("std spawn");
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .expect("piped")
+        .read_exact(&mut first)
+        .expect("hello byte");
+    let took = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    took
+}
+
+// ---------------------------------------------------------------- host state
+
+/// Memory touched by the host (so fork has pages to copy), held while the
+/// value lives.
+fn ballast(mib: usize) -> Vec<u8> {
+    let mut v = vec![0u8; mib << 20];
+    for i in (0..v.len()).step_by(4096) {
+        v[i] = 1;
+    }
+    std::hint::black_box(v)
+}
+
+/// Open fds held by the host, without CLOEXEC (inherited by every child).
+fn leak_fds(count: usize) -> Vec<OwnedFd> {
+    let devnull: OwnedFd = std::fs::File::open("/dev/null").expect("/dev/null").into();
+    (0..count)
+        .map(|_| nix::unistd::dup(&devnull).expect("dup"))
+        .collect()
+}
+
+// ---------------------------------------------------------------- scenarios
+
+fn launch_by_host_state(run: &mut Run) -> Value {
+    run.section(
+        "1. Launch to ready, by host state",
+        "Time from spawn to the helper's first byte (its Hello), same helper binary for every row. \
+         Host state: touched memory (RSS) and open fds without CLOEXEC. Interleaved per state.",
+    );
+    let reps = if run.quick { 3 } else { 15 };
+    let states: Vec<(usize, usize)> = if run.quick {
+        vec![(0, 0), (256, 0), (0, 1000)]
+    } else {
+        vec![
+            (0, 0),
+            (1024, 0),
+            (4096, 0),
+            (0, 1000),
+            (0, 10_000),
+            (0, 19_000),
+        ]
+    };
+    let mut config = HelperConfig::new(HELPER);
+    config.sandbox.verify_with_proc = true;
+    let launcher = Launcher::new(config).expect("launcher");
+    let mut rows = Vec::new();
+    let mut results = Vec::new();
+    for (mib, fds) in states {
+        let _ballast = ballast(mib);
+        let _fds = leak_fds(fds);
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); Spawner::ALL.len()];
+        for _ in 0..reps {
+            for (i, spawner) in Spawner::ALL.iter().enumerate() {
+                samples[i].push(launch_once(*spawner, &launcher));
+            }
+        }
+        let summaries: Vec<Summary> = samples.iter_mut().map(|s| summarize(s)).collect();
+        for (spawner, s) in Spawner::ALL.iter().zip(&summaries) {
+            let ratio = s.median.as_secs_f64() / summaries[0].median.as_secs_f64();
+            rows.push(vec![
+                format!("{mib} MiB, {fds} fds"),
+                spawner.name().into(),
+                fmt_us(s.median),
+                fmt_us(s.p99),
+                format!("{ratio:.2}x"),
+            ]);
+            results.push(json!({ "rss_mib": mib, "fds": fds, "spawner": spawner.name(), "launch": summary_json(s), "vs_sandpool": ratio }));
+        }
+    }
+    run.table(
+        &["host state", "launch", "median", "p99", "vs sandpool"],
+        rows,
+    );
+    plot_launch(run, &results);
+    Value::Array(results)
+}
+
+fn concurrent_launches(run: &mut Run) -> Value {
+    run.section(
+        "2. 50 launches started at the same moment from 50 threads",
+        "Makespan of 50 simultaneous sandpool launches, against the CPU bound (50 x a single launch / cores), \
+         and the slowest single launch.",
+    );
+    let launcher = Arc::new(Launcher::new(HelperConfig::new(HELPER)).expect("launcher"));
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut single: Vec<Duration> = (0..20)
+        .map(|_| launch_once(Spawner::Sandpool, &launcher))
+        .collect();
+    let single = summarize(&mut single);
+    let rounds = if run.quick { 1 } else { 5 };
+    let mut makespans = Vec::new();
+    let mut worst = Vec::new();
+    for _ in 0..rounds {
+        let barrier = Arc::new(Barrier::new(50));
+        let started = Instant::now();
+        let threads: Vec<_> = (0..50)
+            .map(|_| {
+                let (launcher, barrier) = (launcher.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let t = Instant::now();
+                    let helper = launcher.launch().expect("launch");
+                    let took = t.elapsed();
+                    (helper, took)
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().expect("thread"))
+            .collect();
+        makespans.push(started.elapsed());
+        worst.push(
+            results
+                .iter()
+                .map(|(_, took)| *took)
+                .max()
+                .unwrap_or_default(),
+        );
+        drop(results);
+    }
+    let makespan = summarize(&mut makespans);
+    let worst = summarize(&mut worst);
+    let bound = single.median * 50 / cores as u32;
+    let ratio = makespan.median.as_secs_f64() / bound.as_secs_f64();
+    run.table(
+        &[
+            "single launch (median)",
+            "CPU bound (50 x single / cores)",
+            "makespan (median)",
+            "makespan / bound",
+            "slowest single (median)",
+        ],
+        vec![vec![
+            fmt_us(single.median),
+            fmt_us(bound),
+            fmt_us(makespan.median),
+            format!("{ratio:.2}x"),
+            fmt_us(worst.median),
+        ]],
+    );
+    json!({ "cores": cores, "single": summary_json(&single), "makespan": summary_json(&makespan), "bound_us": us(bound), "makespan_over_bound": ratio, "slowest_single": summary_json(&worst) })
+}
+
+/// Pins a process (0: this thread) to CPU 0: both ends of a ping-pong on one
+/// CPU take the scheduler's placement (same CPU or across, a 5x difference
+/// on this machine) out of the comparison.
+fn pin_to_cpu0(pid: nix::unistd::Pid) {
+    let mut set = nix::sched::CpuSet::new();
+    if set.set(0).is_ok() {
+        let _ = nix::sched::sched_setaffinity(pid, &set);
+    }
+}
+
+/// Lets this thread run on every CPU again.
+fn unpin() {
+    let mut set = nix::sched::CpuSet::new();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    for cpu in 0..cores {
+        let _ = set.set(cpu);
+    }
+    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+}
+
+/// The raw baseline's peer: echo fixed-size messages from stdin to stdout.
+fn pipe_peer(size: usize) -> ! {
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; size];
+    while stdin.read_exact(&mut buf).is_ok() {
+        if stdout
+            .write_all(&buf)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    std::process::exit(0);
+}
+
+#[allow(clippy::disallowed_methods)] // the raw-pipe baseline peer
+fn spawn_peer(size: usize) -> std::process::Child {
+    Command::new(std::env::current_exe().expect("own path"))
+        .env(PEER_ENV, size.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn pipe peer")
+}
+
+fn warm_calls(run: &mut Run) -> Value {
+    run.section(
+        "3. Warm call round trip and pipelined throughput",
+        "One caller, a warm helper, against a raw two-process pipe ping-pong of the same sizes written in this harness; \
+         a fresh process pair per round. Unpinned, the scheduler puts a pair on one CPU (about 5 us a round trip here) \
+         or across both (about 40 us), so medians of unpinned runs depend on luck; pinned to one CPU, the comparison is \
+         the code's alone. Throughput: 8 KiB responses, one tenant, 8 caller threads (window 8), against a raw peer \
+         with requests streamed.",
+    );
+    let rounds = if run.quick { 2 } else { 30 };
+    let per_round = if run.quick { 200 } else { 500 };
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for pinned in [false, true] {
+        let placement = if pinned { "both on CPU 0" } else { "unpinned" };
+        if pinned {
+            pin_to_cpu0(nix::unistd::Pid::from_raw(0));
+        }
+        for size in [16usize, 8192] {
+            let req = request(OP_ECHO, &vec![0x5A; size - 1]);
+            let msg = vec![0x5Au8; size];
+            let mut back = vec![0u8; size];
+            let (mut raw, mut pooled, mut no_spin) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                let mut peer = spawn_peer(size);
+                if pinned {
+                    pin_to_cpu0(nix::unistd::Pid::from_raw(peer.id() as i32));
+                }
+                let mut peer_in = peer.stdin.take().expect("piped");
+                let mut peer_out = peer.stdout.take().expect("piped");
+                for _ in 0..per_round {
+                    let t = Instant::now();
+                    peer_in.write_all(&msg).expect("peer write");
+                    peer_out.read_exact(&mut back).expect("peer read");
+                    raw.push(t.elapsed());
+                }
+                drop(peer_in);
+                let _ = peer.wait();
+                for (spin, samples) in [
+                    (Duration::from_micros(20), &mut pooled),
+                    (Duration::ZERO, &mut no_spin),
+                ] {
+                    let mut config = Config::new(HELPER);
+                    config.spares = 0;
+                    config.spin_wait = spin;
+                    let pool = Pool::new(config).expect("pool");
+                    pool.call("t", &req).expect("warm-up");
+                    if pinned {
+                        if let Some(info) = pool.helper_info("t") {
+                            pin_to_cpu0(nix::unistd::Pid::from_raw(info.pid as i32));
+                        }
+                    }
+                    for _ in 0..per_round {
+                        let t = Instant::now();
+                        pool.call("t", &req).expect("call");
+                        samples.push(t.elapsed());
+                    }
+                }
+            }
+            let raw = summarize(&mut raw);
+            let pooled = summarize(&mut pooled);
+            let no_spin = summarize(&mut no_spin);
+            let ratio = pooled.median.as_secs_f64() / raw.median.as_secs_f64();
+            let ratio_no_spin = no_spin.median.as_secs_f64() / raw.median.as_secs_f64();
+            rows.push(vec![
+                format!("{size} B, {placement}"),
+                "raw pipe ping-pong".into(),
+                fmt_us(raw.median),
+                fmt_us(raw.p99),
+                "1.00x".into(),
+            ]);
+            rows.push(vec![
+                format!("{size} B, {placement}"),
+                "sandpool pool.call (default: spin_wait 20us)".into(),
+                fmt_us(pooled.median),
+                fmt_us(pooled.p99),
+                format!("{ratio:.2}x"),
+            ]);
+            rows.push(vec![
+                format!("{size} B, {placement}"),
+                "sandpool pool.call, spin_wait 0".into(),
+                fmt_us(no_spin.median),
+                fmt_us(no_spin.p99),
+                format!("{ratio_no_spin:.2}x"),
+            ]);
+            out.push(json!({ "size": size, "placement": placement, "raw": summary_json(&raw), "sandpool": summary_json(&pooled), "sandpool_no_spin": summary_json(&no_spin), "ratio": ratio, "ratio_no_spin": ratio_no_spin }));
+        }
+    }
+    unpin();
+    run.table(&["size", "path", "median", "p99", "vs raw"], rows);
+
+    // Pipelined throughput.
+    let size = 8192;
+    let total = if run.quick { 2000 } else { 40_000 };
+    let window = 8;
+    let raw_rate = {
+        let mut peer = spawn_peer(size);
+        let mut peer_in = peer.stdin.take().expect("piped");
+        let mut peer_out = peer.stdout.take().expect("piped");
+        let msg = vec![1u8; size];
+        let writer = std::thread::spawn(move || {
+            for _ in 0..total {
+                peer_in.write_all(&msg).expect("write");
+            }
+        });
+        let started = Instant::now();
+        let mut back = vec![0u8; size];
+        for _ in 0..total {
+            peer_out.read_exact(&mut back).expect("read");
+        }
+        let rate = total as f64 / started.elapsed().as_secs_f64();
+        writer.join().expect("writer");
+        let _ = peer.wait();
+        rate
+    };
+    let pooled_rate = {
+        let mut config = Config::new(HELPER);
+        config.spares = 0;
+        config.max_in_flight = window;
+        let pool = Arc::new(Pool::new(config).expect("pool"));
+        let req = Arc::new(request(OP_ECHO, &vec![1u8; size - 1]));
+        pool.call("t", &req).expect("warm-up");
+        let started = Instant::now();
+        let threads: Vec<_> = (0..window)
+            .map(|_| {
+                let (pool, req) = (pool.clone(), req.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..total / window {
+                        pool.call("t", &req).expect("call");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("caller");
+        }
+        total as f64 / started.elapsed().as_secs_f64()
+    };
+    let ratio = pooled_rate / raw_rate;
+    run.table(
+        &[
+            "8 KiB responses, window 8",
+            "raw pipe (responses/s)",
+            "sandpool (responses/s)",
+            "sandpool / raw",
+        ],
+        vec![vec![
+            "one tenant".into(),
+            format!("{raw_rate:.0}"),
+            format!("{pooled_rate:.0}"),
+            format!("{ratio:.2}x"),
+        ]],
+    );
+    json!({ "round_trip": out, "pipelined": { "raw_per_s": raw_rate, "sandpool_per_s": pooled_rate, "ratio": ratio } })
+}
+
+fn idle_gap(run: &mut Run) -> Value {
+    run.section(
+        "4. First call after an idle gap",
+        "The tenant's first call after its helper went idle: still warm (no quiesce), quiesced with spares ready, \
+         quiesced without spares (the cold-start cliff). Interleaved.",
+    );
+    let reps = if run.quick { 3 } else { 25 };
+    let pool_with = |idle_ms: u64, spares: usize| {
+        let mut config = Config::new(HELPER);
+        config.spares = spares;
+        config.idle_timeout = Duration::from_millis(idle_ms);
+        Pool::new(config).expect("pool")
+    };
+    let cases = [
+        ("warm helper (idle_timeout 1 h)", pool_with(3_600_000, 0)),
+        ("quiesced, 2 spares ready", pool_with(50, 2)),
+        ("quiesced, no spares", pool_with(50, 0)),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
+    let req = request(OP_ECHO, b"first call");
+    for rep in 0..reps {
+        for ((_, pool), samples) in cases.iter().zip(samples.iter_mut()) {
+            let tenant = format!("t{rep}");
+            pool.call(&tenant, &req).expect("call");
+            // The gap: long enough for a 50 ms idle_timeout to quiesce it
+            // and for spares to be refilled.
+            std::thread::sleep(Duration::from_millis(250));
+            let t = Instant::now();
+            pool.call(&tenant, &req).expect("call");
+            samples.push(t.elapsed());
+        }
+    }
+    let summaries: Vec<Summary> = samples.iter_mut().map(|s| summarize(s)).collect();
+    let rows = cases
+        .iter()
+        .zip(&summaries)
+        .map(|((name, _), s)| {
+            vec![
+                (*name).into(),
+                fmt_us(s.median),
+                fmt_us(s.p99),
+                format!(
+                    "{:.2}x",
+                    s.median.as_secs_f64() / summaries[0].median.as_secs_f64()
+                ),
+            ]
+        })
+        .collect();
+    run.table(&["case", "median", "p99", "vs warm"], rows);
+    Value::Array(
+        cases
+            .iter()
+            .zip(&summaries)
+            .map(|((name, _), s)| json!({ "case": name, "first_call": summary_json(s) }))
+            .collect(),
+    )
+}
+
+fn spawn_per_call(run: &mut Run) -> Value {
+    run.section(
+        "5. Spawn per call vs a pooled call",
+        "A fresh sandboxed helper for every request (launch, call, shutdown: what a naive user does) against a call \
+         to the tenant's pooled helper. Interleaved.",
+    );
+    let reps = if run.quick { 5 } else { 200 };
+    let launcher = Launcher::new(HelperConfig::new(HELPER)).expect("launcher");
+    let mut config = Config::new(HELPER);
+    config.spares = 0;
+    let pool = Pool::new(config).expect("pool");
+    let req = request(OP_ECHO, &[7u8; 1024]);
+    pool.call("t", &req).expect("warm-up");
+    let (mut fresh, mut pooled) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let t = Instant::now();
+        let helper = launcher.launch().expect("launch");
+        helper
+            .call(&req, Instant::now() + Duration::from_secs(5))
+            .expect("call");
+        helper.shutdown(Duration::from_secs(1));
+        fresh.push(t.elapsed());
+        let t = Instant::now();
+        pool.call("t", &req).expect("call");
+        pooled.push(t.elapsed());
+    }
+    let fresh = summarize(&mut fresh);
+    let pooled = summarize(&mut pooled);
+    let ratio = fresh.median.as_secs_f64() / pooled.median.as_secs_f64();
+    run.table(
+        &["per call", "median", "p99"],
+        vec![
+            vec![
+                "spawn a helper per call".into(),
+                fmt_us(fresh.median),
+                fmt_us(fresh.p99),
+            ],
+            vec![
+                "pooled call".into(),
+                fmt_us(pooled.median),
+                fmt_us(pooled.p99),
+            ],
+            vec![
+                "spawn-per-call / pooled".into(),
+                format!("{ratio:.0}x"),
+                String::new(),
+            ],
+        ],
+    );
+    json!({ "spawn_per_call": summary_json(&fresh), "pooled": summary_json(&pooled), "ratio": ratio })
+}
+
+fn meminfo_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn kernel_kib() -> u64 {
+    meminfo_kib("Slab") + meminfo_kib("KernelStack") + meminfo_kib("PageTables")
+}
+
+fn pss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn self_count(dir: &str) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+fn density(run: &mut Run) -> Value {
+    run.section(
+        "6. Density",
+        "Idle helpers held by a pool: PSS per helper (smaps_rollup), kernel memory per helper (Slab + KernelStack + \
+         PageTables from /proc/meminfo, before and after: approximate on a shared machine), and the host's fds and \
+         threads per live helper.",
+    );
+    let counts: &[usize] = if run.quick { &[20] } else { &[100, 1000] };
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for &n in counts {
+        let fds0 = self_count("/proc/self/fd");
+        let threads0 = self_count("/proc/self/task");
+        let kernel0 = kernel_kib();
+        let mut config = Config::new(HELPER);
+        config.spares = 0;
+        config.max_helpers = n + 8;
+        let pool = Pool::new(config).expect("pool");
+        let threads_pool = self_count("/proc/self/task");
+        for t in 0..n {
+            pool.call(format!("t{t}"), &request(OP_ECHO, b"x"))
+                .expect("call");
+        }
+        let pids: Vec<u32> = (0..n)
+            .filter_map(|t| pool.helper_info(format!("t{t}")))
+            .map(|i| i.pid)
+            .collect();
+        let pss: u64 = pids.iter().map(|p| pss_kib(*p)).sum();
+        let kernel = kernel_kib().saturating_sub(kernel0);
+        let fds = self_count("/proc/self/fd").saturating_sub(fds0);
+        let threads = self_count("/proc/self/task").saturating_sub(threads0);
+        drop(pool);
+        let per = |v: u64| v as f64 / n as f64;
+        rows.push(vec![
+            n.to_string(),
+            format!("{:.0} KiB", per(pss)),
+            format!("{:.0} KiB", per(kernel)),
+            format!("{:.2}", fds as f64 / n as f64),
+            format!("{} (fixed: {})", threads, threads_pool - threads0),
+        ]);
+        out.push(json!({ "helpers": n, "pss_kib_per_helper": per(pss), "kernel_kib_per_helper": per(kernel), "host_fds_per_helper": fds as f64 / n as f64, "host_threads": threads }));
+    }
+    run.table(
+        &[
+            "live helpers",
+            "PSS / helper",
+            "kernel memory / helper",
+            "host fds / helper",
+            "host threads (all)",
+        ],
+        rows,
+    );
+    Value::Array(out)
+}
+
+// ---------------------------------------------------------------- plots
+
+fn plot_launch(run: &mut Run, results: &[Value]) {
+    let path = run.out.join("launch_by_fds.svg");
+    let series: Vec<(String, Vec<(f64, f64)>)> = Spawner::ALL
+        .iter()
+        .map(|s| {
+            let points = results
+                .iter()
+                .filter(|r| r["spawner"] == s.name() && r["rss_mib"] == 0)
+                .map(|r| {
+                    (
+                        r["fds"].as_f64().unwrap_or(0.0),
+                        r["launch"]["median_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                    )
+                })
+                .collect();
+            (s.name().to_owned(), points)
+        })
+        .collect();
+    if let Err(err) = line_plot(
+        &path,
+        "Launch to ready vs host fds (median)",
+        "host fds (no CLOEXEC)",
+        "ms",
+        &series,
+    ) {
+        eprintln!("plot {}: {err}", path.display());
+    }
+    let path = run.out.join("launch_by_rss.svg");
+    let series: Vec<(String, Vec<(f64, f64)>)> = Spawner::ALL
+        .iter()
+        .map(|s| {
+            let points = results
+                .iter()
+                .filter(|r| r["spawner"] == s.name() && r["fds"] == 0)
+                .map(|r| {
+                    (
+                        r["rss_mib"].as_f64().unwrap_or(0.0),
+                        r["launch"]["median_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                    )
+                })
+                .collect();
+            (s.name().to_owned(), points)
+        })
+        .collect();
+    if let Err(err) = line_plot(
+        &path,
+        "Launch to ready vs host memory (median)",
+        "host RSS (MiB)",
+        "ms",
+        &series,
+    ) {
+        eprintln!("plot {}: {err}", path.display());
+    }
+    run.md
+        .push_str("\n![launch vs fds](launch_by_fds.svg) ![launch vs RSS](launch_by_rss.svg)\n");
+}
+
+fn line_plot(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let root = SVGBackend::new(path, (800, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let x_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
+        .fold(1.0, f64::max);
+    let y_max = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+        .fold(0.1, f64::max)
+        * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..x_max, 0f64..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .draw()?;
+    for (i, (name, points)) in series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(
+                points.iter().copied(),
+                color.stroke_width(2),
+            ))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- main
+
+fn machine() -> Value {
+    let cmd_out = |cmd: &str, args: &[&str]| {
+        #[allow(clippy::disallowed_methods)] // reads tool versions for the report
+        let out = Command::new(cmd).args(args).output();
+        out.ok()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+            .unwrap_or_default()
+    };
+    json!({
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": cmd_out("uname", &["-r"]),
+        "glibc": cmd_out("ldd", &["--version"]),
+        "rustc": cmd_out("rustc", &["--version"]),
+        "memory_kib": meminfo_kib("MemTotal"),
+        "date": cmd_out("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+    })
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(size) = std::env::var(PEER_ENV).ok().and_then(|s| s.parse().ok()) {
+        pipe_peer(size);
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(if quick {
+                "target/bench-quick"
+            } else {
+                "benches/results"
+            })
+        });
+    std::fs::create_dir_all(&out)?;
+    // Room for 19,000 leaked fds (the hard limit here is 20,000).
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let started = Instant::now();
+    let mut run = Run {
+        quick,
+        md: String::new(),
+        json: BTreeMap::new(),
+        out: out.clone(),
+    };
+    let machine = machine();
+    run.md.push_str(&format!(
+        "# sandpool benchmark results{}\n\nMachine: {} cores, kernel {}, {}, {}. Run at {}.\n\
+         Medians with p99; ratios compare contenders interleaved in this one run.\n",
+        if quick {
+            " (quick smoke run: not for citing)"
+        } else {
+            ""
+        },
+        machine["cores"],
+        machine["kernel"].as_str().unwrap_or(""),
+        machine["glibc"].as_str().unwrap_or(""),
+        machine["rustc"].as_str().unwrap_or(""),
+        machine["date"].as_str().unwrap_or(""),
+    ));
+    run.json.insert("machine".into(), machine);
+    run.json.insert("quick".into(), json!(quick));
+    let launch = launch_by_host_state(&mut run);
+    run.json.insert("launch_by_host_state".into(), launch);
+    let concurrent = concurrent_launches(&mut run);
+    run.json.insert("concurrent_launches".into(), concurrent);
+    let warm = warm_calls(&mut run);
+    run.json.insert("warm_calls".into(), warm);
+    let gap = idle_gap(&mut run);
+    run.json.insert("first_call_after_idle_gap".into(), gap);
+    let per_call = spawn_per_call(&mut run);
+    run.json.insert("spawn_per_call".into(), per_call);
+    let dense = density(&mut run);
+    run.json.insert("density".into(), dense);
+    run.json
+        .insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
+    std::fs::write(out.join("results.md"), &run.md)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&run.json)?,
+    )?;
+    println!(
+        "wrote {} in {:.0} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
