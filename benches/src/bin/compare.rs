@@ -328,16 +328,16 @@ fn pin_to_cpu0(pid: nix::unistd::Pid) {
     }
 }
 
-/// Lets this thread run on every CPU again.
+/// This thread's CPU set when the harness started.
+static ORIGINAL_CPUS: std::sync::OnceLock<nix::sched::CpuSet> = std::sync::OnceLock::new();
+
+/// Lets this thread run where it could before it was pinned (and so every
+/// thread and helper it creates later). `available_parallelism` cannot be
+/// used for this: it reflects the pinned mask.
 fn unpin() {
-    let mut set = nix::sched::CpuSet::new();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    for cpu in 0..cores {
-        let _ = set.set(cpu);
+    if let Some(set) = ORIGINAL_CPUS.get() {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set);
     }
-    let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
 }
 
 /// The raw baseline's peer: echo fixed-size messages from stdin to stdout.
@@ -559,7 +559,8 @@ fn idle_gap(run: &mut Run) -> Value {
     let rows = cases
         .iter()
         .zip(&summaries)
-        .map(|((name, _), s)| {
+        .map(|((name, pool), s)| {
+            let stats = pool.stats();
             vec![
                 (*name).into(),
                 fmt_us(s.median),
@@ -568,10 +569,23 @@ fn idle_gap(run: &mut Run) -> Value {
                     "{:.2}x",
                     s.median.as_secs_f64() / summaries[0].median.as_secs_f64()
                 ),
+                format!(
+                    "{} / {} / {}",
+                    stats.spare_hits, stats.spare_misses, stats.quiesced_idle
+                ),
             ]
         })
         .collect();
-    run.table(&["case", "median", "p99", "vs warm"], rows);
+    run.table(
+        &[
+            "case",
+            "median",
+            "p99",
+            "vs warm",
+            "spare hits / misses / quiesced",
+        ],
+        rows,
+    );
     Value::Array(
         cases
             .iter()
@@ -858,8 +872,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(size) = std::env::var(PEER_ENV).ok().and_then(|s| s.parse().ok()) {
         pipe_peer(size);
     }
+    if let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        let _ = ORIGINAL_CPUS.set(set);
+    }
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // `--only 1,4`: run just these scenarios (for investigating one of them).
+    let only: Option<Vec<u32>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| {
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        });
+    let wanted = |n: u32| only.as_ref().is_none_or(|list| list.contains(&n));
     let out = args
         .iter()
         .position(|a| a == "--out")
@@ -904,18 +932,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ));
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
-    let launch = launch_by_host_state(&mut run);
-    run.json.insert("launch_by_host_state".into(), launch);
-    let concurrent = concurrent_launches(&mut run);
-    run.json.insert("concurrent_launches".into(), concurrent);
-    let warm = warm_calls(&mut run);
-    run.json.insert("warm_calls".into(), warm);
-    let gap = idle_gap(&mut run);
-    run.json.insert("first_call_after_idle_gap".into(), gap);
-    let per_call = spawn_per_call(&mut run);
-    run.json.insert("spawn_per_call".into(), per_call);
-    let dense = density(&mut run);
-    run.json.insert("density".into(), dense);
+    let scenarios: [(u32, &str, fn(&mut Run) -> Value); 6] = [
+        (1, "launch_by_host_state", launch_by_host_state),
+        (2, "concurrent_launches", concurrent_launches),
+        (3, "warm_calls", warm_calls),
+        (4, "first_call_after_idle_gap", idle_gap),
+        (5, "spawn_per_call", spawn_per_call),
+        (6, "density", density),
+    ];
+    for (n, key, scenario) in scenarios {
+        if wanted(n) {
+            let value = scenario(&mut run);
+            run.json.insert(key.into(), value);
+        }
+    }
     run.json
         .insert("seconds".into(), json!(started.elapsed().as_secs_f64()));
     std::fs::write(out.join("results.md"), &run.md)?;
