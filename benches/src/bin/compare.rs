@@ -932,7 +932,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ));
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
-    let scenarios: [(u32, &str, fn(&mut Run) -> Value); 6] = [
+    type Scenario = fn(&mut Run) -> Value;
+    let scenarios: [(u32, &str, Scenario); 6] = [
         (1, "launch_by_host_state", launch_by_host_state),
         (2, "concurrent_launches", concurrent_launches),
         (3, "warm_calls", warm_calls),
