@@ -62,6 +62,7 @@ impl Run {
             println!("   {}", row.join("  "));
             self.md.push_str(&format!("| {} |\n", row.join(" | ")));
         }
+        self.md.push('\n');
     }
 }
 
