@@ -30,10 +30,12 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use sandpool_protocol::{
     DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, Kind, MAX_ERROR_MESSAGE,
-    PayloadError, SPEC_ENV, SandboxSpec, SpecError, decode_bind, encode_frame,
+    PayloadError, RegionError, RegionRef, SPEC_ENV, SandboxSpec, SpecError, decode_bind,
+    encode_frame,
 };
 use sandpool_sandbox::{
-    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, StdioError, StdioPipe,
+    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, SharedRegion,
+    StdioError, StdioPipe,
 };
 pub use sandpool_sandbox::{FdCloseStrategy, SeccompPolicy};
 use thiserror::Error;
@@ -77,6 +79,9 @@ pub enum StartupError {
     /// fds 0 and 1 could not be taken.
     #[error(transparent)]
     Stdio(#[from] StdioError),
+    /// The shared region the host passed could not be mapped.
+    #[error(transparent)]
+    Region(#[from] sandpool_sandbox::RegionError),
     /// Inherited fds could not be closed.
     #[error(transparent)]
     CloseFds(#[from] CloseFdsError),
@@ -114,6 +119,13 @@ pub enum ServeError {
     /// The host sent an invalid Bind payload.
     #[error("the host sent an invalid Bind: {0}")]
     Bind(#[from] PayloadError),
+    /// The host sent a region reference outside the request half.
+    #[error("the host sent an invalid region reference: {0}")]
+    RegionRef(#[from] RegionError),
+    /// A region request arrived but no region was mapped, or an access
+    /// failed.
+    #[error("region access failed: {0}")]
+    Region(String),
     /// The host tried to bind an already bound helper to a tenant.
     #[error("the host tried to bind this helper a second time (one helper, one tenant)")]
     Rebind,
@@ -145,6 +157,7 @@ pub struct Sandboxed {
     spec: SandboxSpec,
     input: StdioPipe,
     output: StdioPipe,
+    region: Option<SharedRegion>,
 }
 
 /// Runs the startup sequence (steps 1 to 6) with the spec from the environment.
@@ -162,6 +175,9 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
     }
     let filter = policy.compile(spec.seccomp).map_err(StartupError::Policy)?;
     let (input, output) = sandpool_sandbox::take_protocol_stdio()?;
+    // Map what the helper needs before its inherited fds (fd 3 among them)
+    // are closed: the mapping outlives the fd.
+    let region = spec.region.map(SharedRegion::map_passed).transpose()?;
     let closed = sandpool_sandbox::close_inherited_fds(options.fd_close)?;
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
@@ -180,6 +196,7 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
         spec,
         input,
         output,
+        region,
     })
 }
 
@@ -194,6 +211,8 @@ impl Sandboxed {
         Ok(Session {
             input: self.input,
             output: self.output,
+            region: self.region,
+            granted: false,
             max_frame: self.spec.max_frame,
             tenant: None,
             inbuf: Vec::new(),
@@ -213,6 +232,10 @@ pub fn start(options: &Options) -> Result<Session, StartupError> {
 pub struct Session {
     input: StdioPipe,
     output: StdioPipe,
+    region: Option<SharedRegion>,
+    /// The current request came through the region: the reply may use the
+    /// response half.
+    granted: bool,
     max_frame: u32,
     tenant: Option<Vec<u8>>,
     inbuf: Vec<u8>,
@@ -237,6 +260,12 @@ pub enum Incoming<'a> {
 }
 
 impl Session {
+    /// The shared region the host passed, if any (raw access, for helpers
+    /// that run their own loop).
+    pub fn region(&self) -> Option<&SharedRegion> {
+        self.region.as_ref()
+    }
+
     /// The largest frame payload either side may send.
     pub fn max_frame(&self) -> u32 {
         self.max_frame
@@ -291,9 +320,25 @@ impl Session {
                     self.tenant = Some(decode_bind(&self.inbuf)?.to_vec());
                 }
                 Kind::Shutdown => return Ok(Next::Shutdown),
-                Kind::Request => return Ok(Next::Request(header.id)),
+                Kind::Request => {
+                    self.granted = false;
+                    return Ok(Next::Request(header.id));
+                }
+                Kind::RequestInRegion => {
+                    let region = self
+                        .region
+                        .as_ref()
+                        .ok_or_else(|| ServeError::Region("no shared region was passed".into()))?;
+                    let (start, end) = sandpool_protocol::region::request_half(region.len() as u64);
+                    let at = RegionRef::decode(&self.inbuf, start, end)?;
+                    region
+                        .read_into(at.offset, at.len, &mut self.inbuf)
+                        .map_err(|err| ServeError::Region(err.to_string()))?;
+                    self.granted = true;
+                    return Ok(Next::Request(header.id));
+                }
                 // Header::decode refuses helper-to-host kinds in this direction.
-                Kind::Hello | Kind::Response | Kind::Error => {
+                Kind::Hello | Kind::Response | Kind::Error | Kind::ResponseInRegion => {
                     return Err(ServeError::Decode(DecodeError::WrongDirection {
                         kind: header.kind,
                         direction: Direction::HostToHelper,
@@ -357,6 +402,30 @@ impl Session {
 
     fn send_response(&mut self, id: u64) -> Result<(), SendError> {
         self.frame.clear();
+        if let Some(region) = self.region.as_ref().filter(|_| self.granted) {
+            let (start, end) = sandpool_protocol::region::response_half(region.len() as u64);
+            if self.outbuf.len() as u64 <= end - start {
+                region
+                    .write(start, &self.outbuf)
+                    .map_err(|err| SendError::Io(ServeError::Region(err.to_string())))?;
+                let at = RegionRef {
+                    offset: start,
+                    len: self.outbuf.len() as u64,
+                };
+                encode_frame(
+                    Kind::ResponseInRegion,
+                    id,
+                    &at.encode(),
+                    self.max_frame,
+                    &mut self.frame,
+                )
+                .map_err(SendError::TooLarge)?;
+                return self
+                    .output
+                    .write_all(&self.frame)
+                    .map_err(|err| SendError::Io(ServeError::Write(err)));
+            }
+        }
         encode_frame(
             Kind::Response,
             id,

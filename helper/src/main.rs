@@ -7,7 +7,7 @@
 //! - `--misbehave NAME`: break the protocol or the startup contract on purpose
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
-//!   `stderr-flood`, `corpus:<case>`).
+//!   `stderr-flood`, `region-oob`, `region-scribble`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 #![forbid(unsafe_code)]
 
@@ -203,6 +203,38 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
                 std::process::exit(0);
             }
             "garbage" => b"this is not a sandpool frame at all\n".to_vec(),
+            "region-oob" => {
+                let at = sandpool_protocol::RegionRef {
+                    offset: u64::MAX / 2,
+                    len: payload.len() as u64,
+                };
+                reply(Kind::ResponseInRegion, id, &at.encode())
+            }
+            "region-scribble" => {
+                // A correct reply through the region, then the bytes are
+                // changed under the host's feet for a while.
+                let start = {
+                    let region = session.region().ok_or("no region was passed")?;
+                    let start = region.len() as u64 / 2;
+                    region.write(start, &payload).map_err(|e| e.to_string())?;
+                    start
+                };
+                let at = sandpool_protocol::RegionRef {
+                    offset: start,
+                    len: payload.len() as u64,
+                };
+                session
+                    .send_raw(&reply(Kind::ResponseInRegion, id, &at.encode()))
+                    .map_err(|e| e.to_string())?;
+                let region = session.region().ok_or("no region was passed")?;
+                let scribble = vec![0xEE; payload.len()];
+                let until = std::time::Instant::now() + Duration::from_millis(200);
+                while std::time::Instant::now() < until {
+                    region.write(start, &scribble).map_err(|e| e.to_string())?;
+                    region.write(start, &payload).map_err(|e| e.to_string())?;
+                }
+                continue;
+            }
             "wrong-id" => reply(Kind::Response, id.wrapping_add(1), &payload),
             "pre-answer" => {
                 // Answer properly, then, a moment later, answer the next

@@ -50,5 +50,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "pre-answer",
     "no-read",
     "stderr-flood",
+    "region-oob",
+    "region-scribble",
     "corpus:<case name>",
 ];

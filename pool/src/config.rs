@@ -140,6 +140,11 @@ pub struct HelperConfig {
     /// How long a caller waiting for a reply retries the pipe (yielding the
     /// CPU in between) before it sleeps. Default 20 us.
     pub spin_wait: Duration,
+    /// Size of a per-helper shared memory region for large payloads (half
+    /// for requests, half for responses); `None` (default) for none.
+    pub region_size: Option<u64>,
+    /// Requests at least this large go through the region. Default 64 KiB.
+    pub region_threshold: usize,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -157,6 +162,8 @@ impl HelperConfig {
             pin_image: true,
             pipe_size: None,
             spin_wait: Duration::from_micros(20),
+            region_size: None,
+            region_threshold: 64 * 1024,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -174,6 +181,14 @@ impl HelperConfig {
                     self.max_frame
                 ),
             ));
+        }
+        if let Some(size) = self.region_size {
+            if !(8192..=(1u64 << 32)).contains(&size) || (self.region_threshold as u64) > size / 2 {
+                return Err(ConfigError::new(
+                    "region_size",
+                    format!("{size} must be 8 KiB to 4 GiB and at least twice region_threshold"),
+                ));
+            }
         }
         if self.spin_wait > Duration::from_millis(10) {
             return Err(ConfigError::new(
@@ -231,6 +246,7 @@ impl HelperConfig {
             max_frame: self.max_frame,
             rlimits: self.sandbox.rlimits.spec(),
             extra_syscalls: self.sandbox.extra_syscalls.clone(),
+            region: self.region_size,
         }
     }
 }
@@ -323,6 +339,13 @@ pub struct Config {
     /// off. Default `"20us"`.
     #[serde(with = "humantime_serde")]
     pub spin_wait: Duration,
+    /// A per-helper shared memory region (a sealed memfd) for large payloads:
+    /// half for requests, half for responses, e.g. `"16MiB"`. Unset (the
+    /// default) means every payload goes through the pipes.
+    pub region_size: Option<ByteSize>,
+    /// Requests at least this large go through the region, and their
+    /// responses come back through it. Default 64 KiB.
+    pub region_threshold: ByteSize,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
     /// A launch slower than this logs a warning (once per pool). Default 50 ms.
@@ -359,6 +382,8 @@ impl Default for Config {
             pin_image: true,
             pipe_size: None,
             spin_wait: Duration::from_micros(20),
+            region_size: None,
+            region_threshold: ByteSize::kib(64),
             crash_backoff: BackoffConfig::default(),
             slow_launch_threshold: Duration::from_millis(50),
             stderr_bytes_per_second: ByteSize::kib(16),
@@ -435,6 +460,8 @@ impl Config {
                 .pipe_size
                 .map(|size| u32::try_from(size.as_u64()).unwrap_or(u32::MAX)),
             spin_wait: self.spin_wait,
+            region_size: self.region_size.map(|size| size.as_u64()),
+            region_threshold: usize::try_from(self.region_threshold.as_u64()).unwrap_or(usize::MAX),
             sandbox: self.sandbox.clone(),
         }
     }

@@ -93,6 +93,12 @@ pub enum ProtocolViolation {
     /// It had sent part of a frame while no request was in flight.
     #[error("sent a partial frame with no request in flight")]
     UnsolicitedPartial,
+    /// It referred to shared-region bytes outside the response half.
+    #[error("bad region reference: {0}")]
+    Region(#[from] sandpool_protocol::RegionError),
+    /// It answered through the region a request that did not grant it.
+    #[error("answered request id {0} through the shared region without being granted it")]
+    RegionNotGranted(u64),
     /// Its Error frame is not UTF-8.
     #[error("Error frame is not UTF-8")]
     ErrorNotUtf8,
@@ -157,6 +163,12 @@ pub enum LaunchError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
+    /// The shared region could not be created or mapped.
+    #[error("creating the shared region failed: {reason}")]
+    Region {
+        /// What failed.
+        reason: String,
+    },
     /// The helper binary could not be pinned in a sealed memfd.
     #[error("pinning the helper image {program} failed: {reason}")]
     PinImage {

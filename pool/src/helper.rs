@@ -15,13 +15,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use sandpool_protocol::{Hello, Kind, decode_bind, encode_frame};
+use sandpool_protocol::{Hello, Kind, RegionRef, decode_bind, encode_frame};
 use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
 use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
 use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all};
-use crate::launcher::{LaunchPlan, spawn};
+use crate::launcher::{HostRegion, LaunchPlan, spawn};
 use crate::process::Process;
 use crate::stderr::{StderrHub, StderrStream};
 use crate::verify::verify_hello;
@@ -169,6 +169,9 @@ impl Launcher {
             retired: AtomicBool::new(false),
             process: Mutex::new(process),
             stderr,
+            region: spawned.region,
+            region_lock: Mutex::new(()),
+            region_threshold: self.config.region_threshold,
             calls: AtomicU64::new(0),
             calls_at_bind: AtomicU64::new(0),
             tenant_success: AtomicBool::new(false),
@@ -229,6 +232,8 @@ struct Outstanding {
     /// order the helper must answer them in).
     queue: VecDeque<u64>,
     abandoned: Vec<u64>,
+    /// The request in flight that was granted the region's response half.
+    granted: Option<u64>,
 }
 
 /// A running, verified helper.
@@ -255,6 +260,11 @@ pub struct Helper {
     retired: AtomicBool,
     process: Mutex<Process>,
     stderr: StderrSink,
+    /// The shared region for large payloads, if configured.
+    region: Option<HostRegion>,
+    /// Held from writing a region request until its reply is copied out.
+    region_lock: Mutex<()>,
+    region_threshold: usize,
     calls: AtomicU64,
     /// `calls` when the helper was bound (a spare's warm-up came before).
     calls_at_bind: AtomicU64,
@@ -338,21 +348,53 @@ impl Helper {
     pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         self.check_retired()?;
-        if request.len() > self.max_frame as usize {
+        // Large requests go through the shared region, one at a time (the
+        // region lock is held until the reply has been copied out).
+        let region = self.region.as_ref().filter(|region| {
+            request.len() >= self.region_threshold && request.len() as u64 <= region.len() / 2
+        });
+        if region.is_none() && request.len() > self.max_frame as usize {
             return Err(CallError::RequestTooLarge {
                 len: request.len(),
                 max: self.max_frame,
             });
         }
         let _slot = self.claim_slot(deadline)?;
+        let _region_guard = match region {
+            Some(_) => Some(self.region_lock.try_lock_until(deadline).ok_or_else(|| {
+                CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                }
+            })?),
+            None => None,
+        };
         let id = {
             let mut writer = self.lock_writer(deadline, started)?;
             let id = writer.next_id;
             writer.next_id += 1;
-            self.send(&mut writer, Kind::Request, id, request, deadline, started)?;
+            match region {
+                Some(region) => {
+                    region.write(0, request);
+                    let at = RegionRef {
+                        offset: 0,
+                        len: request.len() as u64,
+                    };
+                    self.outstanding.lock().granted = Some(id);
+                    self.send(
+                        &mut writer,
+                        Kind::RequestInRegion,
+                        id,
+                        &at.encode(),
+                        deadline,
+                        started,
+                    )?;
+                }
+                None => self.send(&mut writer, Kind::Request, id, request, deadline, started)?,
+            }
             id
         };
-        let result = self.collect(id, deadline, started);
+        let result = self.collect(id, deadline, started, region.is_none());
         if matches!(result, Ok(_) | Err(CallError::Helper(_))) {
             self.calls.fetch_add(1, Ordering::Relaxed);
         }
@@ -456,7 +498,7 @@ impl Helper {
                 reason: "stdin already closed".into(),
             });
         };
-        if kind == Kind::Request {
+        if matches!(kind, Kind::Request | Kind::RequestInRegion) {
             outstanding.queue.push_back(id);
         }
         drop(outstanding);
@@ -465,8 +507,19 @@ impl Helper {
     }
 
     /// Waits for the reply to `id`, reading frames for others on the way.
-    fn collect(&self, id: u64, deadline: Instant, started: Instant) -> Result<Vec<u8>, CallError> {
+    fn collect(
+        &self,
+        id: u64,
+        deadline: Instant,
+        started: Instant,
+        may_abandon: bool,
+    ) -> Result<Vec<u8>, CallError> {
         let Some(mut reader) = self.reader.try_lock_until(deadline) else {
+            if !may_abandon {
+                // A region call cannot walk away: the region would be handed
+                // to the next large call while the helper may still use it.
+                return Err(self.fail_timeout(started));
+            }
             // Queued behind other callers' replies (the reader holding the
             // lock answers for the helper's health): give up on this reply
             // without blaming the helper. Its reply is dropped when it comes.
@@ -522,7 +575,9 @@ impl Helper {
                 (expected, abandoned.is_some())
             };
             let result = match header.kind {
-                Kind::Response | Kind::Error if Some(header.id) != expected => {
+                Kind::Response | Kind::Error | Kind::ResponseInRegion
+                    if Some(header.id) != expected =>
+                {
                     drop(reader);
                     return Err(self.fail_violation(match expected {
                         Some(expected) => ProtocolViolation::UnexpectedId {
@@ -536,6 +591,39 @@ impl Helper {
                     }));
                 }
                 Kind::Response => Ok(payload),
+                Kind::ResponseInRegion => {
+                    let granted = std::mem::take(&mut self.outstanding.lock().granted);
+                    let copied = match (&self.region, granted) {
+                        (Some(region), Some(granted)) if granted == header.id => {
+                            let (start, end) =
+                                sandpool_protocol::region::response_half(region.len());
+                            // Bounds first, then copy out: the helper may
+                            // rewrite the bytes at any moment after this.
+                            RegionRef::decode(&payload, start, end)
+                                .map_err(ProtocolViolation::Region)
+                                .and_then(|at| {
+                                    region
+                                        .read(at.offset, at.len)
+                                        .ok_or(ProtocolViolation::Region(
+                                            sandpool_protocol::RegionError::OutOfBounds {
+                                                offset: at.offset,
+                                                len: at.len,
+                                                start,
+                                                end,
+                                            },
+                                        ))
+                                })
+                        }
+                        _ => Err(ProtocolViolation::RegionNotGranted(header.id)),
+                    };
+                    match copied {
+                        Ok(bytes) => Ok(bytes),
+                        Err(violation) => {
+                            drop(reader);
+                            return Err(self.fail_violation(violation));
+                        }
+                    }
+                }
                 Kind::Error => match String::from_utf8(payload) {
                     Ok(message) => Err(CallError::Helper(message)),
                     Err(_) => {

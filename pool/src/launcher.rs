@@ -32,8 +32,9 @@ pub(crate) struct LaunchPlan {
     argv: Vec<CString>,
     envp: Vec<CString>,
     pipe_size: Option<i32>,
+    region_size: Option<u64>,
     /// The sealed copy of the program that every launch executes, if pinned.
-    _image: Option<memfd::Memfd>,
+    _image: Option<OwnedFd>,
 }
 
 /// Copies the helper binary into a sealed memfd (no writes, no resizing,
@@ -41,7 +42,7 @@ pub(crate) struct LaunchPlan {
 /// on disk is replaced or upgraded while the server runs. Returns the memfd
 /// and the path posix_spawn executes it by: `/proc/self/fd/N`, resolved in
 /// the child, which inherits N until its exec closes it (O_CLOEXEC).
-fn pin_image(program: &std::path::Path) -> Result<(memfd::Memfd, CString), LaunchError> {
+fn pin_image(program: &std::path::Path) -> Result<(OwnedFd, CString), LaunchError> {
     let err = |what: &str, detail: String| LaunchError::PinImage {
         program: program.display().to_string(),
         reason: format!("{what}: {detail}"),
@@ -61,9 +62,18 @@ fn pin_image(program: &std::path::Path) -> Result<(memfd::Memfd, CString), Launc
             memfd::FileSeal::SealSeal,
         ])
         .map_err(|e| err("seal", e.to_string()))?;
+    // Numbered above every fd the spawn's file actions write (0 to 3), so no
+    // dup2 in the child can replace the image before the exec reads it.
+    let image = lift_above_spawn_targets(image.as_file()).map_err(|e| err("dup", e.to_string()))?;
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
     let path = CString::new(path).map_err(|e| err("path", e.to_string()))?;
     Ok((image, path))
+}
+
+/// A close-on-exec duplicate of `fd` numbered 4 or above: clear of the fds
+/// (0 to 3) that the spawn's dup2 file actions write in the child.
+fn lift_above_spawn_targets(fd: impl std::os::fd::AsFd) -> std::io::Result<OwnedFd> {
+    rustix::io::fcntl_dupfd_cloexec(fd, 4).map_err(std::io::Error::from)
 }
 
 /// A freshly spawned helper: its pid, a pidfd, and the host's pipe ends
@@ -75,6 +85,127 @@ pub(crate) struct Spawned {
     pub(crate) stdin: OwnedFd,
     pub(crate) stdout: OwnedFd,
     pub(crate) stderr: OwnedFd,
+    pub(crate) region: Option<HostRegion>,
+}
+
+/// The host's mapping of a helper's shared region: a memfd sealed against
+/// shrinking and growing (a hostile helper cannot truncate it under the
+/// host's feet), mapped shared and read-write. Accessed only by copying
+/// bytes in and out, never through references: the helper can change the
+/// bytes at any moment, so the host copies them out before it looks at them.
+#[derive(Debug)]
+pub(crate) struct HostRegion {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed by raw byte
+// copies; callers serialise their use of it (the helper's region lock).
+#[allow(unsafe_code)]
+unsafe impl Send for HostRegion {}
+// SAFETY: as for Send: `&HostRegion` only offers byte copies, whose
+// interleaving the region lock orders.
+#[allow(unsafe_code)]
+unsafe impl Sync for HostRegion {}
+
+impl HostRegion {
+    /// Creates the sealed memfd of `size` bytes and maps it; returns the
+    /// memfd (numbered 4 or above, for the dup2 onto the helper's fd 3).
+    fn create(size: u64) -> Result<(OwnedFd, HostRegion), LaunchError> {
+        let err = |what: &str, detail: String| LaunchError::Region {
+            reason: format!("{what}: {detail}"),
+        };
+        let len = usize::try_from(size)
+            .ok()
+            .and_then(std::num::NonZeroUsize::new)
+            .ok_or_else(|| err("size", size.to_string()))?;
+        let memfd = memfd::MemfdOptions::default()
+            .allow_sealing(true)
+            .close_on_exec(true)
+            .create("sandpool-region")
+            .map_err(|e| err("memfd_create", e.to_string()))?;
+        memfd
+            .as_file()
+            .set_len(size)
+            .map_err(|e| err("ftruncate", e.to_string()))?;
+        memfd
+            .add_seals(&[
+                memfd::FileSeal::SealShrink,
+                memfd::FileSeal::SealGrow,
+                memfd::FileSeal::SealSeal,
+            ])
+            .map_err(|e| err("seal", e.to_string()))?;
+        // SAFETY: a fresh mapping chosen by the kernel (no address hint), so
+        // it aliases nothing Rust knows about; the memfd is sealed against
+        // shrinking, so no page can vanish under the mapping (no SIGBUS).
+        #[allow(unsafe_code)]
+        let ptr = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                len,
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                memfd.as_file(),
+                0,
+            )
+        }
+        .map_err(|e| err("mmap", e.to_string()))?;
+        let region = HostRegion {
+            ptr: ptr.cast(),
+            len: len.get(),
+        };
+        let memfd =
+            lift_above_spawn_targets(memfd.as_file()).map_err(|e| err("dup", e.to_string()))?;
+        Ok((memfd, region))
+    }
+
+    pub(crate) fn len(&self) -> u64 {
+        self.len as u64
+    }
+
+    fn range(&self, offset: u64, len: u64) -> Option<usize> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        (end <= self.len).then_some(start)
+    }
+
+    /// Copies `bytes` to `offset`; false if that leaves the region.
+    pub(crate) fn write(&self, offset: u64, bytes: &[u8]) -> bool {
+        let Some(start) = self.range(offset, bytes.len() as u64) else {
+            return false;
+        };
+        // SAFETY: the destination lies within the mapping (checked) and
+        // cannot overlap `bytes`, which is this process's own memory.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().wrapping_add(start), bytes.len())
+        };
+        true
+    }
+
+    /// Copies `len` bytes at `offset` out into a new buffer; None if that
+    /// leaves the region.
+    pub(crate) fn read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let start = self.range(offset, len)?;
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: the source lies within the mapping (checked), the
+        // destination is a distinct buffer of `len` bytes, and any byte
+        // values are valid for u8 even if the helper writes concurrently.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().wrapping_add(start), out.as_mut_ptr(), out.len())
+        };
+        Some(out)
+    }
+}
+
+impl Drop for HostRegion {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `create`, unmapped once, here;
+        // it was only ever accessed by copies, so nothing borrows it.
+        #[allow(unsafe_code)]
+        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString, LaunchError> {
@@ -119,6 +250,7 @@ impl LaunchPlan {
             pipe_size: config
                 .pipe_size
                 .map(|size| size.min(i32::MAX as u32) as i32),
+            region_size: config.region_size,
             _image: image,
         })
     }
@@ -170,11 +302,19 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
         }
     }
 
+    let region = plan.region_size.map(HostRegion::create).transpose()?;
     let setup = |what| move |source| LaunchError::SpawnSetup { what, source };
     let mut actions = PosixSpawnFileActions::init().map_err(setup("file actions"))?;
     for (fd, target) in [(&child_stdin, 0), (&child_stdout, 1), (&child_stderr, 2)] {
         actions
             .add_dup2(std::os::fd::AsRawFd::as_raw_fd(fd), target)
+            .map_err(setup("file actions"))?;
+    }
+    if let Some((memfd, _)) = &region {
+        // The region's memfd becomes the helper's fd 3; it maps it and then
+        // closes it with every other inherited fd.
+        actions
+            .add_dup2(std::os::fd::AsRawFd::as_raw_fd(memfd), 3)
             .map_err(setup("file actions"))?;
     }
     let mut attr = PosixSpawnAttr::init().map_err(setup("attributes"))?;
@@ -206,8 +346,10 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
         source,
     })?;
     // The child's ends now live in the child; close the host's copies so that
-    // EOF on stdout means the helper (and only it) is gone.
+    // EOF on stdout means the helper (and only it) is gone. The host keeps
+    // only its mapping of the region, not the memfd.
     drop((child_stdin, child_stdout, child_stderr));
+    let region = region.map(|(_memfd, mapping)| mapping);
 
     let raw_pid = pid.as_raw();
     let pidfd = rustix::process::Pid::from_raw(raw_pid)
@@ -236,5 +378,6 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
         stdin: host_stdin,
         stdout: host_stdout,
         stderr: host_stderr,
+        region,
     })
 }

@@ -20,6 +20,7 @@ mod config;
 mod error;
 mod helper;
 mod io;
+#[allow(unsafe_code)] // the shared region mapping; each block has its SAFETY comment
 mod launcher;
 mod pool;
 mod process;

@@ -60,6 +60,14 @@ pub enum Kind {
     Error = 5,
     /// Host -> helper: finish and exit cleanly. Empty payload.
     Shutdown = 6,
+    /// Host -> helper: a request whose bytes are in the shared region; the
+    /// payload is a [`crate::RegionRef`] into the request half. It also
+    /// grants the helper the response half for its reply.
+    RequestInRegion = 7,
+    /// Helper -> host: the reply to a [`Kind::RequestInRegion`], its bytes in
+    /// the response half of the shared region; the payload is a
+    /// [`crate::RegionRef`].
+    ResponseInRegion = 8,
 }
 
 /// The longest helper-side error message a host accepts, in bytes.
@@ -75,6 +83,8 @@ impl Kind {
             4 => Kind::Response,
             5 => Kind::Error,
             6 => Kind::Shutdown,
+            7 => Kind::RequestInRegion,
+            8 => Kind::ResponseInRegion,
             _ => return None,
         })
     }
@@ -82,8 +92,12 @@ impl Kind {
     /// The direction this kind may travel in.
     pub fn direction(self) -> Direction {
         match self {
-            Kind::Bind | Kind::Request | Kind::Shutdown => Direction::HostToHelper,
-            Kind::Hello | Kind::Response | Kind::Error => Direction::HelperToHost,
+            Kind::Bind | Kind::Request | Kind::Shutdown | Kind::RequestInRegion => {
+                Direction::HostToHelper
+            }
+            Kind::Hello | Kind::Response | Kind::Error | Kind::ResponseInRegion => {
+                Direction::HelperToHost
+            }
         }
     }
 }
@@ -215,6 +229,11 @@ impl Header {
                 return Err(DecodeError::UnexpectedId { kind, id });
             }
             Kind::Shutdown if len != 0 => {
+                return Err(DecodeError::UnexpectedPayload { kind, len });
+            }
+            Kind::RequestInRegion | Kind::ResponseInRegion
+                if len as usize != crate::REGION_REF_LEN =>
+            {
                 return Err(DecodeError::UnexpectedPayload { kind, len });
             }
             _ => {}

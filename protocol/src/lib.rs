@@ -15,6 +15,7 @@
 pub mod corpus;
 pub mod frame;
 pub mod hello;
+pub mod region;
 pub mod spec;
 
 pub use frame::{
@@ -25,4 +26,5 @@ pub use hello::{
     FdCloseMethod, Hello, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_TENANT_LEN, PayloadError, SeccompMode,
     decode_bind,
 };
+pub use region::{REGION_REF_LEN, RegionError, RegionRef};
 pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};

@@ -38,6 +38,8 @@ pub struct SandboxSpec {
     pub rlimits: RlimitSpec,
     /// Syscall names to allow on top of the helper's own policy.
     pub extra_syscalls: Vec<String>,
+    /// Size of the shared memory region passed as fd 3, if any.
+    pub region: Option<u64>,
 }
 
 impl Default for SandboxSpec {
@@ -47,6 +49,7 @@ impl Default for SandboxSpec {
             max_frame: DEFAULT_MAX_FRAME,
             rlimits: RlimitSpec::default(),
             extra_syscalls: Vec::new(),
+            region: None,
         }
     }
 }
@@ -89,6 +92,7 @@ impl SandboxSpec {
             ("nofile", self.rlimits.open_files),
             ("cpu", self.rlimits.cpu_seconds),
             ("fsize", self.rlimits.file_size),
+            ("region", self.region),
         ];
         for (key, value) in limits {
             if let Some(value) = value {
@@ -136,6 +140,11 @@ impl SandboxSpec {
                 "nofile" => spec.rlimits.open_files = Some(number()?),
                 "cpu" => spec.rlimits.cpu_seconds = Some(number()?),
                 "fsize" => spec.rlimits.file_size = Some(number()?),
+                "region" => {
+                    spec.region = Some(number()?)
+                        .filter(|size| *size >= 2)
+                        .map_or_else(|| Err(invalid()), |size| Ok(Some(size)))?
+                }
                 "allow" => {
                     spec.extra_syscalls = value.split(',').map(str::to_owned).collect();
                     let well_formed = |name: &String| {
@@ -179,6 +188,7 @@ mod tests {
                 file_size: Some(0),
             },
             extra_syscalls: vec!["getcwd".into(), "uname".into()],
+            region: Some(1 << 20),
         };
         assert_eq!(SandboxSpec::decode(&spec.encode()), Ok(spec));
         let plain = SandboxSpec::default();

@@ -1,0 +1,113 @@
+//! Large payloads through the per-helper shared region (a sealed memfd),
+//! and hostile helpers abusing it.
+#![allow(clippy::unwrap_used)]
+
+use sandpool::{CallError, Launcher, ProtocolViolation};
+use sandpool_helper::reference::*;
+use sandpool_tests::{config, deadline, fds_of};
+
+fn region_config(args: &[&str]) -> sandpool::HelperConfig {
+    let mut cfg = config(args);
+    cfg.region_size = Some(32 << 20);
+    cfg.region_threshold = 64 * 1024;
+    cfg
+}
+
+#[test]
+fn large_requests_and_responses_travel_through_the_region() {
+    let helper = Launcher::new(region_config(&[])).unwrap().launch().unwrap();
+    // The memfd was mapped and then closed by the helper like any other fd.
+    assert_eq!(
+        fds_of(helper.pid()).into_iter().collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", helper.pid())).unwrap();
+    assert!(
+        maps.contains("memfd:sandpool-region"),
+        "the region is mapped in the helper"
+    );
+    for size in [16usize, 100_000, 256 << 10, 1 << 20, 8 << 20] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let reply = helper
+            .call(&request(OP_ECHO, &body), deadline(10.0))
+            .unwrap();
+        assert_eq!(reply.len(), body.len(), "{size} B");
+        assert!(reply == body, "{size} B: the echo came back intact");
+    }
+}
+
+#[test]
+fn the_region_is_sealed_against_shrinking_and_growing() {
+    let helper = Launcher::new(region_config(&[])).unwrap().launch().unwrap();
+    // Reach the region through the helper's mapping, as a hostile helper
+    // would hold it, and try to resize it.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", helper.pid())).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.contains("memfd:sandpool-region"))
+        .unwrap();
+    let range = line.split_whitespace().next().unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{}/map_files/{range}", helper.pid()))
+        .unwrap();
+    assert!(file.set_len(4096).is_err(), "shrinking is sealed");
+    assert!(file.set_len(64 << 20).is_err(), "growing is sealed");
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &[9u8; 200_000]), deadline(5.0))
+            .unwrap(),
+        vec![9u8; 200_000]
+    );
+}
+
+#[test]
+fn an_out_of_bounds_region_reference_is_a_protocol_violation() {
+    let helper = Launcher::new(region_config(&["--misbehave", "region-oob"]))
+        .unwrap()
+        .launch()
+        .unwrap();
+    match helper.call(&request(OP_ECHO, &[1u8; 300_000]), deadline(5.0)) {
+        Err(CallError::Protocol {
+            violation: ProtocolViolation::Region(_),
+            ..
+        }) => {}
+        other => panic!("expected a region violation, got {other:?}"),
+    }
+    assert!(helper.is_retired());
+}
+
+#[test]
+fn a_helper_rewriting_the_region_after_replying_cannot_hurt_the_host() {
+    let helper = Launcher::new(region_config(&["--misbehave", "region-scribble"]))
+        .unwrap()
+        .launch()
+        .unwrap();
+    let body = vec![0x42u8; 500_000];
+    // The host copies the reply out before looking at it: it gets a snapshot
+    // of the right length, whatever the helper does to the bytes meanwhile.
+    let reply = helper
+        .call(&request(OP_ECHO, &body), deadline(5.0))
+        .unwrap();
+    assert_eq!(reply.len(), body.len() + 1 - 1);
+    assert!(reply.iter().all(|b| *b == 0x42 || *b == 0xEE));
+}
+
+#[test]
+fn a_region_reply_to_a_request_that_did_not_grant_it_is_refused() {
+    let helper = Launcher::new(region_config(&["--misbehave", "region-oob"]))
+        .unwrap()
+        .launch()
+        .unwrap();
+    // A small request goes through the pipe: it grants no region.
+    match helper.call(&request(OP_ECHO, b"small"), deadline(5.0)) {
+        Err(CallError::Protocol { violation, .. }) => {
+            assert!(
+                matches!(violation, ProtocolViolation::RegionNotGranted(1)),
+                "{violation:?}"
+            )
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
