@@ -36,3 +36,5 @@ pub use helper::{Helper, Launcher};
 pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};
 pub use sandpool_protocol::{FdCloseMethod, Hello, RlimitSpec, SeccompMode};
 pub use telemetry::METRICS;
+/// Human-readable sizes as `Config` uses them (re-exported from `bytesize`).
+pub use bytesize::ByteSize;

@@ -524,6 +524,55 @@ fn warm_calls(run: &mut Run) -> Value {
     json!({ "round_trip": out, "pipelined": { "raw_per_s": raw_rate, "sandpool_per_s": pooled_rate, "ratio": ratio } })
 }
 
+fn large_payloads(run: &mut Run) -> Value {
+    run.section(
+        "3b. Large payloads: shared region vs pipe",
+        "Echo of 256 KiB to 8 MiB, one caller: request and response through the pipe (max_frame 16 MiB) against \
+         through the helper's sealed memfd region (region_size 32 MiB). Throughput counts both directions. Interleaved.",
+    );
+    let reps = if run.quick { 3 } else { 40 };
+    let pool_with = |region: bool| {
+        let mut config = Config::new(HELPER);
+        config.spares = 0;
+        config.max_frame = sandpool::ByteSize::mib(16);
+        if region {
+            config.region_size = Some(sandpool::ByteSize::mib(32));
+        }
+        Pool::new(config).expect("pool")
+    };
+    let pipe = pool_with(false);
+    let region = pool_with(true);
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for size in [256usize << 10, 1 << 20, 8 << 20] {
+        let req = request(OP_ECHO, &vec![0x33; size - 1]);
+        pipe.call("t", &req).expect("warm-up");
+        region.call("t", &req).expect("warm-up");
+        let (mut by_pipe, mut by_region) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            pipe.call("t", &req).expect("pipe call");
+            by_pipe.push(t.elapsed());
+            let t = Instant::now();
+            region.call("t", &req).expect("region call");
+            by_region.push(t.elapsed());
+        }
+        let by_pipe = summarize(&mut by_pipe);
+        let by_region = summarize(&mut by_region);
+        let rate = |s: &Summary| (2 * size) as f64 / s.median.as_secs_f64() / (1 << 30) as f64;
+        let ratio = rate(&by_region) / rate(&by_pipe);
+        rows.push(vec![
+            format!("{} KiB", size >> 10),
+            format!("{} ({:.2} GiB/s)", fmt_us(by_pipe.median), rate(&by_pipe)),
+            format!("{} ({:.2} GiB/s)", fmt_us(by_region.median), rate(&by_region)),
+            format!("{ratio:.2}x"),
+        ]);
+        out.push(json!({ "size": size, "pipe": summary_json(&by_pipe), "region": summary_json(&by_region), "throughput_ratio": ratio }));
+    }
+    run.table(&["payload each way", "pipe (median)", "region (median)", "region / pipe throughput"], rows);
+    Value::Array(out)
+}
+
 fn idle_gap(run: &mut Run) -> Value {
     run.section(
         "4. First call after an idle gap",
@@ -934,10 +983,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
     type Scenario = fn(&mut Run) -> Value;
-    let scenarios: [(u32, &str, Scenario); 6] = [
+    let scenarios: [(u32, &str, Scenario); 7] = [
         (1, "launch_by_host_state", launch_by_host_state),
         (2, "concurrent_launches", concurrent_launches),
         (3, "warm_calls", warm_calls),
+        (3, "large_payloads", large_payloads),
         (4, "first_call_after_idle_gap", idle_gap),
         (5, "spawn_per_call", spawn_per_call),
         (6, "density", density),
