@@ -4,39 +4,16 @@
 //! ratios are the result.
 //!
 //! `cargo bench -p sandpool-benches --bench foundation [-- --quick]`
-#![allow(clippy::disallowed_methods)] // the raw-pipe baseline peer is spawned with std Command
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sandpool::{HelperConfig, Launcher};
 use sandpool_benches::{row, summarize};
 use sandpool_helper::reference::{OP_ECHO, request};
 
-const PEER_ENV: &str = "SANDPOOL_BENCH_PIPE_PEER";
-
-/// The raw baseline's peer: echo fixed-size messages from stdin to stdout.
-fn pipe_peer(size: usize) -> ! {
-    let mut stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = vec![0u8; size];
-    while stdin.read_exact(&mut buf).is_ok() {
-        if stdout
-            .write_all(&buf)
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            break;
-        }
-    }
-    std::process::exit(0);
-}
-
 fn main() {
-    if let Some(size) = std::env::var(PEER_ENV).ok().and_then(|s| s.parse().ok()) {
-        pipe_peer(size);
-    }
+    sandpool_benches::run_pipe_peer_if_asked();
     let quick = std::env::args().any(|a| a == "--quick");
     let (launch_rounds, call_rounds) = if quick { (5, 5) } else { (60, 40) };
 
@@ -90,12 +67,7 @@ fn main() {
         let mut back = vec![0u8; size];
         let (mut raw, mut pooled) = (Vec::new(), Vec::new());
         for _ in 0..call_rounds {
-            let mut peer = Command::new(std::env::current_exe().expect("own path"))
-                .env(PEER_ENV, size.to_string())
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("spawn pipe peer");
+            let mut peer = sandpool_benches::spawn_pipe_peer(size).expect("spawn pipe peer");
             let mut peer_in = peer.stdin.take().expect("piped");
             let mut peer_out = peer.stdout.take().expect("piped");
             for _ in 0..500 {

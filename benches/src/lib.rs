@@ -4,6 +4,8 @@
 //! interleaved in one process run (A B A B ...) and reports the ratio of
 //! medians, not absolute times alone.
 
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Median and 99th percentile of a set of samples.
@@ -48,4 +50,44 @@ pub fn row(name: &str, s: &Summary, baseline: &Summary) -> String {
         us(s.p99),
         s.median.as_secs_f64() / baseline.median.as_secs_f64().max(1e-12)
     )
+}
+
+/// The environment variable that turns a harness binary into the raw-pipe
+/// baseline's peer.
+pub const PEER_ENV: &str = "SANDPOOL_BENCH_PIPE_PEER";
+
+/// Call first thing in a harness's `main`: if this process was started as
+/// the raw baseline's peer, echo fixed-size messages from stdin to stdout
+/// until EOF and exit.
+pub fn run_pipe_peer_if_asked() {
+    let Some(size) = std::env::var(PEER_ENV)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+    else {
+        return;
+    };
+    let mut stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; size];
+    while stdin.read_exact(&mut buf).is_ok() {
+        if stdout
+            .write_all(&buf)
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            break;
+        }
+    }
+    std::process::exit(0);
+}
+
+/// Starts this binary again as the raw baseline's peer for `size`-byte
+/// messages, with piped stdin and stdout.
+#[allow(clippy::disallowed_methods)] // the raw-pipe baseline peer, not a helper
+pub fn spawn_pipe_peer(size: usize) -> std::io::Result<std::process::Child> {
+    Command::new(std::env::current_exe()?)
+        .env(PEER_ENV, size.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
 }

@@ -178,7 +178,11 @@ impl HostRegion {
         // cannot overlap `bytes`, which is this process's own memory.
         #[allow(unsafe_code)]
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().wrapping_add(start), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().wrapping_add(start),
+                bytes.len(),
+            )
         };
         true
     }
@@ -193,7 +197,11 @@ impl HostRegion {
         // values are valid for u8 even if the helper writes concurrently.
         #[allow(unsafe_code)]
         unsafe {
-            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().wrapping_add(start), out.as_mut_ptr(), out.len())
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().wrapping_add(start),
+                out.as_mut_ptr(),
+                out.len(),
+            )
         };
         Some(out)
     }

@@ -28,6 +28,8 @@ mod stderr;
 mod telemetry;
 mod verify;
 
+/// Human-readable sizes as `Config` uses them (re-exported from `bytesize`).
+pub use bytesize::ByteSize;
 pub use config::{
     BackoffConfig, Config, ConfigError, HelperConfig, MAX_DURATION, RlimitConfig, SandboxConfig,
 };
@@ -36,5 +38,3 @@ pub use helper::{Helper, Launcher};
 pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};
 pub use sandpool_protocol::{FdCloseMethod, Hello, RlimitSpec, SeccompMode};
 pub use telemetry::METRICS;
-/// Human-readable sizes as `Config` uses them (re-exported from `bytesize`).
-pub use bytesize::ByteSize;

@@ -102,3 +102,16 @@ pub fn pool_config(args: &[&str]) -> sandpool::Config {
     config.args = args.iter().map(|arg| arg.to_string()).collect();
     config
 }
+
+/// This process's resident set, in KiB (`VmRSS` in `/proc/self/status`).
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -15,20 +15,10 @@ use std::time::{Duration, Instant};
 use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViolation};
 use sandpool_helper::reference::*;
 use sandpool_protocol::DecodeError;
-use sandpool_tests::{children, open_fds, pool_config, process_exists, wait_for};
+use sandpool_tests::{children, open_fds, pool_config, process_exists, rss_kib, wait_for};
 
 /// The tests of this binary run one at a time: each counts the process's fds.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Resident set of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 struct Bystanders {
     stop: Arc<AtomicBool>,

@@ -18,19 +18,10 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sandpool::{CallError, ExitStatus, Pool};
 use sandpool_helper::reference::{OP_ECHO, request};
-use sandpool_tests::{children, open_fds, pool_config};
+use sandpool_tests::{children, open_fds, pool_config, rss_kib};
 
 const TENANTS: usize = 1000;
 const THREADS: usize = 12;
-
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
 
 fn kind(err: &CallError) -> &'static str {
     match err {

@@ -22,7 +22,6 @@ use sandpool_helper::reference::{OP_ECHO, request};
 use serde_json::{Value, json};
 
 const HELPER: &str = env!("SANDPOOL_HELPER_STATIC_BIN");
-const PEER_ENV: &str = "SANDPOOL_BENCH_PIPE_PEER";
 
 struct Run {
     quick: bool,
@@ -341,31 +340,8 @@ fn unpin() {
     }
 }
 
-/// The raw baseline's peer: echo fixed-size messages from stdin to stdout.
-fn pipe_peer(size: usize) -> ! {
-    let mut stdin = std::io::stdin().lock();
-    let mut stdout = std::io::stdout().lock();
-    let mut buf = vec![0u8; size];
-    while stdin.read_exact(&mut buf).is_ok() {
-        if stdout
-            .write_all(&buf)
-            .and_then(|()| stdout.flush())
-            .is_err()
-        {
-            break;
-        }
-    }
-    std::process::exit(0);
-}
-
-#[allow(clippy::disallowed_methods)] // the raw-pipe baseline peer
 fn spawn_peer(size: usize) -> std::process::Child {
-    Command::new(std::env::current_exe().expect("own path"))
-        .env(PEER_ENV, size.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn pipe peer")
+    sandpool_benches::spawn_pipe_peer(size).expect("spawn pipe peer")
 }
 
 fn warm_calls(run: &mut Run) -> Value {
@@ -564,12 +540,24 @@ fn large_payloads(run: &mut Run) -> Value {
         rows.push(vec![
             format!("{} KiB", size >> 10),
             format!("{} ({:.2} GiB/s)", fmt_us(by_pipe.median), rate(&by_pipe)),
-            format!("{} ({:.2} GiB/s)", fmt_us(by_region.median), rate(&by_region)),
+            format!(
+                "{} ({:.2} GiB/s)",
+                fmt_us(by_region.median),
+                rate(&by_region)
+            ),
             format!("{ratio:.2}x"),
         ]);
         out.push(json!({ "size": size, "pipe": summary_json(&by_pipe), "region": summary_json(&by_region), "throughput_ratio": ratio }));
     }
-    run.table(&["payload each way", "pipe (median)", "region (median)", "region / pipe throughput"], rows);
+    run.table(
+        &[
+            "payload each way",
+            "pipe (median)",
+            "region (median)",
+            "region / pipe throughput",
+        ],
+        rows,
+    );
     Value::Array(out)
 }
 
@@ -784,58 +772,54 @@ fn density(run: &mut Run) -> Value {
 
 // ---------------------------------------------------------------- plots
 
+/// One line per spawner: launch median (ms) against `x_key`, over the
+/// results where `fixed_key` is 0 (the other host-state axis held still).
+fn launch_series(
+    results: &[Value],
+    x_key: &str,
+    fixed_key: &str,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    Spawner::ALL
+        .iter()
+        .map(|s| {
+            let points = results
+                .iter()
+                .filter(|r| r["spawner"] == s.name() && r[fixed_key] == 0)
+                .map(|r| {
+                    (
+                        r[x_key].as_f64().unwrap_or(0.0),
+                        r["launch"]["median_us"].as_f64().unwrap_or(0.0) / 1000.0,
+                    )
+                })
+                .collect();
+            (s.name().to_owned(), points)
+        })
+        .collect()
+}
+
 fn plot_launch(run: &mut Run, results: &[Value]) {
-    let path = run.out.join("launch_by_fds.svg");
-    let series: Vec<(String, Vec<(f64, f64)>)> = Spawner::ALL
-        .iter()
-        .map(|s| {
-            let points = results
-                .iter()
-                .filter(|r| r["spawner"] == s.name() && r["rss_mib"] == 0)
-                .map(|r| {
-                    (
-                        r["fds"].as_f64().unwrap_or(0.0),
-                        r["launch"]["median_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                    )
-                })
-                .collect();
-            (s.name().to_owned(), points)
-        })
-        .collect();
-    if let Err(err) = line_plot(
-        &path,
-        "Launch to ready vs host fds (median)",
-        "host fds (no CLOEXEC)",
-        "ms",
-        &series,
-    ) {
-        eprintln!("plot {}: {err}", path.display());
-    }
-    let path = run.out.join("launch_by_rss.svg");
-    let series: Vec<(String, Vec<(f64, f64)>)> = Spawner::ALL
-        .iter()
-        .map(|s| {
-            let points = results
-                .iter()
-                .filter(|r| r["spawner"] == s.name() && r["fds"] == 0)
-                .map(|r| {
-                    (
-                        r["rss_mib"].as_f64().unwrap_or(0.0),
-                        r["launch"]["median_us"].as_f64().unwrap_or(0.0) / 1000.0,
-                    )
-                })
-                .collect();
-            (s.name().to_owned(), points)
-        })
-        .collect();
-    if let Err(err) = line_plot(
-        &path,
-        "Launch to ready vs host memory (median)",
-        "host RSS (MiB)",
-        "ms",
-        &series,
-    ) {
-        eprintln!("plot {}: {err}", path.display());
+    let plots = [
+        (
+            "launch_by_fds.svg",
+            "Launch to ready vs host fds (median)",
+            "host fds (no CLOEXEC)",
+            "fds",
+            "rss_mib",
+        ),
+        (
+            "launch_by_rss.svg",
+            "Launch to ready vs host memory (median)",
+            "host RSS (MiB)",
+            "rss_mib",
+            "fds",
+        ),
+    ];
+    for (file, title, x_label, x_key, fixed_key) in plots {
+        let path = run.out.join(file);
+        let series = launch_series(results, x_key, fixed_key);
+        if let Err(err) = line_plot(&path, title, x_label, "ms", &series) {
+            eprintln!("plot {}: {err}", path.display());
+        }
     }
     run.md
         .push_str("\n![launch vs fds](launch_by_fds.svg) ![launch vs RSS](launch_by_rss.svg)\n");
@@ -919,9 +903,7 @@ fn machine() -> Value {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(size) = std::env::var(PEER_ENV).ok().and_then(|s| s.parse().ok()) {
-        pipe_peer(size);
-    }
+    sandpool_benches::run_pipe_peer_if_asked();
     if let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
         let _ = ORIGINAL_CPUS.set(set);
     }

@@ -132,7 +132,11 @@ impl SharedRegion {
         // SAFETY: the destination range lies within the mapping (checked)
         // and cannot overlap `bytes`, which is memory of this process's own.
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.as_ptr().wrapping_add(start), bytes.len())
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.ptr.as_ptr().wrapping_add(start),
+                bytes.len(),
+            )
         };
         Ok(())
     }
