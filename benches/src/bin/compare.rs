@@ -503,37 +503,45 @@ fn warm_calls(run: &mut Run) -> Value {
 fn large_payloads(run: &mut Run) -> Value {
     run.section(
         "3b. Large payloads: shared region vs pipe",
-        "Echo of 256 KiB to 8 MiB, one caller: request and response through the pipe (max_frame 16 MiB) against \
-         through the helper's sealed memfd region (region_size 32 MiB). Throughput counts both directions. Interleaved.",
+        "Echo of 256 KiB to 8 MiB, one caller: request and response through the pipe (max_frame 16 MiB; default \
+         64 KiB pipes, and pipes enlarged to 1 MiB with F_SETPIPE_SZ) against through the helper's sealed memfd \
+         region (region_size 32 MiB). Throughput counts both directions. Interleaved.",
     );
     let reps = if run.quick { 3 } else { 40 };
-    let pool_with = |region: bool| {
+    let pool_with = |region: bool, pipe_size: Option<u64>| {
         let mut config = Config::new(HELPER);
         config.spares = 0;
         config.max_frame = sandpool::ByteSize::mib(16);
+        config.pipe_size = pipe_size.map(sandpool::ByteSize::b);
         if region {
             config.region_size = Some(sandpool::ByteSize::mib(32));
         }
         Pool::new(config).expect("pool")
     };
-    let pipe = pool_with(false);
-    let region = pool_with(true);
+    let pipe = pool_with(false, None);
+    let big_pipe = pool_with(false, Some(1 << 20));
+    let region = pool_with(true, None);
     let mut rows = Vec::new();
     let mut out = Vec::new();
     for size in [256usize << 10, 1 << 20, 8 << 20] {
         let req = request(OP_ECHO, &vec![0x33; size - 1]);
-        pipe.call("t", &req).expect("warm-up");
-        region.call("t", &req).expect("warm-up");
-        let (mut by_pipe, mut by_region) = (Vec::new(), Vec::new());
+        for pool in [&pipe, &big_pipe, &region] {
+            pool.call("t", &req).expect("warm-up");
+        }
+        let (mut by_pipe, mut by_big_pipe, mut by_region) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..reps {
-            let t = Instant::now();
-            pipe.call("t", &req).expect("pipe call");
-            by_pipe.push(t.elapsed());
-            let t = Instant::now();
-            region.call("t", &req).expect("region call");
-            by_region.push(t.elapsed());
+            for (pool, samples) in [
+                (&pipe, &mut by_pipe),
+                (&big_pipe, &mut by_big_pipe),
+                (&region, &mut by_region),
+            ] {
+                let t = Instant::now();
+                pool.call("t", &req).expect("call");
+                samples.push(t.elapsed());
+            }
         }
         let by_pipe = summarize(&mut by_pipe);
+        let by_big_pipe = summarize(&mut by_big_pipe);
         let by_region = summarize(&mut by_region);
         let rate = |s: &Summary| (2 * size) as f64 / s.median.as_secs_f64() / (1 << 30) as f64;
         let ratio = rate(&by_region) / rate(&by_pipe);
@@ -542,17 +550,23 @@ fn large_payloads(run: &mut Run) -> Value {
             format!("{} ({:.2} GiB/s)", fmt_us(by_pipe.median), rate(&by_pipe)),
             format!(
                 "{} ({:.2} GiB/s)",
+                fmt_us(by_big_pipe.median),
+                rate(&by_big_pipe)
+            ),
+            format!(
+                "{} ({:.2} GiB/s)",
                 fmt_us(by_region.median),
                 rate(&by_region)
             ),
             format!("{ratio:.2}x"),
         ]);
-        out.push(json!({ "size": size, "pipe": summary_json(&by_pipe), "region": summary_json(&by_region), "throughput_ratio": ratio }));
+        out.push(json!({ "size": size, "pipe": summary_json(&by_pipe), "pipe_1mib": summary_json(&by_big_pipe), "region": summary_json(&by_region), "throughput_ratio": ratio }));
     }
     run.table(
         &[
             "payload each way",
-            "pipe (median)",
+            "pipe, 64 KiB (median)",
+            "pipe, F_SETPIPE_SZ 1 MiB",
             "region (median)",
             "region / pipe throughput",
         ],
