@@ -183,6 +183,17 @@ impl HelperConfig {
             ));
         }
         if let Some(size) = self.region_size {
+            if let Some(limit) = self.sandbox.rlimits.address_space {
+                if limit.as_u64() <= size {
+                    return Err(ConfigError::new(
+                        "sandbox.rlimits.address_space",
+                        format!(
+                            "{} leaves no room beside the {size}-byte region",
+                            limit.as_u64()
+                        ),
+                    ));
+                }
+            }
             if !(8192..=(1u64 << 32)).contains(&size) || (self.region_threshold as u64) > size / 2 {
                 return Err(ConfigError::new(
                     "region_size",

@@ -170,7 +170,7 @@ impl Launcher {
             process: Mutex::new(process),
             stderr,
             region: spawned.region,
-            region_lock: Mutex::new(()),
+            region_free: Condvar::new(),
             region_threshold: self.config.region_threshold,
             calls: AtomicU64::new(0),
             calls_at_bind: AtomicU64::new(0),
@@ -234,6 +234,24 @@ struct Outstanding {
     abandoned: Vec<u64>,
     /// The request in flight that was granted the region's response half.
     granted: Option<u64>,
+    /// The region is in use: claimed by a caller about to send, or granted
+    /// to a request whose reply has not been consumed yet. One at a time.
+    region_busy: bool,
+}
+
+/// A caller's claim on the region, released on drop unless it was handed
+/// over to the request in flight (then the reply's consumption releases it).
+struct RegionClaim<'a> {
+    helper: &'a Helper,
+    armed: bool,
+}
+
+impl Drop for RegionClaim<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.helper.release_region();
+        }
+    }
 }
 
 /// A running, verified helper.
@@ -262,8 +280,8 @@ pub struct Helper {
     stderr: StderrSink,
     /// The shared region for large payloads, if configured.
     region: Option<HostRegion>,
-    /// Held from writing a region request until its reply is copied out.
-    region_lock: Mutex<()>,
+    /// Signalled (with `outstanding`) when the region becomes free.
+    region_free: Condvar,
     region_threshold: usize,
     calls: AtomicU64,
     /// `calls` when the helper was bound (a spare's warm-up came before).
@@ -348,8 +366,8 @@ impl Helper {
     pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         self.check_retired()?;
-        // Large requests go through the shared region, one at a time (the
-        // region lock is held until the reply has been copied out).
+        // Large requests go through the shared region, one at a time: the
+        // region stays claimed until the reply has been consumed.
         let region = self.region.as_ref().filter(|region| {
             request.len() >= self.region_threshold && request.len() as u64 <= region.len() / 2
         });
@@ -360,45 +378,113 @@ impl Helper {
             });
         }
         let _slot = self.claim_slot(deadline)?;
-        let _region_guard = match region {
-            Some(_) => Some(self.region_lock.try_lock_until(deadline).ok_or_else(|| {
-                CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                }
-            })?),
+        let mut claim = match region {
+            Some(region) => {
+                let claim = self.claim_region(deadline, started)?;
+                // Outside the writer lock: a large copy must not make other
+                // callers wait for the pipe (they would blame the helper).
+                region.write(0, request);
+                Some(claim)
+            }
             None => None,
         };
         let id = {
             let mut writer = self.lock_writer(deadline, started)?;
             let id = writer.next_id;
             writer.next_id += 1;
-            match region {
-                Some(region) => {
-                    region.write(0, request);
-                    let at = RegionRef {
-                        offset: 0,
-                        len: request.len() as u64,
-                    };
-                    self.outstanding.lock().granted = Some(id);
-                    self.send(
-                        &mut writer,
-                        Kind::RequestInRegion,
-                        id,
-                        &at.encode(),
-                        deadline,
-                        started,
-                    )?;
-                }
-                None => self.send(&mut writer, Kind::Request, id, request, deadline, started)?,
+            if claim.is_some() {
+                let at = RegionRef {
+                    offset: 0,
+                    len: request.len() as u64,
+                };
+                self.outstanding.lock().granted = Some(id);
+                self.send(
+                    &mut writer,
+                    Kind::RequestInRegion,
+                    id,
+                    &at.encode(),
+                    deadline,
+                    started,
+                )?;
+            } else {
+                self.send(&mut writer, Kind::Request, id, request, deadline, started)?;
             }
             id
         };
-        let result = self.collect(id, deadline, started, region.is_none());
+        if let Some(claim) = claim.as_mut() {
+            // Sent: the region now belongs to request `id` until its reply
+            // is consumed (by whichever caller reads it) or the helper fails.
+            claim.armed = false;
+        }
+        let result = self.collect(id, deadline, started);
         if matches!(result, Ok(_) | Err(CallError::Helper(_))) {
             self.calls.fetch_add(1, Ordering::Relaxed);
         }
         result
+    }
+
+    /// Waits (until `deadline`) for the region to be free and claims it.
+    fn claim_region(
+        &self,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<RegionClaim<'_>, CallError> {
+        let mut outstanding = self.outstanding.lock();
+        loop {
+            if self.is_retired() {
+                drop(outstanding);
+                self.check_retired()?;
+                return Err(CallError::Retired {
+                    pid: self.pid,
+                    reason: "retired".into(),
+                });
+            }
+            if !outstanding.region_busy {
+                outstanding.region_busy = true;
+                return Ok(RegionClaim {
+                    helper: self,
+                    armed: true,
+                });
+            }
+            // The region waits for the reply of a call that gave up: nobody
+            // else may ever read it, so this caller reads (and drops) it.
+            let orphaned = outstanding
+                .granted
+                .is_some_and(|id| outstanding.abandoned.contains(&id));
+            if orphaned {
+                drop(outstanding);
+                if let Some(mut reader) = self.reader.try_lock() {
+                    while self.outstanding.lock().region_busy {
+                        let (reply_id, abandoned, result) =
+                            self.read_reply(&mut reader, deadline, started)?;
+                        if !abandoned {
+                            reader.parked.insert(reply_id, result);
+                        }
+                    }
+                }
+                outstanding = self.outstanding.lock();
+                continue;
+            }
+            // Otherwise whoever reads the pipe frees it; look again now and
+            // then in case that reader leaves before the reply comes.
+            let wake = deadline.min(Instant::now() + Duration::from_millis(5));
+            let _ = self.region_free.wait_until(&mut outstanding, wake);
+            if Instant::now() >= deadline {
+                return Err(CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                });
+            }
+        }
+    }
+
+    /// Frees the region for the next large call.
+    fn release_region(&self) {
+        let mut outstanding = self.outstanding.lock();
+        outstanding.region_busy = false;
+        outstanding.granted = None;
+        drop(outstanding);
+        self.region_free.notify_one();
     }
 
     fn check_retired(&self) -> Result<(), CallError> {
@@ -439,13 +525,15 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<MutexGuard<'_, Writer>, CallError> {
-        // The writer lock is held only while a frame is written; a writer
-        // that stays blocked past its deadline kills the helper, so waiting
-        // here past ours means the helper stopped reading.
-        match self.writer.try_lock_until(deadline) {
-            Some(writer) => Ok(writer),
-            None => Err(self.fail_timeout(started)),
-        }
+        // The writer lock is held only while a frame is written. A writer
+        // blocked past its own deadline kills the helper; a caller that
+        // merely queued behind it has sent nothing and blames nobody.
+        self.writer
+            .try_lock_until(deadline)
+            .ok_or_else(|| CallError::QueueTimeout {
+                pid: self.pid,
+                waited: started.elapsed(),
+            })
     }
 
     /// Writes one frame. Before a frame goes out with nothing else in flight,
@@ -507,19 +595,8 @@ impl Helper {
     }
 
     /// Waits for the reply to `id`, reading frames for others on the way.
-    fn collect(
-        &self,
-        id: u64,
-        deadline: Instant,
-        started: Instant,
-        may_abandon: bool,
-    ) -> Result<Vec<u8>, CallError> {
+    fn collect(&self, id: u64, deadline: Instant, started: Instant) -> Result<Vec<u8>, CallError> {
         let Some(mut reader) = self.reader.try_lock_until(deadline) else {
-            if !may_abandon {
-                // A region call cannot walk away: the region would be handed
-                // to the next large call while the helper may still use it.
-                return Err(self.fail_timeout(started));
-            }
             // Queued behind other callers' replies (the reader holding the
             // lock answers for the helper's health): give up on this reply
             // without blaming the helper. Its reply is dropped when it comes.
@@ -540,8 +617,29 @@ impl Helper {
                     reason: "retired".into(),
                 }));
             }
+            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
+            if reply_id == id {
+                return result;
+            }
+            if !abandoned {
+                reader.parked.insert(reply_id, result);
+            }
+            // Hand the lock to the caller whose reply this was, if it waits.
+            MutexGuard::bump(&mut reader);
+        }
+    }
+
+    /// Reads the next reply off the pipe (the caller holds the reader lock)
+    /// and returns its id, whether its caller gave up on it, and its
+    /// outcome; or retires the helper on a failure and returns that.
+    fn read_reply(
+        &self,
+        reader: &mut Reader,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<(u64, bool, Result<Vec<u8>, CallError>), CallError> {
+        {
             let frame = {
-                let reader = &mut *reader;
                 reader
                     .frames
                     .read_frame(&reader.stdout, deadline, self.max_frame)
@@ -549,13 +647,13 @@ impl Helper {
             let (header, payload) = match frame {
                 Ok(frame) => frame,
                 Err(failure) => {
-                    drop(reader);
                     return Err(self.fail_io(failure, started));
                 }
             };
-            let (expected, abandoned) = {
+            let (expected, abandoned, granted) = {
                 let mut outstanding = self.outstanding.lock();
                 let expected = outstanding.queue.pop_front();
+                let granted = expected.is_some() && outstanding.granted == expected;
                 let abandoned = outstanding
                     .abandoned
                     .iter()
@@ -572,13 +670,12 @@ impl Helper {
                     .into_iter()
                     .filter(|id| outstanding.queue.contains(id))
                     .collect();
-                (expected, abandoned.is_some())
+                (expected, abandoned.is_some(), granted)
             };
             let result = match header.kind {
                 Kind::Response | Kind::Error | Kind::ResponseInRegion
                     if Some(header.id) != expected =>
                 {
-                    drop(reader);
                     return Err(self.fail_violation(match expected {
                         Some(expected) => ProtocolViolation::UnexpectedId {
                             expected,
@@ -592,66 +689,53 @@ impl Helper {
                 }
                 Kind::Response => Ok(payload),
                 Kind::ResponseInRegion => {
-                    let granted = std::mem::take(&mut self.outstanding.lock().granted);
-                    let copied = match (&self.region, granted) {
-                        (Some(region), Some(granted)) if granted == header.id => {
-                            let (start, end) =
-                                sandpool_protocol::region::response_half(region.len());
-                            // Bounds first, then copy out: the helper may
-                            // rewrite the bytes at any moment after this.
-                            RegionRef::decode(&payload, start, end)
-                                .map_err(ProtocolViolation::Region)
-                                .and_then(|at| {
-                                    region
-                                        .read(at.offset, at.len)
-                                        .ok_or(ProtocolViolation::Region(
-                                            sandpool_protocol::RegionError::OutOfBounds {
-                                                offset: at.offset,
-                                                len: at.len,
-                                                start,
-                                                end,
-                                            },
-                                        ))
-                                })
-                        }
-                        _ => Err(ProtocolViolation::RegionNotGranted(header.id)),
+                    let Some(region) = self.region.as_ref().filter(|_| granted) else {
+                        return Err(
+                            self.fail_violation(ProtocolViolation::RegionNotGranted(header.id))
+                        );
                     };
-                    match copied {
+                    let (start, end) = sandpool_protocol::region::response_half(region.len());
+                    // Bounds first, then copy out: the helper may rewrite
+                    // the bytes at any moment after this.
+                    let at = match RegionRef::decode(&payload, start, end) {
+                        Ok(at) => at,
+                        Err(err) => {
+                            return Err(self.fail_violation(ProtocolViolation::Region(err)));
+                        }
+                    };
+                    match region.read(at.offset, at.len) {
                         Ok(bytes) => Ok(bytes),
-                        Err(violation) => {
-                            drop(reader);
-                            return Err(self.fail_violation(violation));
+                        Err(source) => {
+                            return Err(self.fail(CallError::Io {
+                                pid: self.pid,
+                                source,
+                            }));
                         }
                     }
                 }
                 Kind::Error => match String::from_utf8(payload) {
                     Ok(message) => Err(CallError::Helper(message)),
                     Err(_) => {
-                        drop(reader);
                         return Err(self.fail_violation(ProtocolViolation::ErrorNotUtf8));
                     }
                 },
                 Kind::Hello => {
-                    drop(reader);
                     return Err(self.fail_violation(ProtocolViolation::SecondHello));
                 }
                 // Host-to-helper kinds are refused by the decoder already.
                 kind => {
-                    drop(reader);
                     return Err(self.fail_violation(ProtocolViolation::Unsolicited {
                         kind,
                         id: header.id,
                     }));
                 }
             };
-            if header.id == id {
-                return result;
+            if granted {
+                // The granted reply is consumed (copied out, if it came
+                // through the region): the next large call may have it.
+                self.release_region();
             }
-            if !abandoned {
-                reader.parked.insert(header.id, result);
-            }
-            // Hand the lock to the caller whose reply this was, if it waits.
-            MutexGuard::bump(&mut reader);
+            Ok((header.id, abandoned, result))
         }
     }
 
@@ -665,6 +749,8 @@ impl Helper {
         if !self.retired.swap(true, Ordering::AcqRel) {
             debug!(pid = self.pid, %error, "helper retired");
         }
+        // Wake callers waiting for the region: they will see the retirement.
+        self.region_free.notify_all();
         self.process.lock().kill_and_reap();
         error
     }

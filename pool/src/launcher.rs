@@ -175,7 +175,9 @@ impl HostRegion {
             return false;
         };
         // SAFETY: the destination lies within the mapping (checked) and
-        // cannot overlap `bytes`, which is this process's own memory.
+        // cannot overlap `bytes`, which is this process's own memory. The
+        // helper may read those bytes meanwhile; it gets whatever it gets,
+        // and only from the request half, which is not granted to it yet.
         #[allow(unsafe_code)]
         unsafe {
             std::ptr::copy_nonoverlapping(
@@ -187,23 +189,37 @@ impl HostRegion {
         true
     }
 
-    /// Copies `len` bytes at `offset` out into a new buffer; None if that
-    /// leaves the region.
-    pub(crate) fn read(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let start = self.range(offset, len)?;
-        let mut out = vec![0u8; len as usize];
-        // SAFETY: the source lies within the mapping (checked), the
-        // destination is a distinct buffer of `len` bytes, and any byte
-        // values are valid for u8 even if the helper writes concurrently.
+    /// Copies `len` bytes at `offset` out into a new buffer. The caller has
+    /// bounds-checked the range against the response half; a range outside
+    /// the mapping is refused anyway (EFAULT), and a buffer that cannot be
+    /// allocated is an error (ENOMEM), never an abort of the host.
+    pub(crate) fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
+        let start = self.range(offset, len).ok_or(Errno::EFAULT)?;
+        let count = len as usize;
+        let mut out = Vec::new();
+        out.try_reserve_exact(count).map_err(|_| Errno::ENOMEM)?;
+        // SAFETY: the source lies within the mapping (checked) and the
+        // destination is the reserved, unaliased spare capacity of `out`,
+        // `count` bytes long. The helper, another process, may be writing
+        // the source bytes during the copy: Rust's memory model cannot
+        // express a writer in another process, so the copy is treated as
+        // producing arbitrary bytes, which is all `u8` needs, and the bytes
+        // are only interpreted after they have landed in this private buffer.
         #[allow(unsafe_code)]
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ptr.as_ptr().wrapping_add(start),
                 out.as_mut_ptr(),
-                out.len(),
+                count,
             )
         };
-        Some(out)
+        // SAFETY: the copy above initialised exactly `count` bytes of the
+        // capacity reserved for them.
+        #[allow(unsafe_code)]
+        unsafe {
+            out.set_len(count)
+        };
+        Ok(out)
     }
 }
 

@@ -111,3 +111,52 @@ fn a_region_reply_to_a_request_that_did_not_grant_it_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+#[test]
+fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
+    let helper = std::sync::Arc::new(
+        Launcher::new(region_config(&["--test-ops"]))
+            .unwrap()
+            .launch()
+            .unwrap(),
+    );
+    let slow = {
+        let helper = helper.clone();
+        std::thread::spawn(move || {
+            let mut body = 400u32.to_le_bytes().to_vec();
+            body.extend_from_slice(b"slow");
+            helper.call(&request(OP_SLEEP, &body), deadline(5.0))
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    // A large call queued behind the slow one runs out of time: it gives up
+    // without blaming the helper.
+    let big = vec![5u8; 200_000];
+    let err = helper
+        .call(&request(OP_ECHO, &big), deadline(0.1))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    assert!(!helper.is_retired());
+    // The region is free again once the abandoned reply has been consumed.
+    assert_eq!(
+        helper.call(&request(OP_ECHO, &big), deadline(5.0)).unwrap(),
+        big
+    );
+    assert_eq!(
+        helper.call(&request(OP_ECHO, &big), deadline(5.0)).unwrap(),
+        big
+    );
+}
+
+#[test]
+fn a_region_leaving_no_room_for_the_address_space_limit_is_refused() {
+    let mut cfg = region_config(&[]);
+    cfg.sandbox.rlimits.address_space = Some(bytesize::ByteSize::mib(16));
+    match Launcher::new(cfg) {
+        Err(sandpool::LaunchError::Config(err)) => {
+            assert_eq!(err.field, "sandbox.rlimits.address_space")
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -19,6 +19,15 @@ pub enum RegionError {
     /// The size is zero or does not fit this address space.
     #[error("invalid shared region size {0}")]
     BadSize(u64),
+    /// fd 3 is not a memfd of at least the announced size, sealed against
+    /// shrinking: mapping it could fault.
+    #[error("fd {REGION_FD} is not a sealed shared region of {size} bytes ({detail})")]
+    NotARegion {
+        /// The size announced in the spec.
+        size: u64,
+        /// What is wrong.
+        detail: String,
+    },
     /// mmap failed.
     #[error("mapping the shared region failed: {0}")]
     Map(nix::errno::Errno),
@@ -61,9 +70,21 @@ impl SharedRegion {
         if unsafe { libc::fcntl(REGION_FD, libc::F_GETFD) } < 0 {
             return Err(RegionError::NotPassed);
         }
-        // SAFETY: fd 3 is open (checked just above) and stays open for the
-        // duration of the mmap call, which is all this borrow is used for.
+        // SAFETY: fd 3 is open (checked just above) and stays open while this
+        // function runs, which is all this borrow is used for.
         let fd = unsafe { BorrowedFd::borrow_raw(REGION_FD) };
+        // Only a file that is at least `size` long and cannot shrink can be
+        // mapped without risking SIGBUS on a later access.
+        let not_region = |detail: String| RegionError::NotARegion { size, detail };
+        let stat = nix::sys::stat::fstat(fd).map_err(|e| not_region(format!("fstat: {e}")))?;
+        if (stat.st_size as u64) < size {
+            return Err(not_region(format!("it is {} bytes", stat.st_size)));
+        }
+        let seals = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .map_err(|e| not_region(format!("F_GET_SEALS: {e}")))?;
+        if seals & libc::F_SEAL_SHRINK == 0 {
+            return Err(not_region("it is not sealed against shrinking".into()));
+        }
         // SAFETY: a fresh mapping chosen by the kernel (no address hint), so
         // it aliases no memory Rust knows about. The host sealed the memfd
         // against shrinking, so no page of it can vanish under us (no SIGBUS).
@@ -113,9 +134,11 @@ impl SharedRegion {
         let start = self.check(offset, len)?;
         out.clear();
         out.resize(len as usize, 0);
-        // SAFETY: `start..start+len` lies within the mapping (checked), the
-        // destination is a distinct, initialised buffer of `len` bytes, and
-        // a byte copy is valid whatever the bytes are.
+        // SAFETY: `start..start+len` lies within the mapping (checked) and the
+        // destination is a distinct, initialised buffer of `len` bytes. The
+        // host (another process) could write the source meanwhile; Rust's
+        // memory model cannot express that, so the copy is treated as
+        // producing arbitrary bytes, which is all `u8` needs.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ptr.as_ptr().wrapping_add(start),
@@ -130,7 +153,8 @@ impl SharedRegion {
     pub fn write(&self, offset: u64, bytes: &[u8]) -> Result<(), RegionError> {
         let start = self.check(offset, bytes.len() as u64)?;
         // SAFETY: the destination range lies within the mapping (checked)
-        // and cannot overlap `bytes`, which is memory of this process's own.
+        // and cannot overlap `bytes`, which is memory of this process's own;
+        // the host reads it only after the frame that grants it arrives.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 bytes.as_ptr(),
