@@ -290,6 +290,10 @@ pub struct Helper {
     tenant_success: AtomicBool,
 }
 
+/// A reply read off the pipe: its request id, whether its caller gave up on
+/// it, and its outcome.
+type Reply = (u64, bool, Result<Vec<u8>, CallError>);
+
 /// A claimed in-flight slot, released on drop.
 struct Slot<'a>(&'a Helper);
 
@@ -637,7 +641,7 @@ impl Helper {
         reader: &mut Reader,
         deadline: Instant,
         started: Instant,
-    ) -> Result<(u64, bool, Result<Vec<u8>, CallError>), CallError> {
+    ) -> Result<Reply, CallError> {
         {
             let frame = {
                 reader
