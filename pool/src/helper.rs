@@ -642,105 +642,99 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<Reply, CallError> {
-        {
-            let frame = {
-                reader
-                    .frames
-                    .read_frame(&reader.stdout, deadline, self.max_frame)
-            };
-            let (header, payload) = match frame {
-                Ok(frame) => frame,
-                Err(failure) => {
-                    return Err(self.fail_io(failure, started));
-                }
-            };
-            let (expected, abandoned, granted) = {
-                let mut outstanding = self.outstanding.lock();
-                let expected = outstanding.queue.pop_front();
-                let granted = expected.is_some() && outstanding.granted == expected;
-                let abandoned = outstanding
-                    .abandoned
-                    .iter()
-                    .position(|a| Some(*a) == expected);
-                if let Some(index) = abandoned {
-                    outstanding.abandoned.swap_remove(index);
-                }
-                // Replies parked before their callers gave up are dropped too.
-                let stale = std::mem::take(&mut outstanding.abandoned);
-                for id in &stale {
-                    reader.parked.remove(id);
-                }
-                outstanding.abandoned = stale
-                    .into_iter()
-                    .filter(|id| outstanding.queue.contains(id))
-                    .collect();
-                (expected, abandoned.is_some(), granted)
-            };
-            let result = match header.kind {
-                Kind::Response | Kind::Error | Kind::ResponseInRegion
-                    if Some(header.id) != expected =>
-                {
-                    return Err(self.fail_violation(match expected {
-                        Some(expected) => ProtocolViolation::UnexpectedId {
-                            expected,
-                            got: header.id,
-                        },
-                        None => ProtocolViolation::Unsolicited {
-                            kind: header.kind,
-                            id: header.id,
-                        },
-                    }));
-                }
-                Kind::Response => Ok(payload),
-                Kind::ResponseInRegion => {
-                    let Some(region) = self.region.as_ref().filter(|_| granted) else {
-                        return Err(
-                            self.fail_violation(ProtocolViolation::RegionNotGranted(header.id))
-                        );
-                    };
-                    let (start, end) = sandpool_protocol::region::response_half(region.len());
-                    // Bounds first, then copy out: the helper may rewrite
-                    // the bytes at any moment after this.
-                    let at = match RegionRef::decode(&payload, start, end) {
-                        Ok(at) => at,
-                        Err(err) => {
-                            return Err(self.fail_violation(ProtocolViolation::Region(err)));
-                        }
-                    };
-                    match region.read(at.offset, at.len) {
-                        Ok(bytes) => Ok(bytes),
-                        Err(source) => {
-                            return Err(self.fail(CallError::Io {
-                                pid: self.pid,
-                                source,
-                            }));
-                        }
-                    }
-                }
-                Kind::Error => match String::from_utf8(payload) {
-                    Ok(message) => Err(CallError::Helper(message)),
-                    Err(_) => {
-                        return Err(self.fail_violation(ProtocolViolation::ErrorNotUtf8));
-                    }
-                },
-                Kind::Hello => {
-                    return Err(self.fail_violation(ProtocolViolation::SecondHello));
-                }
-                // Host-to-helper kinds are refused by the decoder already.
-                kind => {
-                    return Err(self.fail_violation(ProtocolViolation::Unsolicited {
-                        kind,
-                        id: header.id,
-                    }));
-                }
-            };
-            if granted {
-                // The granted reply is consumed (copied out, if it came
-                // through the region): the next large call may have it.
-                self.release_region();
+        let frame = reader
+            .frames
+            .read_frame(&reader.stdout, deadline, self.max_frame);
+        let (header, payload) = match frame {
+            Ok(frame) => frame,
+            Err(failure) => {
+                return Err(self.fail_io(failure, started));
             }
-            Ok((header.id, abandoned, result))
+        };
+        let (expected, abandoned, granted) = {
+            let mut outstanding = self.outstanding.lock();
+            let expected = outstanding.queue.pop_front();
+            let granted = expected.is_some() && outstanding.granted == expected;
+            let abandoned = outstanding
+                .abandoned
+                .iter()
+                .position(|a| Some(*a) == expected);
+            if let Some(index) = abandoned {
+                outstanding.abandoned.swap_remove(index);
+            }
+            // Replies parked before their callers gave up are dropped too.
+            let stale = std::mem::take(&mut outstanding.abandoned);
+            for id in &stale {
+                reader.parked.remove(id);
+            }
+            outstanding.abandoned = stale
+                .into_iter()
+                .filter(|id| outstanding.queue.contains(id))
+                .collect();
+            (expected, abandoned.is_some(), granted)
+        };
+        let result = match header.kind {
+            Kind::Response | Kind::Error | Kind::ResponseInRegion
+                if Some(header.id) != expected =>
+            {
+                return Err(self.fail_violation(match expected {
+                    Some(expected) => ProtocolViolation::UnexpectedId {
+                        expected,
+                        got: header.id,
+                    },
+                    None => ProtocolViolation::Unsolicited {
+                        kind: header.kind,
+                        id: header.id,
+                    },
+                }));
+            }
+            Kind::Response => Ok(payload),
+            Kind::ResponseInRegion => {
+                let Some(region) = self.region.as_ref().filter(|_| granted) else {
+                    return Err(self.fail_violation(ProtocolViolation::RegionNotGranted(header.id)));
+                };
+                let (start, end) = sandpool_protocol::region::response_half(region.len());
+                // Bounds first, then copy out: the helper may rewrite
+                // the bytes at any moment after this.
+                let at = match RegionRef::decode(&payload, start, end) {
+                    Ok(at) => at,
+                    Err(err) => {
+                        return Err(self.fail_violation(ProtocolViolation::Region(err)));
+                    }
+                };
+                match region.read(at.offset, at.len) {
+                    Ok(bytes) => Ok(bytes),
+                    Err(source) => {
+                        return Err(self.fail(CallError::Io {
+                            pid: self.pid,
+                            source,
+                        }));
+                    }
+                }
+            }
+            Kind::Error => match String::from_utf8(payload) {
+                Ok(message) => Err(CallError::Helper(message)),
+                Err(_) => {
+                    return Err(self.fail_violation(ProtocolViolation::ErrorNotUtf8));
+                }
+            },
+            Kind::Hello => {
+                return Err(self.fail_violation(ProtocolViolation::SecondHello));
+            }
+            // Host-to-helper kinds are refused by the decoder already.
+            kind => {
+                return Err(self.fail_violation(ProtocolViolation::Unsolicited {
+                    kind,
+                    id: header.id,
+                }));
+            }
+        };
+        if granted {
+            // The granted reply is consumed (copied out, if it came
+            // through the region): the next large call may have it.
+            self.release_region();
         }
+        Ok((header.id, abandoned, result))
     }
 
     /// Retires the helper with `error` (the first failure wins), kills and
