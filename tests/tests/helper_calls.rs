@@ -410,7 +410,7 @@ fn answering_before_being_asked_is_caught_before_the_next_request() {
         b"x"
     );
     // The forged answer to request 2 arrives in the pipe before request 2 exists.
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(500));
     match helper.call(&request(OP_ECHO, b"y"), deadline(5.0)) {
         Err(CallError::Protocol { violation, .. }) => assert_eq!(
             violation,
@@ -526,9 +526,15 @@ fn a_death_fails_every_call_in_flight_with_the_same_error() {
     let mut slow_body = 300u32.to_le_bytes().to_vec();
     slow_body.extend_from_slice(b"slow");
     let slow = call_in_thread(request(OP_SLEEP, &slow_body));
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
+        .in_flight()
+        == 1));
+    std::thread::sleep(Duration::from_millis(20));
     let fatal = call_in_thread(request(OP_OPEN, b"/etc/passwd"));
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
+        .in_flight()
+        == 2));
+    std::thread::sleep(Duration::from_millis(20));
     let queued: Vec<_> = (0..3)
         .map(|i| call_in_thread(request(OP_ECHO, &[i])))
         .collect();

@@ -203,7 +203,7 @@ fn hostile_helper_matrix() {
         |_| {},
         |pool| {
             pool.call("evil", &request(OP_ECHO, b"x")).unwrap();
-            std::thread::sleep(Duration::from_millis(200));
+            std::thread::sleep(Duration::from_millis(500));
             pool.call("evil", &request(OP_ECHO, b"y")).unwrap_err()
         },
         |e| protocol(e, |v| matches!(v, ProtocolViolation::Unsolicited { .. })),

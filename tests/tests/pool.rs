@@ -436,10 +436,13 @@ fn one_death_seen_by_several_calls_counts_once() {
         std::thread::spawn(move || pool.call("t", &payload))
     };
     pool.prewarm("t").unwrap();
+    let in_flight = || pool.helper_info("t").map_or(0, |info| info.in_flight);
     let slow = in_thread(slow_echo(300, b"slow"));
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_for(10 * SECOND, || in_flight() == 1));
+    std::thread::sleep(Duration::from_millis(20));
     let fatal = in_thread(request(OP_OPEN, b"/etc/passwd"));
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_for(10 * SECOND, || in_flight() == 2));
+    std::thread::sleep(Duration::from_millis(20));
     let queued = in_thread(request(OP_ECHO, b"queued"));
     assert_eq!(slow.join().unwrap().unwrap(), b"slow");
     assert!(fatal.join().unwrap().unwrap_err().is_seccomp_kill());
@@ -463,7 +466,10 @@ fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
         let pool = pool.clone();
         std::thread::spawn(move || pool.call("t", &slow_echo(500, b"slow")))
     };
-    std::thread::sleep(Duration::from_millis(50));
+    assert!(wait_for(10 * SECOND, || pool
+        .helper_info("t")
+        .is_some_and(|i| i.in_flight == 1)));
+    std::thread::sleep(Duration::from_millis(20));
     let err = pool
         .call_with_deadline(
             "t",

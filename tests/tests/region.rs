@@ -128,7 +128,11 @@ fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
             helper.call(&request(OP_SLEEP, &body), deadline(5.0))
         })
     };
-    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert!(sandpool_tests::wait_for(
+        std::time::Duration::from_secs(10),
+        || helper.in_flight() == 1
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(20));
     // A large call queued behind the slow one runs out of time: it gives up
     // without blaming the helper.
     let big = vec![5u8; 200_000];
