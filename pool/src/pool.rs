@@ -708,6 +708,10 @@ impl Shared {
         let mut reaping: Vec<(Arc<Helper>, Instant)> = Vec::new();
         let mut next_scan = Instant::now() + tick;
         let mut refill_after = Instant::now();
+        // Scratch buffers, reused: a steady pool's keeper allocates nothing.
+        let mut messages = Vec::new();
+        let mut unused = Vec::new();
+        let mut still_pending = Vec::new();
         loop {
             let busy = !pending.is_empty() || !reaping.is_empty();
             let wake = if busy {
@@ -715,7 +719,7 @@ impl Shared {
             } else {
                 next_scan
             };
-            let mut messages = Vec::new();
+            messages.clear();
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(msg) => messages.push(msg),
                 Err(RecvTimeoutError::Timeout) => {}
@@ -723,7 +727,7 @@ impl Shared {
             }
             messages.extend(rx.try_iter());
             let mut shutdown = false;
-            for msg in messages {
+            for msg in messages.drain(..) {
                 match msg {
                     KeeperMsg::Refill => {}
                     KeeperMsg::Close(helper, cause) => pending.push((helper, cause)),
@@ -740,7 +744,7 @@ impl Shared {
                 refill_after = Instant::now() + tick;
             }
             if Instant::now() >= next_scan {
-                self.quiesce_idle(&mut pending);
+                self.quiesce_idle(&mut pending, &mut unused);
                 next_scan = Instant::now() + tick;
                 let counts = self.helper_counts();
                 self.telemetry.set_helpers(
@@ -752,7 +756,6 @@ impl Shared {
                 );
             }
             // Close what no caller holds any more; the rest waits.
-            let mut still_pending = Vec::new();
             for (helper, cause) in pending.drain(..) {
                 if Arc::strong_count(&helper) == 1 {
                     helper.close_stdin(Instant::now());
@@ -762,7 +765,7 @@ impl Shared {
                     still_pending.push((helper, cause));
                 }
             }
-            pending = still_pending;
+            std::mem::swap(&mut pending, &mut still_pending);
             let before = reaping.len();
             let now = Instant::now();
             reaping.retain(|(helper, deadline)| {
@@ -855,15 +858,22 @@ impl Shared {
     /// Takes helpers idle longer than `idle_timeout` away from their tenants,
     /// notices helpers that died while idle, and forgets tenants that have
     /// nothing left to remember. No I/O happens under the state lock.
-    fn quiesce_idle(&self, pending: &mut Vec<(Arc<Helper>, CloseCause)>) {
+    ///
+    /// `unused` is the keeper's scratch buffer, reused so that a scan of a
+    /// steady pool allocates nothing.
+    fn quiesce_idle(
+        &self,
+        pending: &mut Vec<(Arc<Helper>, CloseCause)>,
+        unused: &mut Vec<Arc<Helper>>,
+    ) {
         let now = Instant::now();
         let idle_timeout = self.config.idle_timeout;
         let forget_after = idle_timeout.max(self.config.crash_backoff.max.saturating_mul(2));
-        let mut unused = Vec::new();
+        unused.clear();
         {
             let mut state = self.state.lock();
             let mut quiesced = 0;
-            for (key, tenant) in state.tenants.iter_mut() {
+            for tenant in state.tenants.values_mut() {
                 let Some(helper) = &tenant.helper else {
                     continue;
                 };
@@ -880,7 +890,7 @@ impl Shared {
                         pending.push((helper, CloseCause::Idle));
                     }
                 } else {
-                    unused.push((key.clone(), helper.clone()));
+                    unused.push(helper.clone());
                 }
             }
             state.bound -= quiesced;
@@ -899,12 +909,20 @@ impl Shared {
         }
         // Outside the lock: has any idle helper died? (Reaping and reading
         // the last of its stderr are I/O.)
-        for (tenant, helper) in unused {
+        for helper in unused.drain(..) {
             if let Some(err) = helper.check_exit() {
                 warn!(pid = helper.pid(), %err, "idle helper died");
                 let mut state = self.state.lock();
-                if self.unbind(&mut state, &tenant, &helper) {
-                    self.record_failure(&mut state, &tenant, &err);
+                // Rare: find the tenant it served.
+                let tenant = state
+                    .tenants
+                    .iter()
+                    .find(|(_, t)| t.helper.as_ref().is_some_and(|h| Arc::ptr_eq(h, &helper)))
+                    .map(|(key, _)| key.clone());
+                if let Some(tenant) = tenant {
+                    if self.unbind(&mut state, &tenant, &helper) {
+                        self.record_failure(&mut state, &tenant, &err);
+                    }
                 }
             }
         }
