@@ -312,7 +312,8 @@ pub struct Config {
     /// A helper idle this long is quiesced. Default 5 min.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Cap on live helpers (bound and spare, and launches in progress).
+    /// Cap on live helpers (bound, spare, launches in progress, and closing
+    /// helpers until they are reaped).
     /// Default 1024.
     pub max_helpers: usize,
     /// Calls pipelined on one helper at once. Default 16.

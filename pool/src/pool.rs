@@ -38,7 +38,8 @@ pub enum CloseCause {
 /// A snapshot of the pool. Counters count since the pool was created.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Live helpers: bound, spare, and launches in progress.
+    /// Live helpers: bound, spare, launches in progress, and helpers being
+    /// closed until they are reaped.
     pub live: usize,
     /// Spare helpers ready for a tenant.
     pub spare: usize,

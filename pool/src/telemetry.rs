@@ -76,7 +76,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_helper_stderr_dropped_bytes_total",
         "counter",
-        "helper stderr bytes dropped by the per-helper rate limit or line cap",
+        "helper stderr bytes dropped by the per-helper rate limit, lifetime cap or line cap",
     ),
     (
         "sandpool_helpers",
