@@ -5,7 +5,6 @@
 //!
 //! `cargo bench -p sandpool-benches --bench foundation [-- --quick]`
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use sandpool::{HelperConfig, Launcher};
@@ -63,21 +62,11 @@ fn main() {
         );
         println!("| path | n | median | p99 | vs raw pipe |\n|---|---|---|---|---|");
         let req = request(OP_ECHO, &vec![0x5A; size - 1]);
-        let msg = vec![0x5Au8; size];
-        let mut back = vec![0u8; size];
         let (mut raw, mut pooled) = (Vec::new(), Vec::new());
         for _ in 0..call_rounds {
-            let mut peer = sandpool_benches::spawn_pipe_peer(size).expect("spawn pipe peer");
-            let mut peer_in = peer.stdin.take().expect("piped");
-            let mut peer_out = peer.stdout.take().expect("piped");
-            for _ in 0..500 {
-                let t = Instant::now();
-                peer_in.write_all(&msg).expect("peer write");
-                peer_out.read_exact(&mut back).expect("peer read");
-                raw.push(t.elapsed());
-            }
-            drop(peer_in);
-            let _ = peer.wait();
+            raw.extend(
+                sandpool_benches::raw_ping_pong_round(size, 500, |_| {}).expect("raw round"),
+            );
             let helper = dynamic.launch().expect("launch");
             for _ in 0..500 {
                 let t = Instant::now();

@@ -91,3 +91,30 @@ pub fn spawn_pipe_peer(size: usize) -> std::io::Result<std::process::Child> {
         .stdout(Stdio::piped())
         .spawn()
 }
+
+/// One round of the raw baseline: a fresh peer process, `iterations`
+/// ping-pongs of `size` bytes each way, the peer ended and reaped. `setup`
+/// gets the peer's pid before the first message (e.g. to pin it to a CPU).
+pub fn raw_ping_pong_round(
+    size: usize,
+    iterations: usize,
+    setup: impl FnOnce(u32),
+) -> std::io::Result<Vec<Duration>> {
+    let mut peer = spawn_pipe_peer(size)?;
+    setup(peer.id());
+    let (Some(mut peer_in), Some(mut peer_out)) = (peer.stdin.take(), peer.stdout.take()) else {
+        return Err(std::io::Error::other("the peer's stdio is not piped"));
+    };
+    let msg = vec![0x5Au8; size];
+    let mut back = vec![0u8; size];
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t = std::time::Instant::now();
+        peer_in.write_all(&msg)?;
+        peer_out.read_exact(&mut back)?;
+        samples.push(t.elapsed());
+    }
+    drop(peer_in);
+    peer.wait()?;
+    Ok(samples)
+}

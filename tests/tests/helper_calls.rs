@@ -12,6 +12,17 @@ use sandpool_helper::reference::*;
 use sandpool_protocol::FdCloseMethod;
 use sandpool_tests::{config, deadline, helper_bin, process_exists};
 
+/// The helper is alive and answers an echo.
+fn assert_still_serves(helper: &sandpool::Helper) {
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, b"ok"), deadline(5.0))
+            .unwrap(),
+        b"ok"
+    );
+    assert!(!helper.is_retired());
+}
+
 fn launch(args: &[&str]) -> sandpool::Helper {
     Launcher::new(config(args)).unwrap().launch().unwrap()
 }
@@ -379,12 +390,7 @@ fn oversized_request_is_refused_before_sending() {
         ),
         other => panic!("expected an Error frame, got {other:?}"),
     }
-    assert_eq!(
-        helper
-            .call(&request(OP_ECHO, b"ok"), deadline(5.0))
-            .unwrap(),
-        b"ok"
-    );
+    assert_still_serves(&helper);
 }
 
 #[test]
@@ -436,12 +442,7 @@ fn long_handler_errors_are_cut_to_the_frame_limit() {
         }
         other => panic!("expected a cut helper error, got {other:?}"),
     }
-    assert_eq!(
-        helper
-            .call(&request(OP_ECHO, b"ok"), deadline(5.0))
-            .unwrap(),
-        b"ok"
-    );
+    assert_still_serves(&helper);
 }
 
 #[test]

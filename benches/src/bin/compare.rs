@@ -364,24 +364,16 @@ fn warm_calls(run: &mut Run) -> Value {
         }
         for size in [16usize, 8192] {
             let req = request(OP_ECHO, &vec![0x5A; size - 1]);
-            let msg = vec![0x5Au8; size];
-            let mut back = vec![0u8; size];
             let (mut raw, mut pooled, mut no_spin) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..rounds {
-                let mut peer = spawn_peer(size);
-                if pinned {
-                    pin_to_cpu0(nix::unistd::Pid::from_raw(peer.id() as i32));
-                }
-                let mut peer_in = peer.stdin.take().expect("piped");
-                let mut peer_out = peer.stdout.take().expect("piped");
-                for _ in 0..per_round {
-                    let t = Instant::now();
-                    peer_in.write_all(&msg).expect("peer write");
-                    peer_out.read_exact(&mut back).expect("peer read");
-                    raw.push(t.elapsed());
-                }
-                drop(peer_in);
-                let _ = peer.wait();
+                let pin = |pid: u32| {
+                    if pinned {
+                        pin_to_cpu0(nix::unistd::Pid::from_raw(pid as i32));
+                    }
+                };
+                raw.extend(
+                    sandpool_benches::raw_ping_pong_round(size, per_round, pin).expect("raw round"),
+                );
                 for (spin, samples) in [
                     (Duration::from_micros(20), &mut pooled),
                     (Duration::ZERO, &mut no_spin),
