@@ -213,6 +213,7 @@ impl Sandboxed {
             output: self.output,
             region: self.region,
             granted: false,
+            ahead: ReadAhead::new(),
             max_frame: self.spec.max_frame,
             tenant: None,
             inbuf: Vec::new(),
@@ -236,6 +237,7 @@ pub struct Session {
     /// The current request came through the region: the reply may use the
     /// response half.
     granted: bool,
+    ahead: ReadAhead,
     max_frame: u32,
     tenant: Option<Vec<u8>>,
     inbuf: Vec<u8>,
@@ -291,8 +293,7 @@ impl Session {
     /// Reads frames until a Request (payload left in `inbuf`), a Shutdown or EOF.
     fn next_header(&mut self) -> Result<Next, ServeError> {
         loop {
-            let mut head = [0u8; HEADER_LEN];
-            let got = read_full(&mut self.input, &mut head)?;
+            let got = self.ahead.fill_to(&mut self.input, HEADER_LEN)?;
             if got == 0 {
                 return Ok(Next::Eof);
             }
@@ -302,10 +303,10 @@ impl Session {
                     got,
                 });
             }
+            let head = self.ahead.take_header();
             let header = Header::decode(&head, self.max_frame, Direction::HostToHelper)?;
             let len = header.len as usize;
-            self.inbuf.resize(len, 0);
-            let got = read_full(&mut self.input, &mut self.inbuf)?;
+            let got = self.ahead.take_into(&mut self.input, len, &mut self.inbuf)?;
             if got < len {
                 return Err(ServeError::TruncatedFrame {
                     needed: HEADER_LEN + len,
@@ -457,6 +458,68 @@ enum SendError {
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
+/// Read-ahead on the request pipe: one `read` usually brings a whole small
+/// frame (header and payload), or several pipelined ones.
+#[derive(Debug)]
+struct ReadAhead {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl ReadAhead {
+    fn new() -> Self {
+        ReadAhead {
+            buf: vec![0; 64 * 1024].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Reads until at least `want` bytes are buffered or EOF; returns how
+    /// many are buffered.
+    fn fill_to(&mut self, input: &mut StdioPipe, want: usize) -> Result<usize, ServeError> {
+        if self.end - self.start >= want {
+            return Ok(self.end - self.start);
+        }
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        while self.end < want {
+            match input.read(&mut self.buf[self.end..]) {
+                Ok(0) => break,
+                Ok(n) => self.end += n,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(ServeError::Read(err)),
+            }
+        }
+        Ok(self.end - self.start)
+    }
+
+    /// Takes a header's worth of buffered bytes (`fill_to` made sure).
+    fn take_header(&mut self) -> [u8; HEADER_LEN] {
+        let mut head = [0u8; HEADER_LEN];
+        head.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
+        self.start += HEADER_LEN;
+        head
+    }
+
+    /// Moves `len` bytes into `out` (replacing its contents): what is
+    /// buffered first, the rest read straight into `out`. Returns how many
+    /// arrived before EOF.
+    fn take_into(&mut self, input: &mut StdioPipe, len: usize, out: &mut Vec<u8>) -> Result<usize, ServeError> {
+        let buffered = (self.end - self.start).min(len);
+        out.clear();
+        out.extend_from_slice(&self.buf[self.start..self.start + buffered]);
+        self.start += buffered;
+        if buffered == len {
+            return Ok(len);
+        }
+        out.resize(len, 0);
+        Ok(buffered + read_full(input, &mut out[buffered..])?)
+    }
+}
+
 fn read_full(input: &mut StdioPipe, buf: &mut [u8]) -> Result<usize, ServeError> {
     let mut got = 0;
     while got < buf.len() {
