@@ -218,7 +218,6 @@ impl Sandboxed {
             tenant: None,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
-            frame: Vec::new(),
         })
     }
 }
@@ -242,7 +241,6 @@ pub struct Session {
     tenant: Option<Vec<u8>>,
     inbuf: Vec<u8>,
     outbuf: Vec<u8>,
-    frame: Vec<u8>,
 }
 
 /// A frame from the host, as [`Session::next_frame`] returns it.
@@ -306,7 +304,9 @@ impl Session {
             let head = self.ahead.take_header();
             let header = Header::decode(&head, self.max_frame, Direction::HostToHelper)?;
             let len = header.len as usize;
-            let got = self.ahead.take_into(&mut self.input, len, &mut self.inbuf)?;
+            let got = self
+                .ahead
+                .take_into(&mut self.input, len, &mut self.inbuf)?;
             if got < len {
                 return Err(ServeError::TruncatedFrame {
                     needed: HEADER_LEN + len,
@@ -351,12 +351,10 @@ impl Session {
 
     /// Writes one whole frame with a single `write` where the pipe allows.
     pub fn send(&mut self, kind: Kind, id: u64, payload: &[u8]) -> Result<(), ServeError> {
-        self.frame.clear();
-        encode_frame(kind, id, payload, self.max_frame, &mut self.frame)
-            .map_err(|err| ServeError::Write(io::Error::other(err)))?;
-        self.output
-            .write_all(&self.frame)
-            .map_err(ServeError::Write)
+        write_frame(&mut self.output, self.max_frame, kind, id, payload).map_err(|err| match err {
+            SendError::TooLarge(err) => ServeError::Write(io::Error::other(err)),
+            SendError::Io(err) => err,
+        })
     }
 
     /// Writes raw bytes to the host (for test helpers that misbehave on purpose).
@@ -402,7 +400,6 @@ impl Session {
     }
 
     fn send_response(&mut self, id: u64) -> Result<(), SendError> {
-        self.frame.clear();
         if let Some(region) = self.region.as_ref().filter(|_| self.granted) {
             let (start, end) = sandpool_protocol::region::response_half(region.len() as u64);
             if self.outbuf.len() as u64 <= end - start {
@@ -413,31 +410,22 @@ impl Session {
                     offset: start,
                     len: self.outbuf.len() as u64,
                 };
-                encode_frame(
+                return write_frame(
+                    &mut self.output,
+                    self.max_frame,
                     Kind::ResponseInRegion,
                     id,
                     &at.encode(),
-                    self.max_frame,
-                    &mut self.frame,
-                )
-                .map_err(SendError::TooLarge)?;
-                return self
-                    .output
-                    .write_all(&self.frame)
-                    .map_err(|err| SendError::Io(ServeError::Write(err)));
+                );
             }
         }
-        encode_frame(
+        write_frame(
+            &mut self.output,
+            self.max_frame,
             Kind::Response,
             id,
             &self.outbuf,
-            self.max_frame,
-            &mut self.frame,
         )
-        .map_err(SendError::TooLarge)?;
-        self.output
-            .write_all(&self.frame)
-            .map_err(|err| SendError::Io(ServeError::Write(err)))
     }
 
     /// The pipes, for a helper that runs its own loop.
@@ -458,6 +446,40 @@ enum SendError {
 }
 
 /// Reads until `buf` is full or EOF; returns the bytes read.
+/// Writes one frame, header and payload, with `writev` (no copy of the
+/// payload into a frame buffer), retrying short writes.
+fn write_frame(
+    output: &mut StdioPipe,
+    max_frame: u32,
+    kind: Kind,
+    id: u64,
+    payload: &[u8],
+) -> Result<(), SendError> {
+    let len = u32::try_from(payload.len())
+        .ok()
+        .filter(|len| *len <= max_frame)
+        .ok_or(SendError::TooLarge(EncodeError::PayloadTooLarge {
+            len: payload.len(),
+            max: max_frame,
+        }))?;
+    let head = Header { kind, id, len }.encode();
+    let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
+    let mut bufs = &mut slices[..];
+    while !bufs.is_empty() {
+        match output.write_vectored(bufs) {
+            Ok(0) => {
+                return Err(SendError::Io(ServeError::Write(
+                    io::ErrorKind::WriteZero.into(),
+                )));
+            }
+            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(SendError::Io(ServeError::Write(err))),
+        }
+    }
+    Ok(())
+}
+
 /// Read-ahead on the request pipe: one `read` usually brings a whole small
 /// frame (header and payload), or several pipelined ones.
 #[derive(Debug)]
@@ -507,7 +529,12 @@ impl ReadAhead {
     /// Moves `len` bytes into `out` (replacing its contents): what is
     /// buffered first, the rest read straight into `out`. Returns how many
     /// arrived before EOF.
-    fn take_into(&mut self, input: &mut StdioPipe, len: usize, out: &mut Vec<u8>) -> Result<usize, ServeError> {
+    fn take_into(
+        &mut self,
+        input: &mut StdioPipe,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<usize, ServeError> {
         let buffered = (self.end - self.start).min(len);
         out.clear();
         out.extend_from_slice(&self.buf[self.start..self.start + buffered]);

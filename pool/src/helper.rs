@@ -15,12 +15,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use sandpool_protocol::{Hello, Kind, RegionRef, decode_bind, encode_frame};
+use sandpool_protocol::{Header, Hello, Kind, RegionRef, decode_bind};
 use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
 use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
-use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all};
+use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all_vectored};
 use crate::launcher::{HostRegion, LaunchPlan, spawn};
 use crate::process::Process;
 use crate::stderr::{StderrHub, StderrStream};
@@ -153,7 +153,6 @@ impl Launcher {
             max_in_flight: self.config.max_in_flight,
             writer: Mutex::new(Writer {
                 stdin: Some(spawned.stdin),
-                buf: Vec::new(),
                 next_id: 1,
                 bound: false,
             }),
@@ -211,7 +210,6 @@ impl StderrSink {
 #[derive(Debug)]
 struct Writer {
     stdin: Option<OwnedFd>,
-    buf: Vec<u8>,
     next_id: u64,
     bound: bool,
 }
@@ -577,13 +575,16 @@ impl Helper {
                 }
             }
         }
-        writer.buf.clear();
-        if encode_frame(kind, id, payload, self.max_frame, &mut writer.buf).is_err() {
+        let Some(len) = u32::try_from(payload.len())
+            .ok()
+            .filter(|len| *len <= self.max_frame)
+        else {
             return Err(CallError::RequestTooLarge {
                 len: payload.len(),
                 max: self.max_frame,
             });
-        }
+        };
+        let head = Header { kind, id, len }.encode();
         let Some(stdin) = &writer.stdin else {
             return Err(CallError::Retired {
                 pid: self.pid,
@@ -594,7 +595,8 @@ impl Helper {
             outstanding.queue.push_back(id);
         }
         drop(outstanding);
-        write_all(stdin.as_fd(), &writer.buf, deadline)
+        let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
+        write_all_vectored(stdin.as_fd(), &mut frame, deadline)
             .map_err(|failure| self.fail_io(failure, started))
     }
 

@@ -43,14 +43,25 @@ fn wait_ready(fd: BorrowedFd<'_>, events: PollFlags, deadline: Instant) -> Resul
 }
 
 /// Writes all of `bytes` to a non-blocking fd before `deadline`.
+#[cfg(test)]
 pub(crate) fn write_all(
     fd: BorrowedFd<'_>,
-    mut bytes: &[u8],
+    bytes: &[u8],
     deadline: Instant,
 ) -> Result<(), IoFailure> {
-    while !bytes.is_empty() {
-        match nix::unistd::write(fd, bytes) {
-            Ok(n) => bytes = &bytes[n..],
+    write_all_vectored(fd, &mut [std::io::IoSlice::new(bytes)], deadline)
+}
+
+/// Writes all of `bufs` (e.g. a frame's header and its payload, with no copy
+/// into one buffer) to a non-blocking fd before `deadline`.
+pub(crate) fn write_all_vectored(
+    fd: BorrowedFd<'_>,
+    mut bufs: &mut [std::io::IoSlice<'_>],
+    deadline: Instant,
+) -> Result<(), IoFailure> {
+    while !bufs.is_empty() {
+        match nix::sys::uio::writev(fd, bufs) {
+            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
             Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLOUT, deadline)?,
             Err(Errno::EINTR) => {}
             Err(Errno::EPIPE) => return Err(IoFailure::StdinClosed),
