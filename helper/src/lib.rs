@@ -480,6 +480,11 @@ fn write_frame(
     Ok(())
 }
 
+/// Bytes read ahead on the request pipe. Small, because every idle helper
+/// keeps it resident: it fits a small frame whole (one `read` per request);
+/// the rest of a larger payload is read straight into the request buffer.
+const READ_AHEAD: usize = 8 * 1024;
+
 /// Read-ahead on the request pipe: one `read` usually brings a whole small
 /// frame (header and payload), or several pipelined ones.
 #[derive(Debug)]
@@ -492,7 +497,7 @@ struct ReadAhead {
 impl ReadAhead {
     fn new() -> Self {
         ReadAhead {
-            buf: vec![0; 64 * 1024].into_boxed_slice(),
+            buf: vec![0; READ_AHEAD].into_boxed_slice(),
             start: 0,
             end: 0,
         }
