@@ -27,12 +27,8 @@ impl ExitStatus {
     /// The sandbox's filter uses `SECCOMP_RET_KILL_PROCESS`, which ends the
     /// process as if by SIGSYS; nothing else in the design sends SIGSYS.
     pub fn is_seccomp_kill(&self) -> bool {
-        *self == ExitStatus::Signaled(libc_sigsys())
+        *self == ExitStatus::Signaled(nix::sys::signal::Signal::SIGSYS as i32)
     }
-}
-
-const fn libc_sigsys() -> i32 {
-    nix::sys::signal::Signal::SIGSYS as i32
 }
 
 impl fmt::Display for ExitStatus {

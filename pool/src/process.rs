@@ -44,7 +44,7 @@ impl Process {
     /// Sends a signal through the pidfd (for tests and stop/continue).
     pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) -> std::io::Result<()> {
         if self.status.is_some() {
-            return Err(std::io::Error::from_raw_os_error(libc_esrch()));
+            return Err(std::io::Error::from_raw_os_error(Errno::ESRCH as i32));
         }
         let signal = rustix::process::Signal::from_named_raw(signal as i32)
             .ok_or_else(|| std::io::Error::from_raw_os_error(Errno::EINVAL as i32))?;
@@ -122,10 +122,6 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill_and_reap();
     }
-}
-
-fn libc_esrch() -> i32 {
-    Errno::ESRCH as i32
 }
 
 /// Converts a remaining duration into a poll timeout, rounding up to whole

@@ -90,28 +90,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     ),
 ];
 
-/// The `outcome` label of a call.
-fn outcome(result: &Result<Vec<u8>, CallError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(CallError::Helper(_)) => "helper_error",
-        Err(CallError::Timeout { .. }) => "timeout",
-        Err(CallError::Died { .. }) => "died",
-        Err(CallError::Protocol { .. }) => "protocol",
-        Err(CallError::Io { .. }) => "io",
-        Err(CallError::Launch(_)) => "launch_failed",
-        Err(CallError::BackingOff { .. }) => "backed_off",
-        Err(CallError::PoolFull { .. } | CallError::LaunchWait { .. }) => "pool_full",
-        Err(CallError::Saturated { .. } | CallError::QueueTimeout { .. }) => "saturated",
-        Err(CallError::ShutDown | CallError::Retired { .. }) => "shut_down",
-        Err(
-            CallError::RequestTooLarge { .. }
-            | CallError::InvalidTenant(_)
-            | CallError::AlreadyBound { .. },
-        ) => "rejected",
-    }
-}
-
+/// The `outcome` labels of calls; [`outcome`] returns an index into it.
 const OUTCOMES: &[&str] = &[
     "ok",
     "helper_error",
@@ -126,6 +105,32 @@ const OUTCOMES: &[&str] = &[
     "shut_down",
     "rejected",
 ];
+const OK: usize = 0;
+const HELPER_ERROR: usize = 1;
+const BACKED_OFF: usize = 7;
+
+/// The index in [`OUTCOMES`] of a call's outcome (no lookup by name on the
+/// call path).
+fn outcome(result: &Result<Vec<u8>, CallError>) -> usize {
+    match result {
+        Ok(_) => OK,
+        Err(CallError::Helper(_)) => HELPER_ERROR,
+        Err(CallError::Timeout { .. }) => 2,
+        Err(CallError::Died { .. }) => 3,
+        Err(CallError::Protocol { .. }) => 4,
+        Err(CallError::Io { .. }) => 5,
+        Err(CallError::Launch(_)) => 6,
+        Err(CallError::BackingOff { .. }) => BACKED_OFF,
+        Err(CallError::PoolFull { .. } | CallError::LaunchWait { .. }) => 8,
+        Err(CallError::Saturated { .. } | CallError::QueueTimeout { .. }) => 9,
+        Err(CallError::ShutDown | CallError::Retired { .. }) => 10,
+        Err(
+            CallError::RequestTooLarge { .. }
+            | CallError::InvalidTenant(_)
+            | CallError::AlreadyBound { .. },
+        ) => 11,
+    }
+}
 
 /// A counter recorded both as an atomic (for stats) and as a metric.
 struct Count {
@@ -347,13 +352,12 @@ impl Telemetry {
         took: Duration,
     ) {
         self.in_flight.decrement(1.0);
-        let outcome = outcome(result);
-        let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        let index = outcome(result);
         self.calls[index].bump();
         self.call_seconds[index].record(took.as_secs_f64());
         if self.tenant_label {
             let tenant = String::from_utf8_lossy(tenant).into_owned();
-            metrics::counter!("sandpool_tenant_calls_total", "tenant" => tenant.clone(), "outcome" => outcome)
+            metrics::counter!("sandpool_tenant_calls_total", "tenant" => tenant.clone(), "outcome" => OUTCOMES[index])
                 .increment(1);
             metrics::histogram!("sandpool_tenant_call_seconds", "tenant" => tenant)
                 .record(took.as_secs_f64());
@@ -380,13 +384,7 @@ impl Telemetry {
 
     /// The counters, for a stats snapshot (the caller fills in the gauges).
     pub(crate) fn counters(&self) -> Stats {
-        let calls = |name: &str| {
-            OUTCOMES
-                .iter()
-                .position(|o| *o == name)
-                .map_or(0, |i| self.calls[i].get())
-        };
-        let calls_ok = calls("ok") + calls("helper_error");
+        let calls_ok = self.calls[OK].get() + self.calls[HELPER_ERROR].get();
         let calls_total: u64 = self.calls.iter().map(Count::get).sum();
         Stats {
             launches: self.launches_ok.get(),
@@ -406,7 +404,7 @@ impl Telemetry {
                 launch: self.died_launch.get(),
                 io: self.died_io.get(),
             },
-            backed_off_calls: calls("backed_off"),
+            backed_off_calls: self.calls[BACKED_OFF].get(),
             backoffs_engaged: self.backoff_engaged.get(),
             calls_ok,
             calls_failed: calls_total - calls_ok,
