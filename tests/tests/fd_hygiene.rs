@@ -55,8 +55,11 @@ fn helper_closes_ten_thousand_inherited_fds_and_cannot_read_the_secret() {
         .launch()
         .unwrap();
     let hello = helper.hello().clone();
+    // Inherited: the 10,000 dups and the secret. `devnull` itself is CLOEXEC
+    // (std opens that way) and does not cross; whatever the test runner
+    // leaked into this process crosses too, hence at least.
     assert!(
-        hello.fds_closed as usize >= LEAKED + 2,
+        hello.fds_closed as usize > LEAKED,
         "helper reports {} inherited fds closed",
         hello.fds_closed
     );
