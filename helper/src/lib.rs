@@ -30,8 +30,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use sandpool_protocol::{
     DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, Kind, MAX_ERROR_MESSAGE,
-    PayloadError, RegionError, RegionRef, SPEC_ENV, SandboxSpec, SpecError, decode_bind,
-    encode_frame,
+    PayloadError, RegionError, RegionRef, RegionRequest, SPEC_ENV, SandboxSpec, SpecError,
+    decode_bind, encode_frame,
 };
 use sandpool_sandbox::{
     CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, SharedRegion,
@@ -212,7 +212,7 @@ impl Sandboxed {
             input: self.input,
             output: self.output,
             region: self.region,
-            granted: false,
+            granted: None,
             ahead: ReadAhead::new(),
             max_frame: self.spec.max_frame,
             tenant: None,
@@ -233,9 +233,9 @@ pub struct Session {
     input: StdioPipe,
     output: StdioPipe,
     region: Option<SharedRegion>,
-    /// The current request came through the region: the reply may use the
-    /// response half.
-    granted: bool,
+    /// The current request came through the region: the window of the
+    /// response half its reply may use.
+    granted: Option<RegionRef>,
     ahead: ReadAhead,
     max_frame: u32,
     tenant: Option<Vec<u8>>,
@@ -322,7 +322,7 @@ impl Session {
                 }
                 Kind::Shutdown => return Ok(Next::Shutdown),
                 Kind::Request => {
-                    self.granted = false;
+                    self.granted = None;
                     return Ok(Next::Request(header.id));
                 }
                 Kind::RequestInRegion => {
@@ -330,12 +330,11 @@ impl Session {
                         .region
                         .as_ref()
                         .ok_or_else(|| ServeError::Region("no shared region was passed".into()))?;
-                    let (start, end) = sandpool_protocol::region::request_half(region.len() as u64);
-                    let at = RegionRef::decode(&self.inbuf, start, end)?;
+                    let at = RegionRequest::decode(&self.inbuf, region.len() as u64)?;
                     region
-                        .read_into(at.offset, at.len, &mut self.inbuf)
+                        .read_into(at.request.offset, at.request.len, &mut self.inbuf)
                         .map_err(|err| ServeError::Region(err.to_string()))?;
-                    self.granted = true;
+                    self.granted = Some(at.reply);
                     return Ok(Next::Request(header.id));
                 }
                 // Header::decode refuses helper-to-host kinds in this direction.
@@ -400,14 +399,14 @@ impl Session {
     }
 
     fn send_response(&mut self, id: u64) -> Result<(), SendError> {
-        if let Some(region) = self.region.as_ref().filter(|_| self.granted) {
-            let (start, end) = sandpool_protocol::region::response_half(region.len() as u64);
-            if self.outbuf.len() as u64 <= end - start {
+        if let (Some(region), Some(window)) = (self.region.as_ref(), self.granted) {
+            // A reply too large for its window goes through the pipe.
+            if self.outbuf.len() as u64 <= window.len {
                 region
-                    .write(start, &self.outbuf)
+                    .write(window.offset, &self.outbuf)
                     .map_err(|err| SendError::Io(ServeError::Region(err.to_string())))?;
                 let at = RegionRef {
-                    offset: start,
+                    offset: window.offset,
                     len: self.outbuf.len() as u64,
                 };
                 return write_frame(

@@ -7,7 +7,8 @@
 //! - `--misbehave NAME`: break the protocol or the startup contract on purpose
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
-//!   `stderr-flood`, `region-oob`, `region-scribble`, `corpus:<case>`).
+//!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
+//!   `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 #![forbid(unsafe_code)]
 
@@ -234,6 +235,22 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
                     region.write(start, &payload).map_err(|e| e.to_string())?;
                 }
                 continue;
+            }
+            "region-other-window" => {
+                // A reply inside the response half, but three quarters of
+                // the way into the region: another slot's window when the
+                // host cut the region into slots.
+                let offset = {
+                    let region = session.region().ok_or("no region was passed")?;
+                    let offset = region.len() as u64 / 4 * 3;
+                    region.write(offset, &payload).map_err(|e| e.to_string())?;
+                    offset
+                };
+                let at = sandpool_protocol::RegionRef {
+                    offset,
+                    len: payload.len() as u64,
+                };
+                reply(Kind::ResponseInRegion, id, &at.encode())
             }
             "wrong-id" => reply(Kind::Response, id.wrapping_add(1), &payload),
             "pre-answer" => {

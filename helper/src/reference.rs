@@ -52,5 +52,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "stderr-flood",
     "region-oob",
     "region-scribble",
+    "region-other-window",
     "corpus:<case name>",
 ];

@@ -143,8 +143,13 @@ pub struct HelperConfig {
     /// Size of a per-helper shared memory region for large payloads (half
     /// for requests, half for responses); `None` (default) for none.
     pub region_size: Option<u64>,
-    /// Requests at least this large go through the region. Default 64 KiB.
+    /// Requests at least this large go through the region (if they fit a
+    /// slot). Default 64 KiB.
     pub region_threshold: usize,
+    /// How many requests may be in flight through the region at once: each
+    /// half of the region is cut into this many equal slots, and a request
+    /// and its reply get one. Default 1.
+    pub region_slots: usize,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -164,6 +169,7 @@ impl HelperConfig {
             spin_wait: Duration::from_micros(20),
             region_size: None,
             region_threshold: 64 * 1024,
+            region_slots: 1,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -182,6 +188,15 @@ impl HelperConfig {
                 ),
             ));
         }
+        if !(1..=self.max_in_flight.max(1)).contains(&self.region_slots) {
+            return Err(ConfigError::new(
+                "region_slots",
+                format!(
+                    "{} is outside 1..=max_in_flight ({})",
+                    self.region_slots, self.max_in_flight
+                ),
+            ));
+        }
         if let Some(size) = self.region_size {
             if let Some(limit) = self.sandbox.rlimits.address_space {
                 if limit.as_u64() <= size {
@@ -194,10 +209,20 @@ impl HelperConfig {
                     ));
                 }
             }
-            if !(8192..=(1u64 << 32)).contains(&size) || (self.region_threshold as u64) > size / 2 {
+            if !(8192..=(1u64 << 32)).contains(&size) {
                 return Err(ConfigError::new(
                     "region_size",
-                    format!("{size} must be 8 KiB to 4 GiB and at least twice region_threshold"),
+                    format!("{size} is outside 8 KiB..=4 GiB"),
+                ));
+            }
+            let slot = size / 2 / self.region_slots as u64;
+            if (self.region_threshold as u64) > slot {
+                return Err(ConfigError::new(
+                    "region_threshold",
+                    format!(
+                        "{} is larger than a region slot ({slot} bytes: half of region_size over region_slots)",
+                        self.region_threshold
+                    ),
                 ));
             }
         }
@@ -356,8 +381,14 @@ pub struct Config {
     /// default) means every payload goes through the pipes.
     pub region_size: Option<ByteSize>,
     /// Requests at least this large go through the region, and their
-    /// responses come back through it. Default 64 KiB.
+    /// responses come back through it (if they fit the request's slot).
+    /// Default 64 KiB; at most a slot.
     pub region_threshold: ByteSize,
+    /// How many calls may use the region at once: each half is cut into this
+    /// many equal slots, one per call, e.g. `max_in_flight` for many
+    /// concurrent mid-size payloads such as 8 KiB pages. 1 to
+    /// `max_in_flight`. Default 1.
+    pub region_slots: usize,
     /// Back-off for tenants whose helpers keep failing.
     pub crash_backoff: BackoffConfig,
     /// A launch slower than this logs a warning (once per pool). Default 50 ms.
@@ -396,6 +427,7 @@ impl Default for Config {
             spin_wait: Duration::from_micros(20),
             region_size: None,
             region_threshold: ByteSize::kib(64),
+            region_slots: 1,
             crash_backoff: BackoffConfig::default(),
             slow_launch_threshold: Duration::from_millis(50),
             stderr_bytes_per_second: ByteSize::kib(16),
@@ -474,6 +506,7 @@ impl Config {
             spin_wait: self.spin_wait,
             region_size: self.region_size.map(|size| size.as_u64()),
             region_threshold: usize::try_from(self.region_threshold.as_u64()).unwrap_or(usize::MAX),
+            region_slots: self.region_slots,
             sandbox: self.sandbox.clone(),
         }
     }

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use sandpool_protocol::{Header, Hello, Kind, RegionRef, decode_bind};
+use sandpool_protocol::{Header, Hello, Kind, RegionRef, RegionRequest, decode_bind};
 use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
@@ -138,6 +138,9 @@ impl Launcher {
             launch_us = launch_time.as_micros() as u64,
             "helper ready"
         );
+        let region_slot = spawned.region.as_ref().map_or(0, |region| {
+            region.len() / 2 / self.config.region_slots.max(1) as u64
+        });
         let stderr = match &self.stderr_hub {
             Some(hub) => StderrSink::Hub {
                 stream: hub.register(pid, spawned.stderr),
@@ -161,7 +164,10 @@ impl Launcher {
                 frames: reader,
                 parked: HashMap::new(),
             }),
-            outstanding: Mutex::new(Outstanding::default()),
+            outstanding: Mutex::new(Outstanding {
+                free_slots: (0..self.config.region_slots as u32).rev().collect(),
+                ..Outstanding::default()
+            }),
             in_flight: Mutex::new(0),
             slot_freed: Condvar::new(),
             failure: Mutex::new(None),
@@ -171,6 +177,7 @@ impl Launcher {
             region: spawned.region,
             region_free: Condvar::new(),
             region_threshold: self.config.region_threshold,
+            region_slot,
             calls: AtomicU64::new(0),
             calls_at_bind: AtomicU64::new(0),
             tenant_success: AtomicBool::new(false),
@@ -230,24 +237,27 @@ struct Outstanding {
     /// order the helper must answer them in).
     queue: VecDeque<u64>,
     abandoned: Vec<u64>,
-    /// The request in flight that was granted the region's response half.
-    granted: Option<u64>,
-    /// The region is in use: claimed by a caller about to send, or granted
-    /// to a request whose reply has not been consumed yet. One at a time.
-    region_busy: bool,
+    /// Requests in flight through the region, with the slot each was
+    /// granted (its part of the request half and of the response half).
+    granted: Vec<(u64, u32)>,
+    /// Region slots free to claim. A slot is in use from the claim of a
+    /// caller about to send until the reply to its request is consumed.
+    free_slots: Vec<u32>,
 }
 
-/// A caller's claim on the region, released on drop unless it was handed
-/// over to the request in flight (then the reply's consumption releases it).
+/// A caller's claim on a region slot, released on drop unless it was
+/// handed over to the request in flight (then the reply's consumption
+/// releases it).
 struct RegionClaim<'a> {
     helper: &'a Helper,
+    slot: u32,
     armed: bool,
 }
 
 impl Drop for RegionClaim<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.helper.release_region();
+            self.helper.release_slot(self.slot);
         }
     }
 }
@@ -281,6 +291,8 @@ pub struct Helper {
     /// Signalled (with `outstanding`) when the region becomes free.
     region_free: Condvar,
     region_threshold: usize,
+    /// Size of one region slot in each half (0 without a region).
+    region_slot: u64,
     calls: AtomicU64,
     /// `calls` when the helper was bound (a spare's warm-up came before).
     calls_at_bind: AtomicU64,
@@ -368,10 +380,10 @@ impl Helper {
     pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
         self.check_retired()?;
-        // Large requests go through the shared region, one at a time: the
-        // region stays claimed until the reply has been consumed.
-        let region = self.region.as_ref().filter(|region| {
-            request.len() >= self.region_threshold && request.len() as u64 <= region.len() / 2
+        // Large requests go through the shared region, one per slot: a slot
+        // stays claimed until the reply has been consumed.
+        let region = self.region.as_ref().filter(|_| {
+            request.len() >= self.region_threshold && request.len() as u64 <= self.region_slot
         });
         if region.is_none() && request.len() > self.max_frame as usize {
             return Err(CallError::RequestTooLarge {
@@ -385,7 +397,7 @@ impl Helper {
                 let claim = self.claim_region(deadline, started)?;
                 // Outside the writer lock: a large copy must not make other
                 // callers wait for the pipe (they would blame the helper).
-                region.write(0, request);
+                region.write(u64::from(claim.slot) * self.region_slot, request);
                 Some(claim)
             }
             None => None,
@@ -394,12 +406,21 @@ impl Helper {
             let mut writer = self.lock_writer(deadline, started)?;
             let id = writer.next_id;
             writer.next_id += 1;
-            if claim.is_some() {
-                let at = RegionRef {
-                    offset: 0,
-                    len: request.len() as u64,
+            if let (Some(claim), Some(region)) = (&claim, &self.region) {
+                let slot_at = u64::from(claim.slot) * self.region_slot;
+                let at = RegionRequest {
+                    request: RegionRef {
+                        offset: slot_at,
+                        len: request.len() as u64,
+                    },
+                    reply: RegionRef {
+                        offset: region.len() / 2 + slot_at,
+                        len: self.region_slot,
+                    },
                 };
-                self.outstanding.lock().granted = Some(id);
+                // Granted before it is sent: the reply may be read by
+                // another caller the moment the frame is out.
+                self.outstanding.lock().granted.push((id, claim.slot));
                 self.send(
                     &mut writer,
                     Kind::RequestInRegion,
@@ -425,7 +446,7 @@ impl Helper {
         result
     }
 
-    /// Waits (until `deadline`) for the region to be free and claims it.
+    /// Waits (until `deadline`) for a region slot to be free and claims it.
     fn claim_region(
         &self,
         deadline: Instant,
@@ -441,22 +462,23 @@ impl Helper {
                     reason: "retired".into(),
                 });
             }
-            if !outstanding.region_busy {
-                outstanding.region_busy = true;
+            if let Some(slot) = outstanding.free_slots.pop() {
                 return Ok(RegionClaim {
                     helper: self,
+                    slot,
                     armed: true,
                 });
             }
-            // The region waits for the reply of a call that gave up: nobody
-            // else may ever read it, so this caller reads (and drops) it.
+            // A slot waits for the reply of a call that gave up: nobody else
+            // may ever read it, so this caller reads (and drops) it.
             let orphaned = outstanding
                 .granted
-                .is_some_and(|id| outstanding.abandoned.contains(&id));
+                .iter()
+                .any(|(id, _)| outstanding.abandoned.contains(id));
             if orphaned {
                 drop(outstanding);
                 if let Some(mut reader) = self.reader.try_lock() {
-                    while self.outstanding.lock().region_busy {
+                    while self.outstanding.lock().free_slots.is_empty() {
                         let (reply_id, abandoned, result) =
                             self.read_reply(&mut reader, deadline, started)?;
                         if !abandoned {
@@ -480,11 +502,11 @@ impl Helper {
         }
     }
 
-    /// Frees the region for the next large call.
-    fn release_region(&self) {
+    /// Frees a region slot for the next large call.
+    fn release_slot(&self, slot: u32) {
         let mut outstanding = self.outstanding.lock();
-        outstanding.region_busy = false;
-        outstanding.granted = None;
+        outstanding.granted.retain(|(_, granted)| *granted != slot);
+        outstanding.free_slots.push(slot);
         drop(outstanding);
         self.region_free.notify_one();
     }
@@ -656,7 +678,11 @@ impl Helper {
         let (expected, abandoned, granted) = {
             let mut outstanding = self.outstanding.lock();
             let expected = outstanding.queue.pop_front();
-            let granted = expected.is_some() && outstanding.granted == expected;
+            let granted = outstanding
+                .granted
+                .iter()
+                .find(|(id, _)| Some(*id) == expected)
+                .map(|(_, slot)| *slot);
             let abandoned = outstanding
                 .abandoned
                 .iter()
@@ -692,10 +718,12 @@ impl Helper {
             }
             Kind::Response => Ok(payload),
             Kind::ResponseInRegion => {
-                let Some(region) = self.region.as_ref().filter(|_| granted) else {
+                let (Some(region), Some(slot)) = (self.region.as_ref(), granted) else {
                     return Err(self.fail_violation(ProtocolViolation::RegionNotGranted(header.id)));
                 };
-                let (start, end) = sandpool_protocol::region::response_half(region.len());
+                // Only the window this request was granted.
+                let start = region.len() / 2 + u64::from(slot) * self.region_slot;
+                let end = start + self.region_slot;
                 // Bounds first, then copy out: the helper may rewrite
                 // the bytes at any moment after this.
                 let at = match RegionRef::decode(&payload, start, end) {
@@ -731,10 +759,10 @@ impl Helper {
                 }));
             }
         };
-        if granted {
+        if let Some(slot) = granted {
             // The granted reply is consumed (copied out, if it came
-            // through the region): the next large call may have it.
-            self.release_region();
+            // through the region): the next large call may have the slot.
+            self.release_slot(slot);
         }
         Ok((header.id, abandoned, result))
     }

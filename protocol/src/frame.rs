@@ -21,7 +21,7 @@ use thiserror::Error;
 /// The two bytes every frame starts with.
 pub const MAGIC: [u8; 2] = *b"SP";
 /// The protocol version this crate speaks. A peer with another version is refused.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Size of the fixed frame header in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Default bound on a frame's payload (1 MiB): a page-redo request with its
@@ -61,12 +61,13 @@ pub enum Kind {
     /// Host -> helper: finish and exit cleanly. Empty payload.
     Shutdown = 6,
     /// Host -> helper: a request whose bytes are in the shared region; the
-    /// payload is a [`crate::RegionRef`] into the request half. It also
-    /// grants the helper the response half for its reply.
+    /// payload is a [`crate::RegionRequest`]: the request's place in the
+    /// request half, and the window of the response half granted to its
+    /// reply.
     RequestInRegion = 7,
     /// Helper -> host: the reply to a [`Kind::RequestInRegion`], its bytes in
-    /// the response half of the shared region; the payload is a
-    /// [`crate::RegionRef`].
+    /// the window of the response half that request granted; the payload is
+    /// a [`crate::RegionRef`].
     ResponseInRegion = 8,
 }
 
@@ -231,9 +232,10 @@ impl Header {
             Kind::Shutdown if len != 0 => {
                 return Err(DecodeError::UnexpectedPayload { kind, len });
             }
-            Kind::RequestInRegion | Kind::ResponseInRegion
-                if len as usize != crate::REGION_REF_LEN =>
-            {
+            Kind::RequestInRegion if len as usize != crate::REGION_REQUEST_LEN => {
+                return Err(DecodeError::UnexpectedPayload { kind, len });
+            }
+            Kind::ResponseInRegion if len as usize != crate::REGION_REF_LEN => {
                 return Err(DecodeError::UnexpectedPayload { kind, len });
             }
             _ => {}
@@ -326,7 +328,7 @@ mod tests {
             len: 77,
         };
         let bytes = header.encode();
-        assert_eq!(&bytes[..4], b"SP\x01\x04");
+        assert_eq!(&bytes[..4], b"SP\x02\x04");
         assert_eq!(bytes[4], 0x08, "id is little-endian");
         let back = Header::decode(&bytes, 100, Direction::HelperToHost).expect("valid header");
         assert_eq!(back, header);

@@ -26,5 +26,5 @@ pub use hello::{
     FdCloseMethod, Hello, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_TENANT_LEN, PayloadError, SeccompMode,
     decode_bind,
 };
-pub use region::{REGION_REF_LEN, RegionError, RegionRef};
+pub use region::{REGION_REF_LEN, REGION_REQUEST_LEN, RegionError, RegionRef, RegionRequest};
 pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};

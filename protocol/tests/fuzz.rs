@@ -37,7 +37,8 @@ fn near_frame() -> impl Strategy<Value = Vec<u8>> {
         any::<u8>(),
     )
         .prop_map(|(kind, id, len, payload, flip_at, flip)| {
-            let mut bytes = b"SP\x01".to_vec();
+            let mut bytes = b"SP".to_vec();
+            bytes.push(sandpool_protocol::VERSION);
             bytes.push(kind % 8);
             bytes.extend_from_slice(&id.to_le_bytes());
             bytes.extend_from_slice(&len.to_le_bytes());

@@ -355,6 +355,16 @@ fn invalid_config_values_are_named() {
             "program = \"/h\"\nrequest_timeout = \"0s\"",
             "request_timeout",
         ),
+        ("program = \"/h\"\nregion_slots = 0", "region_slots"),
+        (
+            "program = \"/h\"\nmax_in_flight = 4\nregion_slots = 5",
+            "region_slots",
+        ),
+        (
+            "program = \"/h\"\nregion_size = \"1MiB\"\nregion_slots = 16\nregion_threshold = \"64KiB\"",
+            "region_threshold",
+        ),
+        ("program = \"/h\"\nregion_size = \"4KiB\"", "region_size"),
     ];
     for (text, field) in cases {
         let err = Config::from_toml(text).unwrap_err();

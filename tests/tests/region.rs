@@ -95,6 +95,68 @@ fn a_helper_rewriting_the_region_after_replying_cannot_hurt_the_host() {
 }
 
 #[test]
+fn concurrent_calls_each_use_their_own_slot_and_get_their_own_reply() {
+    let mut cfg = region_config(&[]);
+    cfg.region_size = Some(1 << 20);
+    cfg.region_threshold = 4096;
+    cfg.region_slots = 8;
+    cfg.max_in_flight = 8;
+    let helper = std::sync::Arc::new(Launcher::new(cfg).unwrap().launch().unwrap());
+    // 8 KiB pages and a few sizes around the threshold and the 64 KiB slot,
+    // each body unique to its thread and call: a reply read from another
+    // call's slot would not match.
+    let threads: Vec<_> = (0..8u8)
+        .map(|thread| {
+            let helper = helper.clone();
+            std::thread::spawn(move || {
+                for call in 0..200usize {
+                    let size = [8191, 4095, 65_535, 20_000, 100][call % 5];
+                    let body: Vec<u8> = (0..size)
+                        .map(|i| (i as u8) ^ thread ^ (call as u8).rotate_left(3))
+                        .collect();
+                    let reply = helper
+                        .call(&request(OP_ECHO, &body), deadline(10.0))
+                        .unwrap();
+                    assert!(reply == body, "thread {thread} call {call}: its own reply");
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert!(!helper.is_retired());
+}
+
+#[test]
+fn a_region_reply_outside_the_granted_slot_is_a_protocol_violation() {
+    let mut cfg = region_config(&["--misbehave", "region-other-window"]);
+    cfg.region_slots = 2;
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    // The one call in flight has slot 0; the reply lies in slot 1's window.
+    match helper.call(&request(OP_ECHO, &[3u8; 100_000]), deadline(5.0)) {
+        Err(CallError::Protocol {
+            violation: ProtocolViolation::Region(_),
+            ..
+        }) => {}
+        other => panic!("expected a region violation, got {other:?}"),
+    }
+    assert!(helper.is_retired());
+    // With the whole response half as one window, the same reply is fine:
+    // the refusal above came from the slot, not from the half.
+    let helper = Launcher::new(region_config(&["--misbehave", "region-other-window"]))
+        .unwrap()
+        .launch()
+        .unwrap();
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &[3u8; 100_000]), deadline(5.0))
+            .unwrap(),
+        vec![3u8; 100_000]
+    );
+}
+
+#[test]
 fn a_region_reply_to_a_request_that_did_not_grant_it_is_refused() {
     let helper = Launcher::new(region_config(&["--misbehave", "region-oob"]))
         .unwrap()
