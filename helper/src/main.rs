@@ -255,12 +255,14 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             "wrong-id" => reply(Kind::Response, id.wrapping_add(1), &payload),
             "pre-answer" => {
                 // Answer properly, then, a moment later, answer the next
-                // request before it has been sent.
+                // request before it has been sent, with the best guess at
+                // its id there is without the host's key: the next count in
+                // the high half, the same low half.
                 session
                     .send_raw(&reply(Kind::Response, id, &payload))
                     .map_err(|e| e.to_string())?;
                 std::thread::sleep(Duration::from_millis(20));
-                reply(Kind::Response, id + 1, b"forged")
+                reply(Kind::Response, id.wrapping_add(1 << 32), b"forged")
             }
             "answer-twice" => {
                 let mut twice = reply(Kind::Response, id, &payload);
@@ -269,9 +271,15 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             }
             name => {
                 let case_name = name.strip_prefix("corpus:").unwrap_or(name);
-                corpus::case(case_name)
+                let mut bytes = corpus::case(case_name)
                     .ok_or_else(|| format!("no corpus case {case_name:?}"))?
-                    .bytes
+                    .bytes;
+                // The corpus's request id 1 stands for the id of the request
+                // being answered.
+                if bytes.get(4..12) == Some(&1u64.to_le_bytes()[..]) {
+                    bytes[4..12].copy_from_slice(&id.to_le_bytes());
+                }
+                bytes
             }
         };
         session.send_raw(&bytes).map_err(|e| e.to_string())?;

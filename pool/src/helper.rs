@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
 use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
-use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all_vectored};
+use crate::io::{FrameReader, IoFailure, drain_tail, write_all_vectored};
 use crate::launcher::{HostRegion, LaunchPlan, spawn};
 use crate::process::Process;
 use crate::stderr::{StderrHub, StderrStream};
@@ -156,7 +156,7 @@ impl Launcher {
             max_in_flight: self.config.max_in_flight,
             writer: Mutex::new(Writer {
                 stdin: Some(spawned.stdin),
-                next_id: 1,
+                ids: RequestIds::new(),
                 bound: false,
             }),
             reader: Mutex::new(Reader {
@@ -217,8 +217,37 @@ impl StderrSink {
 #[derive(Debug)]
 struct Writer {
     stdin: Option<OwnedFd>,
-    next_id: u64,
+    ids: RequestIds,
     bound: bool,
+}
+
+/// Request ids: unique among the calls in flight, and unpredictable to the
+/// helper. The high half counts calls (unique while fewer than 2^32 are in
+/// flight); the low half is a SipHash of the count under a key the helper
+/// never sees. A helper that answers a request before it is sent must guess
+/// 32 random bits, and a wrong guess is a protocol violation that kills it:
+/// the host need not look at the pipe before every send to catch it.
+#[derive(Debug)]
+struct RequestIds {
+    count: u64,
+    key: std::hash::RandomState,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        RequestIds {
+            count: 0,
+            key: std::hash::RandomState::new(),
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        use std::hash::BuildHasher;
+        self.count = self.count.wrapping_add(1);
+        let noise = self.key.hash_one(self.count) as u32;
+        // Never 0: that id belongs to Hello, Bind and Shutdown.
+        ((self.count << 32) | u64::from(noise)).max(1)
+    }
 }
 
 #[derive(Debug)]
@@ -404,8 +433,7 @@ impl Helper {
         };
         let id = {
             let mut writer = self.lock_writer(deadline, started)?;
-            let id = writer.next_id;
-            writer.next_id += 1;
+            let id = writer.ids.next();
             if let (Some(claim), Some(region)) = (&claim, &self.region) {
                 let slot_at = u64::from(claim.slot) * self.region_slot;
                 let at = RegionRequest {
@@ -561,8 +589,10 @@ impl Helper {
     }
 
     /// Writes one frame. Before a frame goes out with nothing else in flight,
-    /// checks that the helper has not sent anything unasked (a pre-sent
-    /// answer, a duplicate) and has not died in between.
+    /// checks that no bytes beyond the last reply were read with it (a
+    /// duplicate answer). Bytes the helper sends later, unasked, are caught
+    /// when they are read as the next reply: their id cannot match the next
+    /// request's (see [`RequestIds`]).
     fn send(
         &self,
         writer: &mut Writer,
@@ -577,7 +607,7 @@ impl Helper {
         if outstanding.queue.is_empty() {
             if let Some(mut guard) = self.reader.try_lock() {
                 let reader = &mut *guard;
-                if reader.frames.has_buffered() || readable_now(&reader.stdout) {
+                if reader.frames.has_buffered() {
                     let unsolicited =
                         reader
                             .frames

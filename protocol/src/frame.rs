@@ -8,7 +8,8 @@
 //!      0     2  magic, b"SP"
 //!      2     1  protocol version (VERSION)
 //!      3     1  kind (Kind)
-//!      4     8  request id (u64 LE); 0 for Hello, Bind and Shutdown
+//!      4     8  request id (u64 LE), chosen by the host, opaque to the
+//!                 helper; 0 for Hello, Bind and Shutdown
 //!     12     4  payload length (u32 LE), bounded by the receiver's max frame
 //! ```
 //!

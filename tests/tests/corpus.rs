@@ -85,13 +85,9 @@ fn host_side() {
                 },
                 Err(CallError::Protocol { violation, .. }),
             ) => {
-                assert_eq!(
-                    violation,
-                    ProtocolViolation::UnexpectedId {
-                        expected: 1,
-                        got: *id
-                    },
-                    "{}",
+                assert!(
+                    matches!(violation, ProtocolViolation::UnexpectedId { got, .. } if got == *id),
+                    "{}: {violation:?}",
                     case.name
                 )
             }

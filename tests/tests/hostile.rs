@@ -206,7 +206,7 @@ fn hostile_helper_matrix() {
             std::thread::sleep(Duration::from_millis(500));
             pool.call("evil", &request(OP_ECHO, b"y")).unwrap_err()
         },
-        |e| protocol(e, |v| matches!(v, ProtocolViolation::Unsolicited { .. })),
+        |e| protocol(e, |v| matches!(v, ProtocolViolation::UnexpectedId { .. })),
     );
     case(
         "never sends Hello",
