@@ -2,16 +2,20 @@
 //!
 //! Calls take `&self`, so one helper can be shared by many threads (the pool
 //! holds it in an `Arc`). Concurrent calls are pipelined: each caller writes
-//! its own request under the writer lock, then collects its reply under the
-//! reader lock. Whoever holds the reader lock reads frames off the pipe;
-//! a reply for another caller is parked in a small map and the lock is handed
-//! straight to a waiting caller, so in the common case (one caller) the
-//! calling thread does its own pipe I/O with no thread hop at all.
+//! its own request under the writer lock, then collects its reply. One caller
+//! at a time has the reading role and reads frames off the pipe until its own
+//! reply comes; a reply for another caller is parked in a small map and that
+//! caller, asleep as a parked thread, is woken: that one and no other. When
+//! the reader's own reply comes, it passes the role to a caller still
+//! waiting. Waiting callers never spin on a lock the reader holds while it
+//! sleeps in `read`. In the common case (one caller) the calling thread does
+//! its own pipe I/O with no thread hop at all.
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -162,8 +166,8 @@ impl Launcher {
             reader: Mutex::new(Reader {
                 stdout: spawned.stdout,
                 frames: reader,
-                parked: HashMap::new(),
             }),
+            replies: Mutex::new(Replies::default()),
             outstanding: Mutex::new(Outstanding {
                 free_slots: (0..self.config.region_slots as u32).rev().collect(),
                 ..Outstanding::default()
@@ -250,13 +254,38 @@ impl RequestIds {
     }
 }
 
+/// The helper's stdout. Only the caller with the reading role locks it
+/// (and, with nothing in flight, a sender checking for stray bytes).
 #[derive(Debug)]
 struct Reader {
     stdout: OwnedFd,
     frames: FrameReader,
+}
+
+/// Who reads, and the replies read for callers who did not.
+#[derive(Debug, Default)]
+struct Replies {
+    /// A caller has the reading role.
+    reading: bool,
     /// Replies read by one caller on behalf of another, by request id. At
     /// most `max_in_flight` entries: only ids in flight are ever parked.
     parked: HashMap<u64, Result<Vec<u8>, CallError>>,
+    /// Callers asleep until their reply is parked or the reading role is
+    /// theirs to take; at most `max_in_flight`.
+    waiting: Vec<(u64, Thread)>,
+}
+
+impl Replies {
+    /// Wakes a waiting caller to take the reading role, if any waits.
+    fn wake_next_reader(&self) {
+        if let Some((_, thread)) = self.waiting.first() {
+            thread.unpark();
+        }
+    }
+
+    fn stop_waiting(&mut self, id: u64) {
+        self.waiting.retain(|(waiting, _)| *waiting != id);
+    }
 }
 
 /// Ids in flight, and ids whose callers gave up (their replies are dropped).
@@ -308,6 +337,7 @@ pub struct Helper {
     max_in_flight: usize,
     writer: Mutex<Writer>,
     reader: Mutex<Reader>,
+    replies: Mutex<Replies>,
     outstanding: Mutex<Outstanding>,
     in_flight: Mutex<usize>,
     slot_freed: Condvar,
@@ -505,14 +535,24 @@ impl Helper {
                 .any(|(id, _)| outstanding.abandoned.contains(id));
             if orphaned {
                 drop(outstanding);
-                if let Some(mut reader) = self.reader.try_lock() {
+                if self.take_reading_role() {
+                    let mut reader = self.reader.lock();
                     while self.outstanding.lock().free_slots.is_empty() {
-                        let (reply_id, abandoned, result) =
-                            self.read_reply(&mut reader, deadline, started)?;
-                        if !abandoned {
-                            reader.parked.insert(reply_id, result);
+                        match self.read_reply(&mut reader, deadline, started) {
+                            Ok((reply_id, abandoned, result)) => {
+                                if !abandoned {
+                                    self.deliver(reply_id, result);
+                                }
+                            }
+                            Err(err) => {
+                                drop(reader);
+                                self.leave_reading_role();
+                                return Err(err);
+                            }
                         }
                     }
+                    drop(reader);
+                    self.leave_reading_role();
                 }
                 outstanding = self.outstanding.lock();
                 continue;
@@ -652,38 +692,103 @@ impl Helper {
             .map_err(|failure| self.fail_io(failure, started))
     }
 
-    /// Waits for the reply to `id`, reading frames for others on the way.
+    /// Waits for the reply to `id`: reads frames (its own and others') if
+    /// nobody else is reading, or sleeps until a reader parks its reply or
+    /// passes the reading role on.
     fn collect(&self, id: u64, deadline: Instant, started: Instant) -> Result<Vec<u8>, CallError> {
-        let Some(mut reader) = self.reader.try_lock_until(deadline) else {
-            // Queued behind other callers' replies (the reader holding the
-            // lock answers for the helper's health): give up on this reply
-            // without blaming the helper. Its reply is dropped when it comes.
-            self.outstanding.lock().abandoned.push(id);
-            return Err(CallError::QueueTimeout {
-                pid: self.pid,
-                waited: started.elapsed(),
-            });
-        };
+        let mut replies = self.replies.lock();
         loop {
-            if let Some(result) = reader.parked.remove(&id) {
+            if let Some(result) = replies.parked.remove(&id) {
+                replies.stop_waiting(id);
                 return result;
             }
             if self.is_retired() {
                 // Another caller saw the failure; every call in flight gets it.
+                replies.stop_waiting(id);
+                drop(replies);
                 return Err(self.failure.lock().clone().unwrap_or(CallError::Retired {
                     pid: self.pid,
                     reason: "retired".into(),
                 }));
             }
-            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
-            if reply_id == id {
-                return result;
+            let now = Instant::now();
+            if now >= deadline {
+                // Queued behind other callers' replies (the reader answers
+                // for the helper's health): give up on this reply without
+                // blaming the helper. Its reply is dropped when it comes.
+                replies.stop_waiting(id);
+                if !replies.reading {
+                    // The role may have been passed to this caller.
+                    replies.wake_next_reader();
+                }
+                drop(replies);
+                self.outstanding.lock().abandoned.push(id);
+                return Err(CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                });
             }
-            if !abandoned {
-                reader.parked.insert(reply_id, result);
+            if !replies.reading {
+                replies.reading = true;
+                replies.stop_waiting(id);
+                drop(replies);
+                return self.read_until(id, deadline, started);
             }
-            // Hand the lock to the caller whose reply this was, if it waits.
-            MutexGuard::bump(&mut reader);
+            if !replies.waiting.iter().any(|(waiting, _)| *waiting == id) {
+                replies.waiting.push((id, std::thread::current()));
+            }
+            drop(replies);
+            // Woken when the reply is parked, when the role is passed on, or
+            // when the helper fails; a spurious wake-up just looks again.
+            std::thread::park_timeout(deadline - now);
+            replies = self.replies.lock();
+        }
+    }
+
+    /// With the reading role: reads frames until the reply to `id`, parks
+    /// the others for their callers, then passes the role on.
+    fn read_until(
+        &self,
+        id: u64,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        let mut reader = self.reader.lock();
+        let outcome = loop {
+            match self.read_reply(&mut reader, deadline, started) {
+                Ok((reply_id, _, result)) if reply_id == id => break result,
+                Ok((reply_id, abandoned, result)) => {
+                    if !abandoned {
+                        self.deliver(reply_id, result);
+                    }
+                }
+                Err(err) => break Err(err),
+            }
+        };
+        drop(reader);
+        self.leave_reading_role();
+        outcome
+    }
+
+    /// Takes the reading role if nobody has it.
+    fn take_reading_role(&self) -> bool {
+        !std::mem::replace(&mut self.replies.lock().reading, true)
+    }
+
+    /// Gives the reading role up and wakes a waiting caller to take it (or,
+    /// if the helper failed, to see that).
+    fn leave_reading_role(&self) {
+        let mut replies = self.replies.lock();
+        replies.reading = false;
+        replies.wake_next_reader();
+    }
+
+    /// Parks a reply read for another caller and wakes that caller.
+    fn deliver(&self, id: u64, result: Result<Vec<u8>, CallError>) {
+        let mut replies = self.replies.lock();
+        replies.parked.insert(id, result);
+        if let Some((_, thread)) = replies.waiting.iter().find(|(waiting, _)| *waiting == id) {
+            thread.unpark();
         }
     }
 
@@ -722,8 +827,11 @@ impl Helper {
             }
             // Replies parked before their callers gave up are dropped too.
             let stale = std::mem::take(&mut outstanding.abandoned);
-            for id in &stale {
-                reader.parked.remove(id);
+            if !stale.is_empty() {
+                let mut replies = self.replies.lock();
+                for id in &stale {
+                    replies.parked.remove(id);
+                }
             }
             outstanding.abandoned = stale
                 .into_iter()
@@ -807,8 +915,12 @@ impl Helper {
         if !self.retired.swap(true, Ordering::AcqRel) {
             debug!(pid = self.pid, %error, "helper retired");
         }
-        // Wake callers waiting for the region: they will see the retirement.
+        // Wake callers waiting for the region or a reply: they will see the
+        // retirement.
         self.region_free.notify_all();
+        for (_, thread) in &self.replies.lock().waiting {
+            thread.unpark();
+        }
         self.process.lock().kill_and_reap();
         error
     }

@@ -573,7 +573,20 @@ fn a_pinned_image_survives_the_binary_being_replaced_on_disk() {
             .build_id
             .starts_with("sandpool-helper")
     );
-    assert!(unpinned.launch().is_ok());
+    // The copy was just written: a child another test thread is spawning
+    // right now may still hold the write fd until its own exec (ETXTBSY).
+    let mut attempts = 0;
+    let launched = loop {
+        attempts += 1;
+        match unpinned.launch() {
+            Err(LaunchError::Spawn {
+                source: nix::errno::Errno::ETXTBSY,
+                ..
+            }) if attempts < 50 => std::thread::sleep(Duration::from_millis(20)),
+            other => break other,
+        }
+    };
+    assert!(launched.is_ok(), "{launched:?}");
 
     // An "upgrade" lands on disk (atomically, as package managers do).
     let replacement = dir.join("replacement");
