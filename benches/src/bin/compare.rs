@@ -390,6 +390,10 @@ fn warm_calls(run: &mut Run) -> Value {
                 ));
             }
             let mut raw = Vec::new();
+            // The raw peer with messages the size of sandpool's frame for
+            // this payload (16-byte header): what the kernel charges for the
+            // extra bytes alone.
+            let mut raw_frame = Vec::new();
             let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); variants.len()];
             for _ in 0..rounds {
                 let pin = |pid: u32| {
@@ -400,6 +404,12 @@ fn warm_calls(run: &mut Run) -> Value {
                 raw.extend(
                     sandpool_benches::raw_ping_pong_round(size, per_round, pin).expect("raw round"),
                 );
+                if size >= 4096 {
+                    raw_frame.extend(
+                        sandpool_benches::raw_ping_pong_round(size + 16, per_round, pin)
+                            .expect("raw round"),
+                    );
+                }
                 for (&(_, _, spin, through_region), samples) in variants.iter().zip(&mut samples) {
                     let mut config = Config::new(HELPER);
                     config.spares = 0;
@@ -432,6 +442,22 @@ fn warm_calls(run: &mut Run) -> Value {
             ]);
             let mut figures =
                 json!({ "size": size, "placement": placement, "raw": summary_json(&raw) });
+            if !raw_frame.is_empty() {
+                let summary = summarize(&mut raw_frame);
+                let ratio = summary.median.as_secs_f64() / raw.median.as_secs_f64();
+                rows.push(vec![
+                    format!("{size} B, {placement}"),
+                    format!(
+                        "raw pipe ping-pong, {} B messages (a frame's size)",
+                        size + 16
+                    ),
+                    fmt_us(summary.median),
+                    fmt_us(summary.p99),
+                    format!("{ratio:.2}x"),
+                ]);
+                figures["raw_frame_size"] = summary_json(&summary);
+                figures["raw_frame_size_vs_raw"] = json!(ratio);
+            }
             for ((label, key, _, _), samples) in variants.iter().zip(&mut samples) {
                 let summary = summarize(samples);
                 let ratio = summary.median.as_secs_f64() / raw.median.as_secs_f64();
@@ -459,20 +485,34 @@ fn warm_calls(run: &mut Run) -> Value {
     let total = if run.quick { 2000 } else { 20_000 };
     let rounds = if run.quick { 1 } else { 5 };
     let window = 8;
-    let (mut raw_rates, mut streamed_rates, mut pooled_rates, mut region_rates) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // (label, rates, context switches per response), A B C D A B C D ...
+    let mut contenders: Vec<(String, Vec<f64>, Vec<f64>)> = [
+        format!("raw pipe, window {window}"),
+        "raw pipe, streamed (no window)".into(),
+        format!("sandpool, {window} caller threads, max_in_flight {window}"),
+        format!("sandpool, the same through {window} region slots (threshold 4 KiB)"),
+    ]
+    .into_iter()
+    .map(|label| (label, Vec::new(), Vec::new()))
+    .collect();
     for _ in 0..rounds {
-        raw_rates.push(raw_pipelined_rate(size, total, Some(window)));
-        streamed_rates.push(raw_pipelined_rate(size, total, None));
-        pooled_rates.push(pooled_pipelined_rate(size, total, window, false));
-        region_rates.push(pooled_pipelined_rate(size, total, window, true));
+        for (index, (_, rates, switches)) in contenders.iter_mut().enumerate() {
+            let rate = match index {
+                0 => raw_pipelined_rate(size, total, Some(window)),
+                1 => raw_pipelined_rate(size, total, None),
+                2 => pooled_pipelined_rate(size, total, window, false),
+                _ => pooled_pipelined_rate(size, total, window, true),
+            };
+            rates.push(rate.per_s);
+            switches.push(rate.switches_per_call);
+        }
     }
-    let (raw_rate, streamed_rate, pooled_rate, region_rate) = (
-        median_f64(&mut raw_rates),
-        median_f64(&mut streamed_rates),
-        median_f64(&mut pooled_rates),
-        median_f64(&mut region_rates),
-    );
+    let medians: Vec<(f64, f64)> = contenders
+        .iter_mut()
+        .map(|(_, rates, switches)| (median_f64(rates), median_f64(switches)))
+        .collect();
+    let raw_rate = medians[0].0;
+    let (streamed_rate, pooled_rate, region_rate) = (medians[1].0, medians[2].0, medians[3].0);
     let ratio = pooled_rate / raw_rate;
     let region_ratio = region_rate / raw_rate;
     run.table(
@@ -480,31 +520,22 @@ fn warm_calls(run: &mut Run) -> Value {
             "8 KiB responses, one tenant",
             "responses/s (median of rounds)",
             "vs raw at window 8",
+            "context switches per response",
         ],
-        vec![
-            vec![
-                "raw pipe, window 8".into(),
-                format!("{raw_rate:.0}"),
-                "1.00x".into(),
-            ],
-            vec![
-                "raw pipe, streamed (no window)".into(),
-                format!("{streamed_rate:.0}"),
-                format!("{:.2}x", streamed_rate / raw_rate),
-            ],
-            vec![
-                format!("sandpool, {window} caller threads, max_in_flight {window}"),
-                format!("{pooled_rate:.0}"),
-                format!("{ratio:.2}x"),
-            ],
-            vec![
-                format!("sandpool, the same through {window} region slots (threshold 4 KiB)"),
-                format!("{region_rate:.0}"),
-                format!("{region_ratio:.2}x"),
-            ],
-        ],
+        contenders
+            .iter()
+            .zip(&medians)
+            .map(|((label, _, _), (rate, switches))| {
+                vec![
+                    label.clone(),
+                    format!("{rate:.0}"),
+                    format!("{:.2}x", rate / raw_rate),
+                    format!("{switches:.1}"),
+                ]
+            })
+            .collect(),
     );
-    json!({ "round_trip": out, "pipelined": { "window": window, "raw_per_s": raw_rate, "raw_streamed_per_s": streamed_rate, "sandpool_per_s": pooled_rate, "ratio": ratio, "sandpool_region_per_s": region_rate, "region_ratio": region_ratio, "rounds": rounds } })
+    json!({ "round_trip": out, "pipelined": { "window": window, "raw_per_s": raw_rate, "raw_streamed_per_s": streamed_rate, "sandpool_per_s": pooled_rate, "ratio": ratio, "sandpool_region_per_s": region_rate, "region_ratio": region_ratio, "rounds": rounds, "context_switches_per_response": { "raw": medians[0].1, "raw_streamed": medians[1].1, "sandpool": medians[2].1, "sandpool_region": medians[3].1 } } })
 }
 
 fn median_f64(values: &mut [f64]) -> f64 {
@@ -515,10 +546,11 @@ fn median_f64(values: &mut [f64]) -> f64 {
 /// Responses per second from a raw echo peer: one thread writes `total`
 /// requests of `size` bytes, another reads the responses. With a window,
 /// the writer sends only while fewer than `window` are unanswered.
-fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> f64 {
+fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> Rate {
     let mut peer = spawn_peer(size);
     let mut peer_in = peer.stdin.take().expect("piped");
     let mut peer_out = peer.stdout.take().expect("piped");
+    let switches_before = context_switches(peer.id());
     let msg = vec![1u8; size];
     // A token per request in flight: the writer puts one in before it
     // writes (blocking while the window is full), the reader takes one out
@@ -529,6 +561,8 @@ fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> f64 {
             tokens_in.send(()).expect("token");
             peer_in.write_all(&msg).expect("write");
         }
+        // Handed back, so the peer lives until it has been counted.
+        peer_in
     });
     let started = Instant::now();
     let mut back = vec![0u8; size];
@@ -536,16 +570,49 @@ fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> f64 {
         peer_out.read_exact(&mut back).expect("read");
         tokens_out.recv().expect("token");
     }
-    let rate = total as f64 / started.elapsed().as_secs_f64();
-    writer.join().expect("writer");
+    let per_s = total as f64 / started.elapsed().as_secs_f64();
+    let peer_in = writer.join().expect("writer");
+    let switches = context_switches(peer.id()) - switches_before;
+    drop(peer_in);
     let _ = peer.wait();
-    rate
+    Rate {
+        per_s,
+        switches_per_call: switches as f64 / total as f64,
+    }
+}
+
+/// A throughput and what it cost in context switches.
+struct Rate {
+    per_s: f64,
+    /// Context switches of the caller's process and the peer or helper,
+    /// per response.
+    switches_per_call: f64,
+}
+
+/// Context switches so far of this whole process (every thread, ended ones
+/// too) and of one single-threaded child.
+fn context_switches(child: u32) -> u64 {
+    let own = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|usage| {
+            (usage.voluntary_context_switches() + usage.involuntary_context_switches()) as u64
+        })
+        .unwrap_or(0);
+    let theirs: u64 = std::fs::read_to_string(format!("/proc/{child}/status"))
+        .map(|status| {
+            status
+                .lines()
+                .filter(|line| line.contains("ctxt_switches"))
+                .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    own + theirs
 }
 
 /// Responses per second from one tenant's helper, `window` caller threads
 /// each making calls of `size` bytes, `max_in_flight` = `window`; through
 /// the pipes, or through a region cut into `window` slots.
-fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_region: bool) -> f64 {
+fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_region: bool) -> Rate {
     let mut config = Config::new(HELPER);
     config.spares = 0;
     config.max_in_flight = window;
@@ -557,6 +624,8 @@ fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_regio
     let pool = Arc::new(Pool::new(config).expect("pool"));
     let req = Arc::new(request(OP_ECHO, &vec![1u8; size - 1]));
     pool.call("t", &req).expect("warm-up");
+    let helper = pool.helper_info("t").expect("a helper").pid;
+    let switches_before = context_switches(helper);
     let started = Instant::now();
     let threads: Vec<_> = (0..window)
         .map(|_| {
@@ -571,7 +640,12 @@ fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_regio
     for t in threads {
         t.join().expect("caller");
     }
-    total as f64 / started.elapsed().as_secs_f64()
+    let per_s = total as f64 / started.elapsed().as_secs_f64();
+    let switches = context_switches(helper) - switches_before;
+    Rate {
+        per_s,
+        switches_per_call: switches as f64 / total as f64,
+    }
 }
 
 fn large_payloads(run: &mut Run) -> Value {
