@@ -437,7 +437,16 @@ impl Helper {
 
     /// Sends `request` and waits until `deadline` for its reply.
     pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
-        let started = Instant::now();
+        self.call_from(request, deadline, Instant::now())
+    }
+
+    /// [`call`](Self::call) for a call that started at `started`.
+    pub(crate) fn call_from(
+        &self,
+        request: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<u8>, CallError> {
         self.check_retired()?;
         // Large requests go through the shared region, one per slot: a slot
         // stays claimed until the reply has been consumed.

@@ -84,11 +84,17 @@ fn read_some(
     deadline: Instant,
     spin: Duration,
 ) -> Result<usize, IoFailure> {
-    let spin_until = (!spin.is_zero()).then(|| Instant::now() + spin);
+    // Read on the first EAGAIN: a reply already there costs no clock read.
+    let mut spin_until = None;
     loop {
         match nix::unistd::read(fd, buf) {
             Ok(n) => return Ok(n),
-            Err(Errno::EAGAIN) if spin_until.is_some_and(|until| Instant::now() < until) => {
+            Err(Errno::EAGAIN)
+                if !spin.is_zero() && {
+                    let now = Instant::now();
+                    now < *spin_until.get_or_insert(now + spin)
+                } =>
+            {
                 std::thread::yield_now();
             }
             Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLIN, deadline)?,

@@ -242,8 +242,11 @@ impl Pool {
     /// Calls the tenant's helper with `request`, within `request_timeout`
     /// (which includes any wait for a helper).
     pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
-        let deadline = deadline_after(self.shared.config.request_timeout);
-        self.call_with_deadline(tenant, request, deadline)
+        let started = Instant::now();
+        let deadline = started
+            .checked_add(self.shared.config.request_timeout)
+            .unwrap_or_else(crate::helper::far_future);
+        self.call_from(tenant.as_ref(), request, deadline, started)
     }
 
     /// Calls the tenant's helper with `request`, failing at `deadline`.
@@ -253,14 +256,30 @@ impl Pool {
         request: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>, CallError> {
+        self.call_from(tenant.as_ref(), request, deadline, Instant::now())
+    }
+
+    /// A call that started at `started` (one clock read serves the deadline,
+    /// the helper lookup and the call's duration).
+    fn call_from(
+        &self,
+        tenant: &[u8],
+        request: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<u8>, CallError> {
         let shared = &self.shared;
-        let tenant = tenant.as_ref();
-        let started = Instant::now();
         shared.telemetry.call_started();
         let mut attempts = 0;
         let result = loop {
-            let result = shared.helper_for(tenant, deadline).and_then(|helper| {
-                let result = helper.call(request, deadline);
+            // A retry reads the clock again.
+            let now = if attempts == 0 {
+                started
+            } else {
+                Instant::now()
+            };
+            let result = shared.helper_for(tenant, deadline, now).and_then(|helper| {
+                let result = helper.call_from(request, deadline, started);
                 shared.after_call(tenant, &helper, &result);
                 result
             });
@@ -293,7 +312,9 @@ impl Pool {
     /// of its first call, e.g. when the tenant becomes active.
     pub fn prewarm(&self, tenant: impl AsRef<[u8]>) -> Result<(), CallError> {
         let deadline = deadline_after(self.shared.config.request_timeout);
-        self.shared.helper_for(tenant.as_ref(), deadline).map(drop)
+        self.shared
+            .helper_for(tenant.as_ref(), deadline, Instant::now())
+            .map(drop)
     }
 
     /// The tenant's current helper, if it has one.
@@ -460,17 +481,28 @@ impl Shared {
 
     /// The tenant's helper: its current one, a spare bound to it, or a new
     /// launch. Waits (until `deadline`) for another thread's launch for the
-    /// same tenant, and for room under `max_helpers`.
-    fn helper_for(&self, tenant: &[u8], deadline: Instant) -> Result<Arc<Helper>, CallError> {
+    /// same tenant, and for room under `max_helpers`. `started` is the time
+    /// of the caller's last clock read.
+    fn helper_for(
+        &self,
+        tenant: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Arc<Helper>, CallError> {
         // Checked up front: an invalid label must not use up spares.
         sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
-        let started = Instant::now();
         let mut state = self.state.lock();
+        let mut first = true;
         loop {
             if state.shut {
                 return Err(CallError::ShutDown);
             }
-            let now = Instant::now();
+            // The common case, a bound helper, takes the caller's clock read.
+            let now = if std::mem::take(&mut first) {
+                started
+            } else {
+                Instant::now()
+            };
             let entry = tenant_mut(&mut state, tenant);
             if let Some(until) = entry.backoff_until.filter(|until| *until > now) {
                 return Err(CallError::BackingOff {
