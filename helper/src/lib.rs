@@ -179,6 +179,10 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
     // are closed: the mapping outlives the fd.
     let region = spec.region.map(SharedRegion::map_passed).transpose()?;
     let closed = sandpool_sandbox::close_inherited_fds(options.fd_close)?;
+    // Cosmetic (what `ps` shows), so a failure does not stop the helper.
+    if let Some(program) = std::env::args_os().next() {
+        let _ = sandpool_sandbox::set_process_name(program.as_encoded_bytes());
+    }
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
     let seccomp = filter.install()?;

@@ -36,6 +36,12 @@ fn echo_and_redo_round_trip() {
     assert_eq!(hello.fd_close_method, FdCloseMethod::CloseRange);
     assert!(hello.no_new_privs);
     assert!(hello.build_id.starts_with("sandpool-helper "));
+    // Launched from the pinned memfd image, it still shows under its
+    // program's name, not as the fd it was executed from.
+    let program = helper_bin();
+    let name = program.file_name().unwrap().as_encoded_bytes();
+    let comm = std::fs::read(format!("/proc/{}/comm", helper.pid())).unwrap();
+    assert_eq!(comm, [&name[..name.len().min(15)], b"\n"].concat());
 
     for size in [0usize, 1, 16, 8192, 100_000] {
         let body: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();

@@ -1,4 +1,4 @@
-//! no_new_privs and resource limits.
+//! no_new_privs, resource limits and the process name.
 
 use nix::errno::Errno;
 use nix::sys::resource::{Resource, setrlimit};
@@ -31,6 +31,23 @@ pub struct RlimitError {
 /// - <https://man7.org/linux/man-pages/man2/pr_set_no_new_privs.2const.html>
 pub fn set_no_new_privs() -> Result<(), NoNewPrivsError> {
     nix::sys::prctl::set_no_new_privs().map_err(NoNewPrivsError)
+}
+
+/// Sets the name the kernel shows for this process (`comm`: `ps`, `top`,
+/// `/proc/PID/status`) to the last path component of `program`, cut to the
+/// kernel's 15 bytes. A helper launched from a pinned memfd image would
+/// otherwise show as the fd number it was executed from (e.g. `5`).
+///
+/// # References
+/// - <https://man7.org/linux/man-pages/man2/pr_set_name.2const.html>
+pub fn set_process_name(program: &[u8]) -> Result<(), Errno> {
+    let base = program.rsplit(|b| *b == b'/').next().unwrap_or(program);
+    let name: Vec<u8> = base.iter().copied().filter(|b| *b != 0).take(15).collect();
+    if name.is_empty() {
+        return Ok(());
+    }
+    let name = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+    nix::sys::prctl::set_name(&name)
 }
 
 /// Applies the limits in `spec` (soft and hard alike, so they cannot be raised

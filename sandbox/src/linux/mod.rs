@@ -7,7 +7,7 @@ mod seccomp;
 mod stdio;
 
 pub use fds::{CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds};
-pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs};
+pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs, set_process_name};
 pub use region::{REGION_FD, RegionError, SharedRegion};
 pub use seccomp::{Filter, InstallError, PolicyError, SeccompPolicy};
 pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
