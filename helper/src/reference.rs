@@ -36,6 +36,13 @@ pub fn request(op: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Builds an [`OP_SLEEP`] request: sleep `millis`, then echo `echo`.
+pub fn sleep_request(millis: u32, echo: &[u8]) -> Vec<u8> {
+    let mut body = millis.to_le_bytes().to_vec();
+    body.extend_from_slice(echo);
+    request(OP_SLEEP, &body)
+}
+
 /// The misbehaviours the reference binary can be launched with
 /// (`--misbehave NAME`), for the tests of the host's trust boundary.
 pub const MISBEHAVIOURS: &[&str] = &[

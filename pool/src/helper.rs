@@ -267,11 +267,14 @@ struct Reader {
 struct Replies {
     /// A caller has the reading role.
     reading: bool,
-    /// Replies read by one caller on behalf of another, by request id. At
-    /// most `max_in_flight` entries: only ids in flight are ever parked.
+    /// Replies read by one caller on behalf of another, by request id. Only
+    /// replies to requests sent and not yet collected: bounded by the calls
+    /// in flight plus those abandoned whose replies are still to come (each
+    /// dropped when read, and all of them bounded by the pipe and the
+    /// readers' deadlines).
     parked: HashMap<u64, Result<Vec<u8>, CallError>>,
     /// Callers asleep until their reply is parked or the reading role is
-    /// theirs to take; at most `max_in_flight`.
+    /// theirs to take; at most `max_in_flight` (each holds an in-flight slot).
     waiting: Vec<(u64, Thread)>,
 }
 
@@ -362,6 +365,17 @@ pub struct Helper {
 /// A reply read off the pipe: its request id, whether its caller gave up on
 /// it, and its outcome.
 type Reply = (u64, bool, Result<Vec<u8>, CallError>);
+
+/// Whether a reader's timeout is the helper's fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Blame {
+    /// The reader waits for its own reply: a timeout retires the helper.
+    Always,
+    /// The reader sent nothing (it reads for callers who gave up): a
+    /// timeout between frames is its own queue timeout; one inside a frame
+    /// still retires the helper (the stream cannot be resumed).
+    NotBetweenFrames,
+}
 
 /// A claimed in-flight slot, released on drop.
 struct Slot<'a>(&'a Helper);
@@ -545,26 +559,14 @@ impl Helper {
             if orphaned {
                 drop(outstanding);
                 if self.take_reading_role() {
-                    let mut reader = self.reader.lock();
-                    while self.outstanding.lock().free_slots.is_empty() {
-                        match self.read_reply(&mut reader, deadline, started) {
-                            Ok((reply_id, abandoned, result)) => {
-                                if !abandoned {
-                                    self.deliver(reply_id, result);
-                                }
-                            }
-                            Err(err) => {
-                                drop(reader);
-                                self.leave_reading_role();
-                                return Err(err);
-                            }
-                        }
-                    }
-                    drop(reader);
+                    let outcome = self.read_orphans(deadline, started);
                     self.leave_reading_role();
+                    outcome?;
+                    outstanding = self.outstanding.lock();
+                    continue;
                 }
+                // Somebody reads already: wait for it like anyone else.
                 outstanding = self.outstanding.lock();
-                continue;
             }
             // Otherwise whoever reads the pipe frees it; look again now and
             // then in case that reader leaves before the reply comes.
@@ -575,6 +577,32 @@ impl Helper {
                     pid: self.pid,
                     waited: started.elapsed(),
                 });
+            }
+        }
+    }
+
+    /// With the reading role, for a caller that has sent nothing: reads
+    /// replies while an abandoned region call's reply is still to come and
+    /// no slot is free. A timeout between frames blames nobody (the helper
+    /// may be busy with another caller's slow request); one inside a frame
+    /// retires the helper, as it would for any reader.
+    fn read_orphans(&self, deadline: Instant, started: Instant) -> Result<(), CallError> {
+        let mut reader = self.reader.lock();
+        loop {
+            {
+                let outstanding = self.outstanding.lock();
+                let orphaned = outstanding
+                    .granted
+                    .iter()
+                    .any(|(id, _)| outstanding.abandoned.contains(id));
+                if !orphaned || !outstanding.free_slots.is_empty() {
+                    return Ok(());
+                }
+            }
+            let (reply_id, abandoned, result) =
+                self.read_reply(&mut reader, deadline, started, Blame::NotBetweenFrames)?;
+            if !abandoned {
+                self.deliver(reply_id, result);
             }
         }
     }
@@ -709,11 +737,19 @@ impl Helper {
         loop {
             if let Some(result) = replies.parked.remove(&id) {
                 replies.stop_waiting(id);
+                if !replies.reading {
+                    // The role may have been passed to this caller too (the
+                    // two wake-ups merge into one): pass it on.
+                    replies.wake_next_reader();
+                }
                 return result;
             }
             if self.is_retired() {
                 // Another caller saw the failure; every call in flight gets it.
                 replies.stop_waiting(id);
+                if !replies.reading {
+                    replies.wake_next_reader();
+                }
                 drop(replies);
                 return Err(self.failure.lock().clone().unwrap_or(CallError::Retired {
                     pid: self.pid,
@@ -732,6 +768,10 @@ impl Helper {
                 }
                 drop(replies);
                 self.outstanding.lock().abandoned.push(id);
+                // A reply parked just before it was marked abandoned goes
+                // now, not at the next read (one read later at the latest
+                // if it was being delivered at this moment).
+                self.replies.lock().parked.remove(&id);
                 return Err(CallError::QueueTimeout {
                     pid: self.pid,
                     waited: started.elapsed(),
@@ -764,7 +804,7 @@ impl Helper {
     ) -> Result<Vec<u8>, CallError> {
         let mut reader = self.reader.lock();
         let outcome = loop {
-            match self.read_reply(&mut reader, deadline, started) {
+            match self.read_reply(&mut reader, deadline, started, Blame::Always) {
                 Ok((reply_id, _, result)) if reply_id == id => break result,
                 Ok((reply_id, abandoned, result)) => {
                     if !abandoned {
@@ -809,12 +849,21 @@ impl Helper {
         reader: &mut Reader,
         deadline: Instant,
         started: Instant,
+        blame: Blame,
     ) -> Result<Reply, CallError> {
         let frame = reader
             .frames
             .read_frame(&reader.stdout, deadline, self.max_frame);
         let (header, payload) = match frame {
             Ok(frame) => frame,
+            Err(IoFailure::Timeout)
+                if blame == Blame::NotBetweenFrames && reader.frames.at_frame_boundary() =>
+            {
+                return Err(CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                });
+            }
             Err(failure) => {
                 return Err(self.fail_io(failure, started));
             }
@@ -1020,6 +1069,12 @@ impl Helper {
             });
         }
         self.retired.store(true, Ordering::Release);
+        // Callers asleep for a reply or a slot see the shutdown now, not
+        // at their deadlines.
+        self.region_free.notify_all();
+        for (_, thread) in &self.replies.lock().waiting {
+            thread.unpark();
+        }
         match self.writer.try_lock_until(deadline) {
             Some(mut writer) => writer.stdin = None,
             // A writer blocked past the deadline: the helper stopped reading.

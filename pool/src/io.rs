@@ -115,6 +115,9 @@ pub(crate) struct FrameReader {
     start: usize,
     end: usize,
     spin: Duration,
+    /// A frame's header has been taken and its payload is being read: a
+    /// failure now leaves the stream in the middle of a frame.
+    in_payload: bool,
 }
 
 impl FrameReader {
@@ -125,7 +128,14 @@ impl FrameReader {
             start: 0,
             end: 0,
             spin,
+            in_payload: false,
         }
+    }
+
+    /// Whether the last read stopped between frames (bytes of a header may
+    /// be buffered; none of a payload was lost), so reading can resume.
+    pub(crate) fn at_frame_boundary(&self) -> bool {
+        !self.in_payload
     }
 
     /// Whether bytes beyond the last frame have already arrived.
@@ -160,6 +170,7 @@ impl FrameReader {
         let header =
             Header::decode(&head, max_frame, Direction::HelperToHost).map_err(IoFailure::Decode)?;
         self.start += HEADER_LEN;
+        self.in_payload = true;
         let len = header.len as usize;
         let buffered = (self.end - self.start).min(len);
         // Sized by what has arrived, not by what the header claims: a helper
@@ -183,6 +194,7 @@ impl FrameReader {
                 return Err(IoFailure::StdoutClosed);
             }
         }
+        self.in_payload = false;
         Ok((header, payload))
     }
 }

@@ -527,9 +527,7 @@ fn a_death_fails_every_call_in_flight_with_the_same_error() {
     };
     // A slow call occupies the helper; a fatal request queues behind it, and
     // three more calls queue behind that one.
-    let mut slow_body = 300u32.to_le_bytes().to_vec();
-    slow_body.extend_from_slice(b"slow");
-    let slow = call_in_thread(request(OP_SLEEP, &slow_body));
+    let slow = call_in_thread(sleep_request(300, b"slow"));
     assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
         .in_flight()
         == 1));
@@ -661,4 +659,68 @@ fn pipe_size_is_applied_and_an_impossible_one_is_a_typed_error() {
         Ok(_) => {}
         Err(other) => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn the_reading_role_always_reaches_a_caller_still_waiting() {
+    // One slow call reads while seven queue behind it; when its reply comes
+    // it passes the role on. A waiter woken both for its parked reply and
+    // for the role (the two wake-ups merge) must pass the role on too, or
+    // the callers behind it sleep until their deadlines with nobody reading.
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    for round in 0..100 {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let callers: Vec<_> = (0..8u8)
+            .map(|caller| {
+                let (helper, barrier) = (helper.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let req = if caller == 0 {
+                        sleep_request(2, b"slow")
+                    } else {
+                        request(OP_ECHO, &[caller])
+                    };
+                    barrier.wait();
+                    helper.call(&req, deadline(10.0))
+                })
+            })
+            .collect();
+        for (caller, thread) in callers.into_iter().enumerate() {
+            let result = thread.join().unwrap();
+            assert!(result.is_ok(), "round {round}, caller {caller}: {result:?}");
+        }
+    }
+}
+
+#[test]
+fn shutdown_wakes_callers_waiting_for_replies() {
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let call = |req: Vec<u8>| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&req, deadline(60.0)))
+    };
+    let slow = call(sleep_request(300, b"slow"));
+    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
+        .in_flight()
+        == 1));
+    let waiters: Vec<_> = (0..2u8)
+        .map(|i| {
+            let waiter = call(request(OP_ECHO, &[i]));
+            let expected = 2 + usize::from(i);
+            assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
+                .in_flight()
+                == expected));
+            waiter
+        })
+        .collect();
+    helper.shutdown(Duration::from_secs(5));
+    // Long before their 60 s deadlines, the waiters have seen the shutdown.
+    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || {
+        waiters.iter().all(|waiter| waiter.is_finished())
+    }));
+    for waiter in waiters {
+        let err = waiter.join().unwrap().unwrap_err();
+        assert!(matches!(err, CallError::Retired { .. }), "{err:?}");
+    }
+    // The slow call was answered or failed; either way it is over.
+    let _ = slow.join().unwrap();
 }

@@ -173,12 +173,10 @@ fn launches_calls_quiesce_crashes_and_stderr_are_all_observable() {
         .call("alpha", &request(OP_OPEN, b"/etc/passwd"))
         .unwrap_err();
     assert!(err.is_seccomp_kill());
-    let mut slow = 2000u32.to_le_bytes().to_vec();
-    slow.extend_from_slice(b"zz");
     let err = pool
         .call_with_deadline(
             "beta",
-            &request(OP_SLEEP, &slow),
+            &sleep_request(2000, b"zz"),
             Instant::now() + Duration::from_millis(200),
         )
         .unwrap_err();

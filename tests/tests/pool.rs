@@ -16,10 +16,6 @@ fn echo(pool: &Pool, tenant: &str, body: &[u8]) -> Result<Vec<u8>, CallError> {
     pool.call(tenant, &request(OP_ECHO, body))
 }
 
-fn sleep_request(ms: u32) -> Vec<u8> {
-    request(OP_SLEEP, &ms.to_le_bytes())
-}
-
 #[test]
 fn each_tenant_gets_its_own_helper_and_keeps_it() {
     let mut config = pool_config(&[]);
@@ -133,7 +129,7 @@ fn when_every_helper_is_busy_a_new_tenant_gets_pool_full_at_its_deadline() {
     let pool = Arc::new(Pool::new(config).unwrap());
     let busy = {
         let pool = pool.clone();
-        std::thread::spawn(move || pool.call("a", &sleep_request(1500)))
+        std::thread::spawn(move || pool.call("a", &sleep_request(1500, b"")))
     };
     assert!(wait_for(10 * SECOND, || pool.stats().busy == 1));
     let started = Instant::now();
@@ -430,12 +426,6 @@ fn the_readme_lists_every_metric() {
     }
 }
 
-fn slow_echo(ms: u32, body: &[u8]) -> Vec<u8> {
-    let mut payload = ms.to_le_bytes().to_vec();
-    payload.extend_from_slice(body);
-    request(OP_SLEEP, &payload)
-}
-
 #[test]
 fn one_death_seen_by_several_calls_counts_once() {
     let mut config = pool_config(&["--test-ops"]);
@@ -447,7 +437,7 @@ fn one_death_seen_by_several_calls_counts_once() {
     };
     pool.prewarm("t").unwrap();
     let in_flight = || pool.helper_info("t").map_or(0, |info| info.in_flight);
-    let slow = in_thread(slow_echo(300, b"slow"));
+    let slow = in_thread(sleep_request(300, b"slow"));
     assert!(wait_for(10 * SECOND, || in_flight() == 1));
     std::thread::sleep(Duration::from_millis(20));
     let fatal = in_thread(request(OP_OPEN, b"/etc/passwd"));
@@ -474,7 +464,7 @@ fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
     let pid = pool.helper_info("t").unwrap().pid;
     let slow = {
         let pool = pool.clone();
-        std::thread::spawn(move || pool.call("t", &slow_echo(500, b"slow")))
+        std::thread::spawn(move || pool.call("t", &sleep_request(500, b"slow")))
     };
     assert!(wait_for(10 * SECOND, || pool
         .helper_info("t")
@@ -504,7 +494,7 @@ fn a_call_waiting_for_room_is_woken_when_a_helper_becomes_idle() {
     let pool = Arc::new(Pool::new(config).unwrap());
     let busy = {
         let pool = pool.clone();
-        std::thread::spawn(move || pool.call("a", &slow_echo(300, b"a")))
+        std::thread::spawn(move || pool.call("a", &sleep_request(300, b"a")))
     };
     assert!(wait_for(10 * SECOND, || pool.stats().busy == 1));
     let started = Instant::now();

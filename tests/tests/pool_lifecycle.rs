@@ -35,12 +35,10 @@ fn busy_life(pool: &Arc<Pool>) {
         .call("crasher", &request(OP_OPEN, b"/etc/shadow"))
         .unwrap_err();
     assert!(crash.is_seccomp_kill());
-    let mut slow = 2000u32.to_le_bytes().to_vec();
-    slow.extend_from_slice(b"late");
     let timeout = pool
         .call_with_deadline(
             "sleeper",
-            &request(OP_SLEEP, &slow),
+            &sleep_request(2000, b"late"),
             Instant::now() + Duration::from_millis(100),
         )
         .unwrap_err();

@@ -174,8 +174,11 @@ fn a_region_reply_to_a_request_that_did_not_grant_it_is_refused() {
     }
 }
 
-#[test]
-fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
+type SlowCall = std::thread::JoinHandle<Result<Vec<u8>, CallError>>;
+
+/// A region helper with the test ops, busy with a call that sleeps
+/// `millis` (and has the reading role) by the time this returns.
+fn helper_busy_for(millis: u32) -> (std::sync::Arc<sandpool::Helper>, SlowCall) {
     let helper = std::sync::Arc::new(
         Launcher::new(region_config(&["--test-ops"]))
             .unwrap()
@@ -184,16 +187,18 @@ fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
     );
     let slow = {
         let helper = helper.clone();
-        std::thread::spawn(move || {
-            let mut body = 400u32.to_le_bytes().to_vec();
-            body.extend_from_slice(b"slow");
-            helper.call(&request(OP_SLEEP, &body), deadline(5.0))
-        })
+        std::thread::spawn(move || helper.call(&sleep_request(millis, b"slow"), deadline(10.0)))
     };
     assert!(sandpool_tests::wait_for(
         std::time::Duration::from_secs(10),
         || helper.in_flight() == 1
     ));
+    (helper, slow)
+}
+
+#[test]
+fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
+    let (helper, slow) = helper_busy_for(400);
     std::thread::sleep(std::time::Duration::from_millis(20));
     // A large call queued behind the slow one runs out of time: it gives up
     // without blaming the helper.
@@ -225,4 +230,63 @@ fn a_region_leaving_no_room_for_the_address_space_limit_is_refused() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_region_call_waiting_behind_an_orphaned_slot_gives_up_at_its_own_deadline() {
+    // A slow call reads; a large call queued behind it gives up, leaving its
+    // slot to a reply still to come.
+    let (helper, slow) = helper_busy_for(1500);
+    let big = vec![5u8; 200_000];
+    let err = helper
+        .call(&request(OP_ECHO, &big), deadline(0.1))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    // The next large call cannot read the orphaned reply (the slow caller
+    // reads): it waits for the slot and gives up at its own deadline, while
+    // the slow call is still in flight, instead of spinning until it ends.
+    let err = helper
+        .call(&request(OP_ECHO, &big), deadline(0.1))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert!(!slow.is_finished(), "gave up before the slow call ended");
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    assert!(!helper.is_retired());
+    assert_eq!(
+        helper.call(&request(OP_ECHO, &big), deadline(5.0)).unwrap(),
+        big
+    );
+}
+
+#[test]
+fn reading_an_orphaned_reply_never_blames_the_helper_for_another_callers_slow_request() {
+    // A reader, then behind it a slow request and a large one whose callers
+    // both give up while the reader still reads.
+    let (helper, reader) = helper_busy_for(300);
+    let call = |req: Vec<u8>, secs: f64| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&req, deadline(secs)))
+    };
+    let slow = call(sleep_request(1500, b"slow"), 0.1);
+    let big = vec![6u8; 200_000];
+    let large = call(request(OP_ECHO, &big), 0.1);
+    for thread in [slow, large] {
+        let err = thread.join().unwrap().unwrap_err();
+        assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    }
+    assert_eq!(reader.join().unwrap().unwrap(), b"slow");
+    // Nobody reads now. The next large call finds no free slot, and reads
+    // for the abandoned ones: the helper is still busy with the slow
+    // request, whose caller gave up. That is not the helper's fault.
+    let err = helper
+        .call(&request(OP_ECHO, &big), deadline(0.2))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert!(!helper.is_retired(), "the helper was not to blame");
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &big), deadline(10.0))
+            .unwrap(),
+        big
+    );
 }
