@@ -19,7 +19,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
-use sandpool_protocol::{Header, Hello, Kind, RegionRef, RegionRequest, decode_bind};
+use sandpool_protocol::{HEADER_LEN, Header, Hello, Kind, RegionRef, RegionRequest, decode_bind};
 use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
@@ -30,6 +30,8 @@ use crate::process::Process;
 use crate::stderr::{StderrHub, StderrStream};
 use crate::verify::verify_hello;
 
+/// Writes to a pipe of at most this many bytes are atomic: all or nothing.
+const PIPE_BUF: usize = nix::libc::PIPE_BUF;
 /// How much of a failed helper's stderr is read (the rest is discarded).
 const STDERR_DRAIN_CAP: usize = 256 * 1024;
 /// How much of it is kept in the error.
@@ -142,6 +144,8 @@ impl Launcher {
             launch_us = launch_time.as_micros() as u64,
             "helper ready"
         );
+        let stdin_capacity = nix::fcntl::fcntl(&spawned.stdin, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+            .map_or(0, |size| usize::try_from(size).unwrap_or(0));
         let region_slot = spawned.region.as_ref().map_or(0, |region| {
             region.len() / 2 / self.config.region_slots.max(1) as u64
         });
@@ -181,6 +185,7 @@ impl Launcher {
             region: spawned.region,
             region_free: Condvar::new(),
             region_threshold: self.config.region_threshold,
+            stdin_capacity,
             region_slot,
             calls: AtomicU64::new(0),
             calls_at_bind: AtomicU64::new(0),
@@ -295,8 +300,8 @@ impl Replies {
 #[derive(Debug, Default)]
 struct Outstanding {
     /// Ids written and not yet answered, in the order they were written (the
-    /// order the helper must answer them in).
-    queue: VecDeque<u64>,
+    /// order the helper must answer them in), with their callers' deadlines.
+    queue: VecDeque<(u64, Instant)>,
     abandoned: Vec<u64>,
     /// Requests in flight through the region, with the slot each was
     /// granted (its part of the request half and of the response half).
@@ -353,6 +358,9 @@ pub struct Helper {
     /// Signalled (with `outstanding`) when the region becomes free.
     region_free: Condvar,
     region_threshold: usize,
+    /// Capacity of the helper's stdin pipe (0 if unknown: then a large frame
+    /// waits until nothing earlier is owed).
+    stdin_capacity: usize,
     /// Size of one region slot in each half (0 without a region).
     region_slot: u64,
     calls: AtomicU64,
@@ -372,8 +380,11 @@ enum Blame {
     /// The reader waits for its own reply: a timeout retires the helper.
     Always,
     /// The reader sent nothing (it reads for callers who gave up): a
-    /// timeout between frames is its own queue timeout; one inside a frame
-    /// still retires the helper (the stream cannot be resumed).
+    /// timeout between frames is its own queue timeout, unless the request
+    /// the helper owes first is past its own caller's deadline (then the
+    /// helper is overdue by the standard that caller would have applied,
+    /// had it been the reader). One inside a frame still retires the helper
+    /// (the stream cannot be resumed).
     NotBetweenFrames,
 }
 
@@ -607,6 +618,16 @@ impl Helper {
         }
     }
 
+    /// Whether the request the helper must answer next is past its caller's
+    /// deadline.
+    fn first_owed_is_overdue(&self) -> bool {
+        let outstanding = self.outstanding.lock();
+        outstanding
+            .queue
+            .front()
+            .is_some_and(|(_, deadline)| *deadline <= Instant::now())
+    }
+
     /// Frees a region slot for the next large call.
     fn release_slot(&self, slot: u32) {
         let mut outstanding = self.outstanding.lock();
@@ -720,13 +741,77 @@ impl Helper {
                 reason: "stdin already closed".into(),
             });
         };
+        // While the helper still owes earlier replies it may be busy with
+        // another caller's request for a while. A frame cut by this
+        // caller's deadline would leave the stream mid-frame (only
+        // retiring the helper ends that), so a frame that may not fit the
+        // pipe is started only once it can be written whole.
+        let owes_earlier = !outstanding.queue.is_empty();
+        if owes_earlier && HEADER_LEN + payload.len() > PIPE_BUF {
+            drop(outstanding);
+            self.wait_for_room(stdin.as_fd(), HEADER_LEN + payload.len(), deadline, started)?;
+            outstanding = self.outstanding.lock();
+        }
         if matches!(kind, Kind::Request | Kind::RequestInRegion) {
-            outstanding.queue.push_back(id);
+            outstanding.queue.push_back((id, deadline));
         }
         drop(outstanding);
         let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
-        write_all_vectored(stdin.as_fd(), &mut frame, deadline)
-            .map_err(|failure| self.fail_io(failure, started))
+        match write_all_vectored(stdin.as_fd(), &mut frame, deadline) {
+            Ok(()) => Ok(()),
+            // Nothing of the frame went out, and the helper is busy with an
+            // earlier request still within its caller's deadline: take the
+            // request back and blame nobody.
+            Err((IoFailure::Timeout, 0)) if owes_earlier && !self.first_owed_is_overdue() => {
+                self.outstanding
+                    .lock()
+                    .queue
+                    .retain(|(queued, _)| *queued != id);
+                Err(CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                })
+            }
+            Err((failure, _)) => Err(self.fail_io(failure, started)),
+        }
+    }
+
+    /// Waits, sending nothing, until a frame of `len` bytes fits the free
+    /// space of the helper's stdin pipe, or the helper owes no earlier reply
+    /// (it is reading, so the frame flows in as fast as it reads). At the
+    /// deadline: a queue timeout, unless the helper is overdue on the
+    /// request it owes first.
+    fn wait_for_room(
+        &self,
+        stdin: std::os::fd::BorrowedFd<'_>,
+        len: usize,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<(), CallError> {
+        loop {
+            self.check_retired()?;
+            if self.outstanding.lock().queue.is_empty() {
+                return Ok(());
+            }
+            // FIONREAD on a pipe's write end counts the bytes still in it.
+            let queued = rustix::io::ioctl_fionread(stdin)
+                .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+            if self.stdin_capacity.saturating_sub(queued) >= len {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(if self.first_owed_is_overdue() {
+                    self.fail_timeout(started)
+                } else {
+                    CallError::QueueTimeout {
+                        pid: self.pid,
+                        waited: started.elapsed(),
+                    }
+                });
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+        }
     }
 
     /// Waits for the reply to `id`: reads frames (its own and others') if
@@ -857,7 +942,9 @@ impl Helper {
         let (header, payload) = match frame {
             Ok(frame) => frame,
             Err(IoFailure::Timeout)
-                if blame == Blame::NotBetweenFrames && reader.frames.at_frame_boundary() =>
+                if blame == Blame::NotBetweenFrames
+                    && reader.frames.at_frame_boundary()
+                    && !self.first_owed_is_overdue() =>
             {
                 return Err(CallError::QueueTimeout {
                     pid: self.pid,
@@ -870,7 +957,7 @@ impl Helper {
         };
         let (expected, abandoned, granted) = {
             let mut outstanding = self.outstanding.lock();
-            let expected = outstanding.queue.pop_front();
+            let expected = outstanding.queue.pop_front().map(|(id, _)| id);
             let granted = outstanding
                 .granted
                 .iter()
@@ -893,7 +980,7 @@ impl Helper {
             }
             outstanding.abandoned = stale
                 .into_iter()
-                .filter(|id| outstanding.queue.contains(id))
+                .filter(|id| outstanding.queue.iter().any(|(queued, _)| queued == id))
                 .collect();
             (expected, abandoned.is_some(), granted)
         };

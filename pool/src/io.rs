@@ -49,23 +49,29 @@ pub(crate) fn write_all(
     bytes: &[u8],
     deadline: Instant,
 ) -> Result<(), IoFailure> {
-    write_all_vectored(fd, &mut [std::io::IoSlice::new(bytes)], deadline)
+    write_all_vectored(fd, &mut [std::io::IoSlice::new(bytes)], deadline).map_err(|(f, _)| f)
 }
 
 /// Writes all of `bufs` (e.g. a frame's header and its payload, with no copy
-/// into one buffer) to a non-blocking fd before `deadline`.
+/// into one buffer) to a non-blocking fd before `deadline`. A failure comes
+/// with the number of bytes that were written before it.
 pub(crate) fn write_all_vectored(
     fd: BorrowedFd<'_>,
     mut bufs: &mut [std::io::IoSlice<'_>],
     deadline: Instant,
-) -> Result<(), IoFailure> {
+) -> Result<(), (IoFailure, usize)> {
+    let mut written = 0;
     while !bufs.is_empty() {
         match nix::sys::uio::writev(fd, bufs) {
-            Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
-            Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLOUT, deadline)?,
+            Ok(n) => {
+                written += n;
+                std::io::IoSlice::advance_slices(&mut bufs, n);
+            }
+            Err(Errno::EAGAIN) => wait_ready(fd, PollFlags::POLLOUT, deadline)
+                .map_err(|failure| (failure, written))?,
             Err(Errno::EINTR) => {}
-            Err(Errno::EPIPE) => return Err(IoFailure::StdinClosed),
-            Err(errno) => return Err(IoFailure::Os(errno)),
+            Err(Errno::EPIPE) => return Err((IoFailure::StdinClosed, written)),
+            Err(errno) => return Err((IoFailure::Os(errno), written)),
         }
     }
     Ok(())

@@ -724,3 +724,32 @@ fn shutdown_wakes_callers_waiting_for_replies() {
     // The slow call was answered or failed; either way it is over.
     let _ = slow.join().unwrap();
 }
+
+#[test]
+fn a_large_request_queued_behind_a_slow_call_gives_up_without_harming_the_helper() {
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let slow = {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&sleep_request(500, b"slow"), deadline(10.0)))
+    };
+    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
+        .in_flight()
+        == 1));
+    // Larger than the pipe: it can only go in as the helper reads, and the
+    // helper is busy with the slow call, well within that call's deadline.
+    // Its caller gives up before sending a byte; a frame cut off half-way
+    // would have left the helper's stream mid-frame.
+    let big = vec![9u8; 200_000];
+    let err = helper
+        .call(&request(OP_ECHO, &big), deadline(0.1))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert!(!helper.is_retired());
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    assert_eq!(
+        helper
+            .call(&request(OP_ECHO, &big), deadline(10.0))
+            .unwrap(),
+        big
+    );
+}
