@@ -24,7 +24,7 @@ use tracing::{debug, warn};
 
 use crate::config::HelperConfig;
 use crate::error::{CallError, ExitStatus, LaunchError, ProtocolViolation};
-use crate::io::{FrameReader, IoFailure, drain_tail, write_all_vectored};
+use crate::io::{FrameReader, IoFailure, drain_tail, readable_now, write_all_vectored};
 use crate::launcher::{HostRegion, LaunchPlan, spawn};
 use crate::process::Process;
 use crate::stderr::{StderrHub, StderrStream};
@@ -701,7 +701,7 @@ impl Helper {
         started: Instant,
     ) -> Result<(), CallError> {
         self.check_retired()?;
-        let mut outstanding = self.outstanding.lock();
+        let outstanding = self.outstanding.lock();
         if outstanding.queue.is_empty() {
             if let Some(mut guard) = self.reader.try_lock() {
                 let reader = &mut *guard;
@@ -744,29 +744,50 @@ impl Helper {
         // While the helper still owes earlier replies it may be busy with
         // another caller's request for a while. A frame cut by this
         // caller's deadline would leave the stream mid-frame (only
-        // retiring the helper ends that), so a frame that may not fit the
-        // pipe is started only once it can be written whole.
+        // retiring the helper ends that), so while anything is owed a frame
+        // goes out whole or not at all: a small one (PIPE_BUF, atomic) is
+        // tried once without waiting, and any that does not go out waits,
+        // sending nothing, until it fits the pipe.
+        let queued = matches!(kind, Kind::Request | Kind::RequestInRegion);
         let owes_earlier = !outstanding.queue.is_empty();
-        if owes_earlier && HEADER_LEN + payload.len() > PIPE_BUF {
-            drop(outstanding);
-            self.wait_for_room(stdin.as_fd(), HEADER_LEN + payload.len(), deadline, started)?;
-            outstanding = self.outstanding.lock();
-        }
-        if matches!(kind, Kind::Request | Kind::RequestInRegion) {
-            outstanding.queue.push_back((id, deadline));
-        }
         drop(outstanding);
+        let frame_len = HEADER_LEN + payload.len();
         let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
-        match write_all_vectored(stdin.as_fd(), &mut frame, deadline) {
+        let stdin = stdin.as_fd();
+        let enqueue = || {
+            if queued {
+                self.outstanding.lock().queue.push_back((id, deadline));
+            }
+        };
+        // Called with the writer lock held, so the id is the last queued.
+        let take_back = || {
+            if queued {
+                self.outstanding
+                    .lock()
+                    .queue
+                    .retain(|(queued, _)| *queued != id);
+            }
+        };
+        if owes_earlier {
+            if frame_len <= PIPE_BUF {
+                enqueue();
+                // `started` has passed: no waiting, all or nothing.
+                match write_all_vectored(stdin, &mut frame, started) {
+                    Ok(()) => return Ok(()),
+                    Err((IoFailure::Timeout, 0)) => take_back(),
+                    Err((failure, _)) => return Err(self.fail_io(failure, started)),
+                }
+            }
+            self.wait_for_room(stdin, frame_len, deadline, started)?;
+        }
+        enqueue();
+        match write_all_vectored(stdin, &mut frame, deadline) {
             Ok(()) => Ok(()),
             // Nothing of the frame went out, and the helper is busy with an
             // earlier request still within its caller's deadline: take the
             // request back and blame nobody.
             Err((IoFailure::Timeout, 0)) if owes_earlier && !self.first_owed_is_overdue() => {
-                self.outstanding
-                    .lock()
-                    .queue
-                    .retain(|(queued, _)| *queued != id);
+                take_back();
                 Err(CallError::QueueTimeout {
                     pid: self.pid,
                     waited: started.elapsed(),
@@ -776,11 +797,12 @@ impl Helper {
         }
     }
 
-    /// Waits, sending nothing, until a frame of `len` bytes fits the free
-    /// space of the helper's stdin pipe, or the helper owes no earlier reply
-    /// (it is reading, so the frame flows in as fast as it reads). At the
-    /// deadline: a queue timeout, unless the helper is overdue on the
-    /// request it owes first.
+    /// Waits, sending nothing, until a frame of `len` bytes surely fits the
+    /// helper's stdin pipe, or the helper owes no earlier reply (it is
+    /// reading, so the frame flows in as fast as it reads). Replies that no
+    /// caller is there to read are read meanwhile: a helper blocked writing
+    /// them reads no requests. At the deadline: a queue timeout, unless the
+    /// helper is overdue on the request it owes first.
     fn wait_for_room(
         &self,
         stdin: std::os::fd::BorrowedFd<'_>,
@@ -788,15 +810,25 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<(), CallError> {
+        /// The kernel's pipe page: a pipe holds capacity / PAGE pages.
+        const PAGE: usize = 4096;
         loop {
             self.check_retired()?;
             if self.outstanding.lock().queue.is_empty() {
                 return Ok(());
             }
             // FIONREAD on a pipe's write end counts the bytes still in it.
-            let queued = rustix::io::ioctl_fionread(stdin)
-                .map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-            if self.stdin_capacity.saturating_sub(queued) >= len {
+            // A pipe is a ring of pages, and a write shares the last page
+            // only if its tail fits there, so queued bytes may take up to
+            // twice their size in pages, plus a partly read page and the
+            // new frame's own partial pages.
+            let queued = rustix::io::ioctl_fionread(stdin).map_or(usize::MAX / 4, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX / 4)
+            });
+            let needed = len
+                .saturating_add(queued.saturating_mul(2))
+                .saturating_add(4 * PAGE);
+            if needed <= self.stdin_capacity {
                 return Ok(());
             }
             let now = Instant::now();
@@ -810,8 +842,31 @@ impl Helper {
                     }
                 });
             }
+            if self.take_reading_role() {
+                let read = self.read_arrived(deadline, started);
+                self.leave_reading_role();
+                if read? {
+                    continue;
+                }
+            }
             std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
         }
+    }
+
+    /// With the reading role: reads the replies that have arrived (and
+    /// parks those whose callers still wait). Whether it read any.
+    fn read_arrived(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
+        let mut reader = self.reader.lock();
+        let mut read = false;
+        while reader.frames.has_buffered() || readable_now(&reader.stdout) {
+            let (reply_id, abandoned, result) =
+                self.read_reply(&mut reader, deadline, started, Blame::NotBetweenFrames)?;
+            if !abandoned {
+                self.deliver(reply_id, result);
+            }
+            read = true;
+        }
+        Ok(read)
     }
 
     /// Waits for the reply to `id`: reads frames (its own and others') if

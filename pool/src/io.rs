@@ -205,6 +205,12 @@ impl FrameReader {
     }
 }
 
+/// Whether `fd` is readable (or hung up) right now, without waiting.
+pub(crate) fn readable_now(fd: impl AsFd) -> bool {
+    let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+}
+
 /// Reads whatever a non-blocking fd has right now, up to `cap` bytes, keeping
 /// the last `keep` bytes. Used for a helper's stderr when it fails.
 pub(crate) fn drain_tail(fd: impl AsFd, cap: usize, keep: usize) -> Vec<u8> {

@@ -96,6 +96,19 @@ pub fn wait_for(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool 
     }
 }
 
+/// Waits until `helper` has `calls` calls in flight, then a moment more: a
+/// call is counted just before its frame is written, and a test that orders
+/// its callers needs the frames in the pipe in that order. If the machine is
+/// so loaded that a write comes later still, the order may differ and the
+/// test checks less; it never fails for that reason alone.
+pub fn wait_for_in_flight(helper: &sandpool::Helper, calls: usize) {
+    assert!(
+        wait_for(Duration::from_secs(10), || helper.in_flight() == calls),
+        "{calls} calls in flight"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+}
+
 /// A pool configuration for the reference helper with the given arguments.
 pub fn pool_config(args: &[&str]) -> sandpool::Config {
     let mut config = sandpool::Config::new(helper_bin());

@@ -699,16 +699,11 @@ fn shutdown_wakes_callers_waiting_for_replies() {
         std::thread::spawn(move || helper.call(&req, deadline(60.0)))
     };
     let slow = call(sleep_request(300, b"slow"));
-    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
-        .in_flight()
-        == 1));
+    sandpool_tests::wait_for_in_flight(&helper, 1);
     let waiters: Vec<_> = (0..2u8)
         .map(|i| {
             let waiter = call(request(OP_ECHO, &[i]));
-            let expected = 2 + usize::from(i);
-            assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
-                .in_flight()
-                == expected));
+            sandpool_tests::wait_for_in_flight(&helper, 2 + usize::from(i));
             waiter
         })
         .collect();
@@ -732,9 +727,7 @@ fn a_large_request_queued_behind_a_slow_call_gives_up_without_harming_the_helper
         let helper = helper.clone();
         std::thread::spawn(move || helper.call(&sleep_request(500, b"slow"), deadline(10.0)))
     };
-    assert!(sandpool_tests::wait_for(Duration::from_secs(10), || helper
-        .in_flight()
-        == 1));
+    sandpool_tests::wait_for_in_flight(&helper, 1);
     // Larger than the pipe: it can only go in as the helper reads, and the
     // helper is busy with the slow call, well within that call's deadline.
     // Its caller gives up before sending a byte; a frame cut off half-way
@@ -752,4 +745,36 @@ fn a_large_request_queued_behind_a_slow_call_gives_up_without_harming_the_helper
             .unwrap(),
         big
     );
+}
+
+#[test]
+fn a_large_frame_waits_for_pipe_pages_not_just_bytes() {
+    // A slow call, then two small frames that each take a pipe page of
+    // their own (2,980 bytes: a second one does not fit the first's page).
+    // A 59,000-byte frame fits the pipe's free bytes (65,536 - 5,992) but
+    // not its free pages: started, it would stop part-way and be cut off at
+    // its deadline, killing a helper that did nothing wrong.
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let call = |req: Vec<u8>| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&req, deadline(10.0)))
+    };
+    let slow = call(sleep_request(1000, b"slow"));
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    let small: Vec<_> = (1..=2)
+        .map(|n| {
+            let thread = call(request(OP_ECHO, &[n; 2979]));
+            sandpool_tests::wait_for_in_flight(&helper, 1 + usize::from(n));
+            thread
+        })
+        .collect();
+    let err = helper
+        .call(&request(OP_ECHO, &[3u8; 58_983]), deadline(0.3))
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    for (n, thread) in (1u8..).zip(small) {
+        assert_eq!(thread.join().unwrap().unwrap(), vec![n; 2979]);
+    }
+    assert!(!helper.is_retired());
 }

@@ -189,10 +189,7 @@ fn helper_busy_for(millis: u32) -> (std::sync::Arc<sandpool::Helper>, SlowCall) 
         let helper = helper.clone();
         std::thread::spawn(move || helper.call(&sleep_request(millis, b"slow"), deadline(10.0)))
     };
-    assert!(sandpool_tests::wait_for(
-        std::time::Duration::from_secs(10),
-        || helper.in_flight() == 1
-    ));
+    sandpool_tests::wait_for_in_flight(&helper, 1);
     (helper, slow)
 }
 
