@@ -770,15 +770,23 @@ impl Helper {
         };
         if owes_earlier {
             if frame_len <= PIPE_BUF {
-                enqueue();
-                // `started` has passed: no waiting, all or nothing.
-                match write_all_vectored(stdin, &mut frame, started) {
-                    Ok(()) => return Ok(()),
-                    Err((IoFailure::Timeout, 0)) => take_back(),
-                    Err((failure, _)) => return Err(self.fail_io(failure, started)),
+                // All or nothing (it needs one free pipe slot): try without
+                // waiting (`started` has passed), and between tries let the
+                // helper take in more of its stdin.
+                loop {
+                    enqueue();
+                    match write_all_vectored(stdin, &mut frame, started) {
+                        Ok(()) => return Ok(()),
+                        Err((IoFailure::Timeout, 0)) => take_back(),
+                        Err((failure, _)) => return Err(self.fail_io(failure, started)),
+                    }
+                    if !self.wait_for_stdin(deadline, started)? {
+                        break;
+                    }
                 }
+            } else {
+                self.wait_for_room(stdin, frame_len, deadline, started)?;
             }
-            self.wait_for_room(stdin, frame_len, deadline, started)?;
         }
         enqueue();
         match write_all_vectored(stdin, &mut frame, deadline) {
@@ -799,10 +807,7 @@ impl Helper {
 
     /// Waits, sending nothing, until a frame of `len` bytes surely fits the
     /// helper's stdin pipe, or the helper owes no earlier reply (it is
-    /// reading, so the frame flows in as fast as it reads). Replies that no
-    /// caller is there to read are read meanwhile: a helper blocked writing
-    /// them reads no requests. At the deadline: a queue timeout, unless the
-    /// helper is overdue on the request it owes first.
+    /// reading, so the frame flows in as fast as it reads).
     fn wait_for_room(
         &self,
         stdin: std::os::fd::BorrowedFd<'_>,
@@ -810,63 +815,85 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<(), CallError> {
-        /// The kernel's pipe page: a pipe holds capacity / PAGE pages.
-        const PAGE: usize = 4096;
+        // The kernel's pipe page: a pipe is a ring of capacity / page slots.
+        let page = rustix::param::page_size();
         loop {
-            self.check_retired()?;
-            if self.outstanding.lock().queue.is_empty() {
-                return Ok(());
-            }
             // FIONREAD on a pipe's write end counts the bytes still in it.
-            // A pipe is a ring of pages, and a write shares the last page
-            // only if its tail fits there, so queued bytes may take up to
-            // twice their size in pages, plus a partly read page and the
-            // new frame's own partial pages.
+            // A write shares the last page only if its tail fits there, so
+            // queued bytes may take up to twice their size in pages, plus a
+            // partly read page and the new frame's own partial pages.
             let queued = rustix::io::ioctl_fionread(stdin).map_or(usize::MAX / 4, |n| {
                 usize::try_from(n).unwrap_or(usize::MAX / 4)
             });
             let needed = len
                 .saturating_add(queued.saturating_mul(2))
-                .saturating_add(4 * PAGE);
-            if needed <= self.stdin_capacity {
+                .saturating_add(page.saturating_mul(4));
+            if needed <= self.stdin_capacity || !self.wait_for_stdin(deadline, started)? {
                 return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(if self.first_owed_is_overdue() {
-                    self.fail_timeout(started)
-                } else {
-                    CallError::QueueTimeout {
-                        pid: self.pid,
-                        waited: started.elapsed(),
-                    }
-                });
-            }
-            if self.take_reading_role() {
-                let read = self.read_arrived(deadline, started);
-                self.leave_reading_role();
-                if read? {
-                    continue;
-                }
-            }
-            std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
         }
     }
 
-    /// With the reading role: reads the replies that have arrived (and
-    /// parks those whose callers still wait). Whether it read any.
-    fn read_arrived(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
+    /// One pass of waiting, sending nothing, for the helper to take in more
+    /// of its stdin: false at once if it owes nothing (it is reading).
+    /// Replies to callers who gave up are read meanwhile if nobody reads: a
+    /// helper blocked writing them reads no requests. At the deadline: a
+    /// queue timeout, unless the helper is overdue on the request it owes
+    /// first (then it is retired).
+    fn wait_for_stdin(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
+        self.check_retired()?;
+        if self.outstanding.lock().queue.is_empty() {
+            return Ok(false);
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(if self.first_owed_is_overdue() {
+                self.fail_timeout(started)
+            } else {
+                CallError::QueueTimeout {
+                    pid: self.pid,
+                    waited: started.elapsed(),
+                }
+            });
+        }
+        if self.take_reading_role() {
+            let read = self.read_abandoned(deadline, started);
+            self.leave_reading_role();
+            if read? {
+                return Ok(true);
+            }
+        }
+        std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
+        Ok(true)
+    }
+
+    /// With the reading role: reads the replies that have arrived for
+    /// callers who gave up, while the helper owes one of those first (a
+    /// reply for a caller still waiting is left to that caller). Whether it
+    /// read any.
+    fn read_abandoned(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
         let mut reader = self.reader.lock();
         let mut read = false;
-        while reader.frames.has_buffered() || readable_now(&reader.stdout) {
+        loop {
+            let abandoned_first = {
+                let outstanding = self.outstanding.lock();
+                outstanding
+                    .queue
+                    .front()
+                    .is_some_and(|(id, _)| outstanding.abandoned.contains(id))
+            };
+            if !abandoned_first || !(reader.frames.has_buffered() || readable_now(&reader.stdout)) {
+                return Ok(read);
+            }
             let (reply_id, abandoned, result) =
                 self.read_reply(&mut reader, deadline, started, Blame::NotBetweenFrames)?;
             if !abandoned {
+                // Not expected (the first owed was abandoned), but a reply
+                // read is always delivered.
                 self.deliver(reply_id, result);
             }
             read = true;
         }
-        Ok(read)
     }
 
     /// Waits for the reply to `id`: reads frames (its own and others') if
