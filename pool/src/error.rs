@@ -315,8 +315,9 @@ pub enum CallError {
         source: Errno,
     },
     /// The deadline passed while this call queued behind other calls on the
-    /// same helper (for the writer or for its reply). The helper is not
-    /// blamed and keeps serving; a reply that arrives later is discarded.
+    /// same helper (for the writer, a region slot, room in the request pipe,
+    /// or its reply while another caller read). The helper is not blamed
+    /// and keeps serving; a reply that arrives later is discarded.
     #[error("deadline passed after {waited:?} queued behind other calls on helper pid {pid}")]
     QueueTimeout {
         /// The helper's pid.
