@@ -11,7 +11,7 @@
 //! sleeps in `read`. In the common case (one caller) the calling thread does
 //! its own pipe I/O with no thread hop at all.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -272,15 +272,16 @@ struct Reader {
 struct Replies {
     /// A caller has the reading role.
     reading: bool,
-    /// Replies read by one caller on behalf of another, by request id. Only
-    /// replies to requests sent and not yet collected: bounded by the calls
-    /// in flight plus those abandoned whose replies are still to come (each
-    /// dropped when read, and all of them bounded by the pipe and the
-    /// readers' deadlines).
+    /// Replies read by one caller on behalf of another, by request id, for
+    /// callers still waiting (a reply whose caller gave up is never parked,
+    /// or is dropped when it gives up): at most `max_in_flight`.
     parked: HashMap<u64, Result<Vec<u8>, CallError>>,
     /// Callers asleep until their reply is parked or the reading role is
     /// theirs to take; at most `max_in_flight` (each holds an in-flight slot).
     waiting: Vec<(u64, Thread)>,
+    /// Ids whose callers gave up after their reply was read but before it
+    /// was parked: dropped when it is. Rarely more than one.
+    gave_up: HashSet<u64>,
 }
 
 impl Replies {
@@ -296,19 +297,37 @@ impl Replies {
     }
 }
 
-/// Ids in flight, and ids whose callers gave up (their replies are dropped).
+/// A request written to the helper and not yet answered.
+#[derive(Debug)]
+struct Owed {
+    id: u64,
+    /// Its caller's deadline.
+    deadline: Instant,
+    /// Its caller gave up: the reply is dropped when it comes.
+    abandoned: bool,
+}
+
+/// Requests in flight, and the region's slots.
 #[derive(Debug, Default)]
 struct Outstanding {
-    /// Ids written and not yet answered, in the order they were written (the
-    /// order the helper must answer them in), with their callers' deadlines.
-    queue: VecDeque<(u64, Instant)>,
-    abandoned: Vec<u64>,
+    /// Requests written and not yet answered, in the order they were written
+    /// (the order the helper must answer them in).
+    queue: VecDeque<Owed>,
     /// Requests in flight through the region, with the slot each was
     /// granted (its part of the request half and of the response half).
     granted: Vec<(u64, u32)>,
     /// Region slots free to claim. A slot is in use from the claim of a
     /// caller about to send until the reply to its request is consumed.
     free_slots: Vec<u32>,
+}
+
+impl Outstanding {
+    /// Whether a region slot is held by a request whose caller gave up.
+    fn orphaned_slot(&self) -> bool {
+        self.queue
+            .iter()
+            .any(|owed| owed.abandoned && self.granted.iter().any(|(id, _)| *id == owed.id))
+    }
 }
 
 /// A caller's claim on a region slot, released on drop unless it was
@@ -373,20 +392,6 @@ pub struct Helper {
 /// A reply read off the pipe: its request id, whether its caller gave up on
 /// it, and its outcome.
 type Reply = (u64, bool, Result<Vec<u8>, CallError>);
-
-/// Whether a reader's timeout is the helper's fault.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Blame {
-    /// The reader waits for its own reply: a timeout retires the helper.
-    Always,
-    /// The reader sent nothing (it reads for callers who gave up): a
-    /// timeout between frames is its own queue timeout, unless the request
-    /// the helper owes first is past its own caller's deadline (then the
-    /// helper is overdue by the standard that caller would have applied,
-    /// had it been the reader). One inside a frame still retires the helper
-    /// (the stream cannot be resumed).
-    NotBetweenFrames,
-}
 
 /// A claimed in-flight slot, released on drop.
 struct Slot<'a>(&'a Helper);
@@ -563,11 +568,7 @@ impl Helper {
             }
             // A slot waits for the reply of a call that gave up: nobody else
             // may ever read it, so this caller reads (and drops) it.
-            let orphaned = outstanding
-                .granted
-                .iter()
-                .any(|(id, _)| outstanding.abandoned.contains(id));
-            if orphaned {
+            if outstanding.orphaned_slot() {
                 drop(outstanding);
                 if self.take_reading_role() {
                     let outcome = self.read_orphans(deadline, started);
@@ -594,24 +595,18 @@ impl Helper {
 
     /// With the reading role, for a caller that has sent nothing: reads
     /// replies while an abandoned region call's reply is still to come and
-    /// no slot is free. A timeout between frames blames nobody (the helper
-    /// may be busy with another caller's slow request); one inside a frame
-    /// retires the helper, as it would for any reader.
+    /// no slot is free. Its timeouts are judged as any reader's (see
+    /// `read_reply`).
     fn read_orphans(&self, deadline: Instant, started: Instant) -> Result<(), CallError> {
         let mut reader = self.reader.lock();
         loop {
             {
                 let outstanding = self.outstanding.lock();
-                let orphaned = outstanding
-                    .granted
-                    .iter()
-                    .any(|(id, _)| outstanding.abandoned.contains(id));
-                if !orphaned || !outstanding.free_slots.is_empty() {
+                if !outstanding.orphaned_slot() || !outstanding.free_slots.is_empty() {
                     return Ok(());
                 }
             }
-            let (reply_id, abandoned, result) =
-                self.read_reply(&mut reader, deadline, started, Blame::NotBetweenFrames)?;
+            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
             if !abandoned {
                 self.deliver(reply_id, result);
             }
@@ -625,7 +620,7 @@ impl Helper {
         outstanding
             .queue
             .front()
-            .is_some_and(|(_, deadline)| *deadline <= Instant::now())
+            .is_some_and(|owed| owed.deadline <= Instant::now())
     }
 
     /// Frees a region slot for the next large call.
@@ -756,16 +751,17 @@ impl Helper {
         let stdin = stdin.as_fd();
         let enqueue = || {
             if queued {
-                self.outstanding.lock().queue.push_back((id, deadline));
+                self.outstanding.lock().queue.push_back(Owed {
+                    id,
+                    deadline,
+                    abandoned: false,
+                });
             }
         };
         // Called with the writer lock held, so the id is the last queued.
         let take_back = || {
             if queued {
-                self.outstanding
-                    .lock()
-                    .queue
-                    .retain(|(queued, _)| *queued != id);
+                self.outstanding.lock().queue.retain(|owed| owed.id != id);
             }
         };
         if owes_earlier {
@@ -875,18 +871,16 @@ impl Helper {
         let mut reader = self.reader.lock();
         let mut read = false;
         loop {
-            let abandoned_first = {
-                let outstanding = self.outstanding.lock();
-                outstanding
-                    .queue
-                    .front()
-                    .is_some_and(|(id, _)| outstanding.abandoned.contains(id))
-            };
+            let abandoned_first = self
+                .outstanding
+                .lock()
+                .queue
+                .front()
+                .is_some_and(|owed| owed.abandoned);
             if !abandoned_first || !(reader.frames.has_buffered() || readable_now(&reader.stdout)) {
                 return Ok(read);
             }
-            let (reply_id, abandoned, result) =
-                self.read_reply(&mut reader, deadline, started, Blame::NotBetweenFrames)?;
+            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
             if !abandoned {
                 // Not expected (the first owed was abandoned), but a reply
                 // read is always delivered.
@@ -934,11 +928,7 @@ impl Helper {
                     replies.wake_next_reader();
                 }
                 drop(replies);
-                self.outstanding.lock().abandoned.push(id);
-                // A reply parked just before it was marked abandoned goes
-                // now, not at the next read (one read later at the latest
-                // if it was being delivered at this moment).
-                self.replies.lock().parked.remove(&id);
+                self.give_up(id);
                 return Err(CallError::QueueTimeout {
                     pid: self.pid,
                     waited: started.elapsed(),
@@ -962,7 +952,9 @@ impl Helper {
     }
 
     /// With the reading role: reads frames until the reply to `id`, parks
-    /// the others for their callers, then passes the role on.
+    /// the others for their callers, then passes the role on. Its deadline
+    /// passing between frames while the helper owes an earlier reply still
+    /// within its own caller's deadline is a queue timeout, like a waiter's.
     fn read_until(
         &self,
         id: u64,
@@ -971,7 +963,7 @@ impl Helper {
     ) -> Result<Vec<u8>, CallError> {
         let mut reader = self.reader.lock();
         let outcome = loop {
-            match self.read_reply(&mut reader, deadline, started, Blame::Always) {
+            match self.read_reply(&mut reader, deadline, started) {
                 Ok((reply_id, _, result)) if reply_id == id => break result,
                 Ok((reply_id, abandoned, result)) => {
                     if !abandoned {
@@ -982,8 +974,33 @@ impl Helper {
             }
         };
         drop(reader);
+        if matches!(outcome, Err(CallError::QueueTimeout { .. })) {
+            self.give_up(id);
+        }
         self.leave_reading_role();
         outcome
+    }
+
+    /// Gives up on the reply to `id` (its caller's deadline passed while it
+    /// queued): the reply is dropped whenever it comes.
+    fn give_up(&self, id: u64) {
+        let still_owed = {
+            let mut outstanding = self.outstanding.lock();
+            match outstanding.queue.iter_mut().find(|owed| owed.id == id) {
+                Some(owed) => {
+                    owed.abandoned = true;
+                    true
+                }
+                None => false,
+            }
+        };
+        if !still_owed {
+            // Already read: parked for this caller, or about to be.
+            let mut replies = self.replies.lock();
+            if replies.parked.remove(&id).is_none() {
+                replies.gave_up.insert(id);
+            }
+        }
     }
 
     /// Takes the reading role if nobody has it.
@@ -1002,6 +1019,9 @@ impl Helper {
     /// Parks a reply read for another caller and wakes that caller.
     fn deliver(&self, id: u64, result: Result<Vec<u8>, CallError>) {
         let mut replies = self.replies.lock();
+        if replies.gave_up.remove(&id) {
+            return;
+        }
         replies.parked.insert(id, result);
         if let Some((_, thread)) = replies.waiting.iter().find(|(waiting, _)| *waiting == id) {
             thread.unpark();
@@ -1016,17 +1036,20 @@ impl Helper {
         reader: &mut Reader,
         deadline: Instant,
         started: Instant,
-        blame: Blame,
     ) -> Result<Reply, CallError> {
         let frame = reader
             .frames
             .read_frame(&reader.stdout, deadline, self.max_frame);
         let (header, payload) = match frame {
             Ok(frame) => frame,
+            // A reader's deadline passing between frames blames the helper
+            // only if the reply it owes first is overdue by its own caller's
+            // deadline (the reader's own, if its request is first): a reader
+            // queued behind another caller's slow request, within that
+            // caller's deadline, gives up like a waiter. Inside a frame the
+            // stream cannot be resumed, and the helper is retired.
             Err(IoFailure::Timeout)
-                if blame == Blame::NotBetweenFrames
-                    && reader.frames.at_frame_boundary()
-                    && !self.first_owed_is_overdue() =>
+                if reader.frames.at_frame_boundary() && !self.first_owed_is_overdue() =>
             {
                 return Err(CallError::QueueTimeout {
                     pid: self.pid,
@@ -1039,32 +1062,14 @@ impl Helper {
         };
         let (expected, abandoned, granted) = {
             let mut outstanding = self.outstanding.lock();
-            let expected = outstanding.queue.pop_front().map(|(id, _)| id);
+            let owed = outstanding.queue.pop_front();
+            let expected = owed.as_ref().map(|owed| owed.id);
             let granted = outstanding
                 .granted
                 .iter()
                 .find(|(id, _)| Some(*id) == expected)
                 .map(|(_, slot)| *slot);
-            let abandoned = outstanding
-                .abandoned
-                .iter()
-                .position(|a| Some(*a) == expected);
-            if let Some(index) = abandoned {
-                outstanding.abandoned.swap_remove(index);
-            }
-            // Replies parked before their callers gave up are dropped too.
-            let stale = std::mem::take(&mut outstanding.abandoned);
-            if !stale.is_empty() {
-                let mut replies = self.replies.lock();
-                for id in &stale {
-                    replies.parked.remove(id);
-                }
-            }
-            outstanding.abandoned = stale
-                .into_iter()
-                .filter(|id| outstanding.queue.iter().any(|(queued, _)| queued == id))
-                .collect();
-            (expected, abandoned.is_some(), granted)
+            (expected, owed.is_some_and(|owed| owed.abandoned), granted)
         };
         let result = match header.kind {
             Kind::Response | Kind::Error | Kind::ResponseInRegion

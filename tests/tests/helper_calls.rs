@@ -778,3 +778,47 @@ fn a_large_frame_waits_for_pipe_pages_not_just_bytes() {
     }
     assert!(!helper.is_retired());
 }
+
+#[test]
+fn a_reader_queued_behind_a_slow_call_gives_up_without_retiring_the_helper() {
+    // Slow calls with long deadlines and fast ones with short deadlines on
+    // one helper. Whoever holds the reading role may be a fast caller whose
+    // request waits behind a slow one: its deadline passing is its own
+    // queue timeout, since the reply owed first is within its caller's
+    // deadline. Nothing here is the helper's fault, so it is never retired.
+    // (The fast deadline is long enough that an echo owed first never
+    // misses it on a loaded machine; the slow call is longer still.)
+    let mut cfg = config(&["--test-ops"]);
+    cfg.max_in_flight = 5;
+    let launcher = Launcher::new(cfg).unwrap();
+    for round in 0..2 {
+        let helper = std::sync::Arc::new(launcher.launch().unwrap());
+        let until = std::time::Instant::now() + Duration::from_millis(1500);
+        let callers: Vec<_> = (0..5)
+            .map(|caller| {
+                let helper = helper.clone();
+                std::thread::spawn(move || {
+                    let slow = caller == 0;
+                    let (req, wait) = if slow {
+                        (sleep_request(400, b"s"), 10.0)
+                    } else {
+                        (request(OP_ECHO, b"f"), 0.1)
+                    };
+                    while std::time::Instant::now() < until {
+                        match helper.call(&req, deadline(wait)) {
+                            Ok(_) | Err(CallError::QueueTimeout { .. }) => {}
+                            Err(err) => return Some(format!("slow {slow}: {err}")),
+                        }
+                    }
+                    None
+                })
+            })
+            .collect();
+        let errors: Vec<String> = callers
+            .into_iter()
+            .filter_map(|caller| caller.join().unwrap())
+            .collect();
+        assert_eq!(errors, Vec::<String>::new(), "round {round}");
+        assert!(!helper.is_retired(), "round {round}");
+    }
+}
