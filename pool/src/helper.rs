@@ -303,8 +303,25 @@ struct Owed {
     id: u64,
     /// Its caller's deadline.
     deadline: Instant,
+    /// When it was written.
+    sent: Instant,
+    /// When it became the first reply owed (the helper's turn to answer it).
+    front_since: Option<Instant>,
     /// Its caller gave up: the reply is dropped when it comes.
     abandoned: bool,
+}
+
+impl Owed {
+    /// When the helper, owing this reply first, is overdue on it: at its
+    /// caller's deadline, or, if its turn came late (behind another
+    /// caller's slow request), as long after its turn as its caller allowed
+    /// it in all.
+    fn overdue_at(&self) -> Instant {
+        let budget = self.deadline.saturating_duration_since(self.sent);
+        let turn = self.front_since.unwrap_or(self.sent);
+        turn.checked_add(budget)
+            .map_or(self.deadline, |late| late.max(self.deadline))
+    }
 }
 
 /// Requests in flight, and the region's slots.
@@ -616,11 +633,13 @@ impl Helper {
     /// Whether the request the helper must answer next is past its caller's
     /// deadline.
     fn first_owed_is_overdue(&self) -> bool {
-        let outstanding = self.outstanding.lock();
-        outstanding
-            .queue
-            .front()
-            .is_some_and(|owed| owed.deadline <= Instant::now())
+        self.first_owed_overdue_at()
+            .is_some_and(|at| at <= Instant::now())
+    }
+
+    /// When the helper is overdue on the reply it owes first, if it owes any.
+    fn first_owed_overdue_at(&self) -> Option<Instant> {
+        self.outstanding.lock().queue.front().map(Owed::overdue_at)
     }
 
     /// Frees a region slot for the next large call.
@@ -746,14 +765,27 @@ impl Helper {
         let queued = matches!(kind, Kind::Request | Kind::RequestInRegion);
         let owes_earlier = !outstanding.queue.is_empty();
         drop(outstanding);
+        if queued && Instant::now() >= deadline {
+            // Its time ran out in the queue for the writer: a request the
+            // helper could never answer in time is not sent at all.
+            return Err(CallError::QueueTimeout {
+                pid: self.pid,
+                waited: started.elapsed(),
+            });
+        }
         let frame_len = HEADER_LEN + payload.len();
         let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
         let stdin = stdin.as_fd();
         let enqueue = || {
             if queued {
-                self.outstanding.lock().queue.push_back(Owed {
+                let now = Instant::now();
+                let mut outstanding = self.outstanding.lock();
+                let front_since = outstanding.queue.is_empty().then_some(now);
+                outstanding.queue.push_back(Owed {
                     id,
                     deadline,
+                    sent: now,
+                    front_since,
                     abandoned: false,
                 });
             }
@@ -838,10 +870,13 @@ impl Helper {
     /// first (then it is retired).
     fn wait_for_stdin(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
         self.check_retired()?;
-        if self.outstanding.lock().queue.is_empty() {
+        let Some(overdue_at) = self.first_owed_overdue_at() else {
             return Ok(false);
-        }
+        };
         let now = Instant::now();
+        if overdue_at <= now {
+            return Err(self.fail_timeout(started));
+        }
         if now >= deadline {
             return Err(if self.first_owed_is_overdue() {
                 self.fail_timeout(started)
@@ -1037,9 +1072,17 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<Reply, CallError> {
-        let frame = reader
-            .frames
-            .read_frame(&reader.stdout, deadline, self.max_frame);
+        // Between frames, wait until the reader's deadline, or less if the
+        // helper becomes overdue on the reply it owes first before that.
+        // Once a frame has begun, give it until the later of the two: a
+        // reply for a caller with more time is not cut off at the reader's.
+        let overdue_at = self.first_owed_overdue_at();
+        let frame = reader.frames.read_frame_until(
+            &reader.stdout,
+            overdue_at.map_or(deadline, |at| at.min(deadline)),
+            overdue_at.map_or(deadline, |at| at.max(deadline)),
+            self.max_frame,
+        );
         let (header, payload) = match frame {
             Ok(frame) => frame,
             // A reader's deadline passing between frames blames the helper
@@ -1063,6 +1106,9 @@ impl Helper {
         let (expected, abandoned, granted) = {
             let mut outstanding = self.outstanding.lock();
             let owed = outstanding.queue.pop_front();
+            if let Some(next) = outstanding.queue.front_mut() {
+                next.front_since.get_or_insert_with(Instant::now);
+            }
             let expected = owed.as_ref().map(|owed| owed.id);
             let granted = outstanding
                 .granted

@@ -158,7 +158,21 @@ impl FrameReader {
         deadline: Instant,
         max_frame: u32,
     ) -> Result<(Header, Vec<u8>), IoFailure> {
+        self.read_frame_until(fd, deadline, deadline, max_frame)
+    }
+
+    /// [`read_frame`](Self::read_frame) waiting for a header until
+    /// `header_deadline` and, once a frame has begun, for the rest of it
+    /// until `payload_deadline`.
+    pub(crate) fn read_frame_until(
+        &mut self,
+        fd: impl AsFd,
+        header_deadline: Instant,
+        payload_deadline: Instant,
+        max_frame: u32,
+    ) -> Result<(Header, Vec<u8>), IoFailure> {
         let fd = fd.as_fd();
+        let deadline = header_deadline;
         while self.end - self.start < HEADER_LEN {
             if self.start > 0 {
                 self.buf.copy_within(self.start..self.end, 0);
@@ -194,7 +208,7 @@ impl FrameReader {
             let filled = payload.len();
             let grow = (len - filled).min(filled.max(READ_AHEAD));
             payload.resize(filled + grow, 0);
-            let n = read_some(fd, &mut payload[filled..], deadline, self.spin)?;
+            let n = read_some(fd, &mut payload[filled..], payload_deadline, self.spin)?;
             payload.truncate(filled + n);
             if n == 0 {
                 return Err(IoFailure::StdoutClosed);

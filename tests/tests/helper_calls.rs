@@ -822,3 +822,32 @@ fn a_reader_queued_behind_a_slow_call_gives_up_without_retiring_the_helper() {
         assert!(!helper.is_retired(), "round {round}");
     }
 }
+
+#[test]
+fn a_hung_request_is_found_out_by_its_own_deadline_whoever_reads() {
+    // A reader, then a request that hangs (its caller gives up after 100 ms
+    // as a waiter), then a call with a long deadline that takes over the
+    // reading role. The helper is declared hung once the hung request has
+    // had its turn for as long as its caller allowed (100 ms), not at the
+    // reader's 10 s deadline; meanwhile nobody else would notice.
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let call = |req: Vec<u8>, secs: f64| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&req, deadline(secs)))
+    };
+    let reader = call(sleep_request(300, b"first"), 10.0);
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    let hung = call(sleep_request(600_000, b"never"), 0.1);
+    sandpool_tests::wait_for_in_flight(&helper, 2);
+    let later = call(request(OP_ECHO, b"later"), 10.0);
+    let err = hung.join().unwrap().unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert_eq!(reader.join().unwrap().unwrap(), b"first");
+    match later.join().unwrap() {
+        Err(CallError::Timeout { after, .. }) => {
+            assert!(after < Duration::from_secs(5), "found out after {after:?}")
+        }
+        other => panic!("expected the helper to be found hung, got {other:?}"),
+    }
+    assert!(helper.is_retired());
+}
