@@ -822,7 +822,7 @@ impl Helper {
             // Nothing of the frame went out, and the helper is busy with an
             // earlier request still within its caller's deadline: take the
             // request back and blame nobody.
-            Err((IoFailure::Timeout, 0)) if owes_earlier && !self.first_owed_is_overdue() => {
+            Err((IoFailure::Timeout, 0)) if owes_earlier && !self.overdue_and_silent() => {
                 take_back();
                 Err(CallError::QueueTimeout {
                     pid: self.pid,
@@ -870,22 +870,8 @@ impl Helper {
     /// first (then it is retired).
     fn wait_for_stdin(&self, deadline: Instant, started: Instant) -> Result<bool, CallError> {
         self.check_retired()?;
-        let Some(overdue_at) = self.first_owed_overdue_at() else {
+        if self.outstanding.lock().queue.is_empty() {
             return Ok(false);
-        };
-        let now = Instant::now();
-        if overdue_at <= now {
-            return Err(self.fail_timeout(started));
-        }
-        if now >= deadline {
-            return Err(if self.first_owed_is_overdue() {
-                self.fail_timeout(started)
-            } else {
-                CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                }
-            });
         }
         if self.take_reading_role() {
             let read = self.read_abandoned(deadline, started);
@@ -894,8 +880,29 @@ impl Helper {
                 return Ok(true);
             }
         }
+        if self.overdue_and_silent() {
+            return Err(self.fail_timeout(started));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(CallError::QueueTimeout {
+                pid: self.pid,
+                waited: started.elapsed(),
+            });
+        }
         std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
         Ok(true)
+    }
+
+    /// Whether the helper is overdue on the reply it owes first and nothing
+    /// of a reply is waiting to be read (a reply that came in time but that
+    /// nobody has read yet is no fault of the helper's). If another caller
+    /// holds the reader, that reader is the judge: false.
+    fn overdue_and_silent(&self) -> bool {
+        self.first_owed_is_overdue()
+            && self.reader.try_lock().is_some_and(|reader| {
+                !reader.frames.has_buffered() && !readable_now(&reader.stdout)
+            })
     }
 
     /// With the reading role: reads the replies that have arrived for

@@ -851,3 +851,30 @@ fn a_hung_request_is_found_out_by_its_own_deadline_whoever_reads() {
     }
     assert!(helper.is_retired());
 }
+
+#[test]
+fn a_reply_nobody_read_is_no_proof_that_the_helper_hung() {
+    // A call that gives up behind a slow one is answered in time, but its
+    // reply sits unread (its caller is gone). A later large request that
+    // has to wait for room in the pipe must read that reply, not take the
+    // helper's lateness on it for a hang.
+    let helper = std::sync::Arc::new(launch(&["--test-ops"]));
+    let call = |req: Vec<u8>, secs: f64| {
+        let helper = helper.clone();
+        std::thread::spawn(move || helper.call(&req, deadline(secs)))
+    };
+    let slow = call(sleep_request(300, b"slow"), 10.0);
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    let gives_up = call(request(OP_ECHO, b"early"), 0.05);
+    let err = gives_up.join().unwrap().unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    // Long past the abandoned call's 50 ms, its reply is still unread.
+    std::thread::sleep(Duration::from_millis(200));
+    let big = vec![4u8; 60_000];
+    assert_eq!(
+        helper.call(&request(OP_ECHO, &big), deadline(5.0)).unwrap(),
+        big
+    );
+    assert!(!helper.is_retired());
+}
