@@ -689,9 +689,10 @@ impl Helper {
         deadline: Instant,
         started: Instant,
     ) -> Result<MutexGuard<'_, Writer>, CallError> {
-        // The writer lock is held only while a frame is written. A writer
-        // blocked past its own deadline kills the helper; a caller that
-        // merely queued behind it has sent nothing and blames nobody.
+        // The writer lock is held while a frame is written (and, while
+        // replies are owed, while its writer waits for room to write it
+        // whole). A caller that merely queued behind it has sent nothing
+        // and blames nobody.
         self.writer
             .try_lock_until(deadline)
             .ok_or_else(|| CallError::QueueTimeout {
