@@ -1093,12 +1093,12 @@ impl Helper {
         );
         let (header, payload) = match frame {
             Ok(frame) => frame,
-            // A reader's deadline passing between frames blames the helper
-            // only if the reply it owes first is overdue by its own caller's
-            // deadline (the reader's own, if its request is first): a reader
-            // queued behind another caller's slow request, within that
-            // caller's deadline, gives up like a waiter. Inside a frame the
-            // stream cannot be resumed, and the helper is retired.
+            // A timeout between frames blames the helper only if it is
+            // overdue on the reply it owes first (`Owed::overdue_at`): a
+            // reader queued behind another caller's slow request, still
+            // within that request's budget, gives up like a waiter. Inside
+            // a frame the stream cannot be resumed, and the helper is
+            // retired.
             Err(IoFailure::Timeout)
                 if reader.frames.at_frame_boundary() && !self.first_owed_is_overdue() =>
             {
