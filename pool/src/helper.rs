@@ -194,9 +194,17 @@ impl Launcher {
     }
 }
 
-/// An instant far enough ahead to stand for "no deadline".
-pub(crate) fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(86_400 * 365)
+/// `start + after`, or a year after `start` (standing for "no deadline")
+/// where that would overflow.
+pub(crate) fn deadline_from(start: Instant, after: Duration) -> Instant {
+    start
+        .checked_add(after)
+        .unwrap_or_else(|| start + Duration::from_secs(86_400 * 365))
+}
+
+/// `now + after`, as [`deadline_from`].
+pub(crate) fn deadline_after(after: Duration) -> Instant {
+    deadline_from(Instant::now(), after)
 }
 
 fn stderr_tail(stderr: &OwnedFd) -> String {
@@ -1260,7 +1268,7 @@ impl Helper {
     /// to exit), waits up to `grace` for it to exit, then kills it; always
     /// reaps it. Calls still in flight fail. Returns how it ended.
     pub fn shutdown(&self, grace: Duration) -> ExitStatus {
-        let deadline = Instant::now().checked_add(grace).unwrap_or_else(far_future);
+        let deadline = deadline_after(grace);
         self.close_stdin(deadline);
         // Poll rather than wait under the process lock: a caller in flight
         // may need that lock to report the helper's death.

@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::error::{CallError, LaunchError};
-use crate::helper::{Helper, Launcher};
+use crate::helper::{Helper, Launcher, deadline_after, deadline_from};
 use crate::stderr::{Budget, StderrHub};
 use crate::telemetry::Telemetry;
 
@@ -243,9 +243,7 @@ impl Pool {
     /// (which includes any wait for a helper).
     pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
-        let deadline = started
-            .checked_add(self.shared.config.request_timeout)
-            .unwrap_or_else(crate::helper::far_future);
+        let deadline = deadline_from(started, self.shared.config.request_timeout);
         self.call_from(tenant.as_ref(), request, deadline, started)
     }
 
@@ -400,13 +398,6 @@ impl Drop for Pool {
     fn drop(&mut self) {
         self.shutdown(self.shared.config.shutdown_grace);
     }
-}
-
-/// `now + after`, saturating far in the future instead of overflowing.
-fn deadline_after(after: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(after)
-        .unwrap_or_else(crate::helper::far_future)
 }
 
 /// Waits (polling, no lock held) until every helper has exited or the
