@@ -610,10 +610,7 @@ impl Helper {
             let wake = deadline.min(Instant::now() + Duration::from_millis(5));
             let _ = self.region_free.wait_until(&mut outstanding, wake);
             if Instant::now() >= deadline {
-                return Err(CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                });
+                return Err(self.queue_timeout(started));
             }
         }
     }
@@ -631,10 +628,7 @@ impl Helper {
                     return Ok(());
                 }
             }
-            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
-            if !abandoned {
-                self.deliver(reply_id, result);
-            }
+            self.read_for_others(&mut reader, deadline, started)?;
         }
     }
 
@@ -703,10 +697,7 @@ impl Helper {
         // and blames nobody.
         self.writer
             .try_lock_until(deadline)
-            .ok_or_else(|| CallError::QueueTimeout {
-                pid: self.pid,
-                waited: started.elapsed(),
-            })
+            .ok_or_else(|| self.queue_timeout(started))
     }
 
     /// Writes one frame. Before a frame goes out with nothing else in flight,
@@ -777,10 +768,7 @@ impl Helper {
         if queued && Instant::now() >= deadline {
             // Its time ran out in the queue for the writer: a request the
             // helper could never answer in time is not sent at all.
-            return Err(CallError::QueueTimeout {
-                pid: self.pid,
-                waited: started.elapsed(),
-            });
+            return Err(self.queue_timeout(started));
         }
         let frame_len = HEADER_LEN + payload.len();
         let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
@@ -833,10 +821,7 @@ impl Helper {
             // request back and blame nobody.
             Err((IoFailure::Timeout, 0)) if owes_earlier && !self.overdue_and_silent() => {
                 take_back();
-                Err(CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                })
+                Err(self.queue_timeout(started))
             }
             Err((failure, _)) => Err(self.fail_io(failure, started)),
         }
@@ -894,10 +879,7 @@ impl Helper {
         }
         let now = Instant::now();
         if now >= deadline {
-            return Err(CallError::QueueTimeout {
-                pid: self.pid,
-                waited: started.elapsed(),
-            });
+            return Err(self.queue_timeout(started));
         }
         std::thread::sleep((deadline - now).min(Duration::from_micros(200)));
         Ok(true)
@@ -931,12 +913,7 @@ impl Helper {
             if !abandoned_first || !(reader.frames.has_buffered() || readable_now(&reader.stdout)) {
                 return Ok(read);
             }
-            let (reply_id, abandoned, result) = self.read_reply(&mut reader, deadline, started)?;
-            if !abandoned {
-                // Not expected (the first owed was abandoned), but a reply
-                // read is always delivered.
-                self.deliver(reply_id, result);
-            }
+            self.read_for_others(&mut reader, deadline, started)?;
             read = true;
         }
     }
@@ -980,10 +957,7 @@ impl Helper {
                 }
                 drop(replies);
                 self.give_up(id);
-                return Err(CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                });
+                return Err(self.queue_timeout(started));
             }
             if !replies.reading {
                 replies.reading = true;
@@ -1030,6 +1004,21 @@ impl Helper {
         }
         self.leave_reading_role();
         outcome
+    }
+
+    /// Reads one reply for another caller: parks it for its caller, or drops
+    /// it if its caller gave up.
+    fn read_for_others(
+        &self,
+        reader: &mut Reader,
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<(), CallError> {
+        let (reply_id, abandoned, result) = self.read_reply(reader, deadline, started)?;
+        if !abandoned {
+            self.deliver(reply_id, result);
+        }
+        Ok(())
     }
 
     /// Gives up on the reply to `id` (its caller's deadline passed while it
@@ -1110,10 +1099,7 @@ impl Helper {
             Err(IoFailure::Timeout)
                 if reader.frames.at_frame_boundary() && !self.first_owed_is_overdue() =>
             {
-                return Err(CallError::QueueTimeout {
-                    pid: self.pid,
-                    waited: started.elapsed(),
-                });
+                return Err(self.queue_timeout(started));
             }
             Err(failure) => {
                 return Err(self.fail_io(failure, started));
@@ -1209,14 +1195,27 @@ impl Helper {
         if !self.retired.swap(true, Ordering::AcqRel) {
             debug!(pid = self.pid, %error, "helper retired");
         }
-        // Wake callers waiting for the region or a reply: they will see the
-        // retirement.
+        self.wake_all_waiters();
+        self.process.lock().kill_and_reap();
+        error
+    }
+
+    /// The error of a caller that gave up waiting behind other calls on
+    /// this helper, which is not blamed.
+    fn queue_timeout(&self, started: Instant) -> CallError {
+        CallError::QueueTimeout {
+            pid: self.pid,
+            waited: started.elapsed(),
+        }
+    }
+
+    /// Wakes every caller asleep for a region slot or a reply, to see that
+    /// the helper is retired.
+    fn wake_all_waiters(&self) {
         self.region_free.notify_all();
         for (_, thread) in &self.replies.lock().waiting {
             thread.unpark();
         }
-        self.process.lock().kill_and_reap();
-        error
     }
 
     fn fail_violation(&self, violation: ProtocolViolation) -> CallError {
@@ -1307,10 +1306,7 @@ impl Helper {
         self.retired.store(true, Ordering::Release);
         // Callers asleep for a reply or a slot see the shutdown now, not
         // at their deadlines.
-        self.region_free.notify_all();
-        for (_, thread) in &self.replies.lock().waiting {
-            thread.unpark();
-        }
+        self.wake_all_waiters();
         match self.writer.try_lock_until(deadline) {
             Some(mut writer) => writer.stdin = None,
             // A writer blocked past the deadline: the helper stopped reading.
