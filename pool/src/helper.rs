@@ -765,7 +765,10 @@ impl Helper {
         let queued = matches!(kind, Kind::Request | Kind::RequestInRegion);
         let owes_earlier = !outstanding.queue.is_empty();
         drop(outstanding);
-        if queued && Instant::now() >= deadline {
+        // One clock read serves this check and the request's send time,
+        // unless it has to wait before it goes out.
+        let mut checked = queued.then(Instant::now);
+        if checked.is_some_and(|now| now >= deadline) {
             // Its time ran out in the queue for the writer: a request the
             // helper could never answer in time is not sent at all.
             return Err(self.queue_timeout(started));
@@ -773,9 +776,9 @@ impl Helper {
         let frame_len = HEADER_LEN + payload.len();
         let mut frame = [std::io::IoSlice::new(&head), std::io::IoSlice::new(payload)];
         let stdin = stdin.as_fd();
-        let enqueue = || {
+        let enqueue = |at: Option<Instant>| {
             if queued {
-                let now = Instant::now();
+                let now = at.unwrap_or_else(Instant::now);
                 let mut outstanding = self.outstanding.lock();
                 let front_since = outstanding.queue.is_empty().then_some(now);
                 outstanding.queue.push_back(Owed {
@@ -799,7 +802,7 @@ impl Helper {
                 // waiting (`started` has passed), and between tries let the
                 // helper take in more of its stdin.
                 loop {
-                    enqueue();
+                    enqueue(checked.take());
                     match write_all_vectored(stdin, &mut frame, started) {
                         Ok(()) => return Ok(()),
                         Err((IoFailure::Timeout, 0)) => take_back(),
@@ -811,9 +814,10 @@ impl Helper {
                 }
             } else {
                 self.wait_for_room(stdin, frame_len, deadline, started)?;
+                checked = None;
             }
         }
-        enqueue();
+        enqueue(checked);
         match write_all_vectored(stdin, &mut frame, deadline) {
             Ok(()) => Ok(()),
             // Nothing of the frame went out, and the helper is busy with an
