@@ -121,17 +121,29 @@ fn at_the_cap_the_least_recently_used_idle_helper_is_evicted() {
     assert!(wait_for(10 * SECOND, || pool.stats().live == 2));
 }
 
-#[test]
-fn when_every_helper_is_busy_a_new_tenant_gets_pool_full_at_its_deadline() {
+/// A pool capped at one helper (no spares), tenant "a"'s helper busy with a
+/// call that sleeps `millis` and then echoes "a".
+fn pool_of_one_busy_helper(
+    millis: u32,
+) -> (
+    Arc<Pool>,
+    std::thread::JoinHandle<Result<Vec<u8>, CallError>>,
+) {
     let mut config = pool_config(&["--test-ops"]);
     config.spares = 0;
     config.max_helpers = 1;
     let pool = Arc::new(Pool::new(config).unwrap());
     let busy = {
         let pool = pool.clone();
-        std::thread::spawn(move || pool.call("a", &sleep_request(1500, b"")))
+        std::thread::spawn(move || pool.call("a", &sleep_request(millis, b"a")))
     };
     assert!(wait_for(10 * SECOND, || pool.stats().busy == 1));
+    (pool, busy)
+}
+
+#[test]
+fn when_every_helper_is_busy_a_new_tenant_gets_pool_full_at_its_deadline() {
+    let (pool, busy) = pool_of_one_busy_helper(1500);
     let started = Instant::now();
     let err = pool
         .call_with_deadline(
@@ -488,15 +500,7 @@ fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
 
 #[test]
 fn a_call_waiting_for_room_is_woken_when_a_helper_becomes_idle() {
-    let mut config = pool_config(&["--test-ops"]);
-    config.spares = 0;
-    config.max_helpers = 1;
-    let pool = Arc::new(Pool::new(config).unwrap());
-    let busy = {
-        let pool = pool.clone();
-        std::thread::spawn(move || pool.call("a", &sleep_request(300, b"a")))
-    };
-    assert!(wait_for(10 * SECOND, || pool.stats().busy == 1));
+    let (pool, busy) = pool_of_one_busy_helper(300);
     let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(20);
     assert_eq!(
