@@ -109,6 +109,17 @@ pub fn wait_for_in_flight(helper: &sandpool::Helper, calls: usize) {
     std::thread::sleep(Duration::from_millis(50));
 }
 
+/// Calls `helper` with `request` from a new thread, with a deadline `secs`
+/// seconds from now.
+pub fn call_in_thread(
+    helper: &std::sync::Arc<sandpool::Helper>,
+    request: Vec<u8>,
+    secs: f64,
+) -> std::thread::JoinHandle<Result<Vec<u8>, sandpool::CallError>> {
+    let helper = helper.clone();
+    std::thread::spawn(move || helper.call(&request, deadline(secs)))
+}
+
 /// A pool configuration for the reference helper with the given arguments.
 pub fn pool_config(args: &[&str]) -> sandpool::Config {
     let mut config = sandpool::Config::new(helper_bin());

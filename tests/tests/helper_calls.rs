@@ -521,10 +521,7 @@ fn pipelined_calls_from_many_threads_each_get_their_own_reply() {
 #[test]
 fn a_death_fails_every_call_in_flight_with_the_same_error() {
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let call_in_thread = |payload: Vec<u8>| {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&payload, deadline(10.0)))
-    };
+    let call_in_thread = |payload: Vec<u8>| sandpool_tests::call_in_thread(&helper, payload, 10.0);
     // A slow call occupies the helper; a fatal request queues behind it, and
     // three more calls queue behind that one.
     let slow = call_in_thread(sleep_request(300, b"slow"));
@@ -694,10 +691,7 @@ fn the_reading_role_always_reaches_a_caller_still_waiting() {
 #[test]
 fn shutdown_wakes_callers_waiting_for_replies() {
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let call = |req: Vec<u8>| {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&req, deadline(60.0)))
-    };
+    let call = |req: Vec<u8>| sandpool_tests::call_in_thread(&helper, req, 60.0);
     let slow = call(sleep_request(300, b"slow"));
     sandpool_tests::wait_for_in_flight(&helper, 1);
     let waiters: Vec<_> = (0..2u8)
@@ -723,10 +717,7 @@ fn shutdown_wakes_callers_waiting_for_replies() {
 #[test]
 fn a_large_request_queued_behind_a_slow_call_gives_up_without_harming_the_helper() {
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let slow = {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&sleep_request(500, b"slow"), deadline(10.0)))
-    };
+    let slow = sandpool_tests::call_in_thread(&helper, sleep_request(500, b"slow"), 10.0);
     sandpool_tests::wait_for_in_flight(&helper, 1);
     // Larger than the pipe: it can only go in as the helper reads, and the
     // helper is busy with the slow call, well within that call's deadline.
@@ -755,10 +746,7 @@ fn a_large_frame_waits_for_pipe_pages_not_just_bytes() {
     // not its free pages: started, it would stop part-way and be cut off at
     // its deadline, killing a helper that did nothing wrong.
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let call = |req: Vec<u8>| {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&req, deadline(10.0)))
-    };
+    let call = |req: Vec<u8>| sandpool_tests::call_in_thread(&helper, req, 10.0);
     let slow = call(sleep_request(1000, b"slow"));
     sandpool_tests::wait_for_in_flight(&helper, 1);
     let small: Vec<_> = (1..=2)
@@ -831,10 +819,7 @@ fn a_hung_request_is_found_out_by_its_own_deadline_whoever_reads() {
     // had its turn for as long as its caller allowed (100 ms), not at the
     // reader's 10 s deadline; meanwhile nobody else would notice.
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let call = |req: Vec<u8>, secs: f64| {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&req, deadline(secs)))
-    };
+    let call = |req: Vec<u8>, secs: f64| sandpool_tests::call_in_thread(&helper, req, secs);
     let reader = call(sleep_request(300, b"first"), 10.0);
     sandpool_tests::wait_for_in_flight(&helper, 1);
     let hung = call(sleep_request(600_000, b"never"), 0.1);
@@ -859,10 +844,7 @@ fn a_reply_nobody_read_is_no_proof_that_the_helper_hung() {
     // has to wait for room in the pipe must read that reply, not take the
     // helper's lateness on it for a hang.
     let helper = std::sync::Arc::new(launch(&["--test-ops"]));
-    let call = |req: Vec<u8>, secs: f64| {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&req, deadline(secs)))
-    };
+    let call = |req: Vec<u8>, secs: f64| sandpool_tests::call_in_thread(&helper, req, secs);
     let slow = call(sleep_request(300, b"slow"), 10.0);
     sandpool_tests::wait_for_in_flight(&helper, 1);
     let gives_up = call(request(OP_ECHO, b"early"), 0.05);

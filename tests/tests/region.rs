@@ -185,10 +185,7 @@ fn helper_busy_for(millis: u32) -> (std::sync::Arc<sandpool::Helper>, SlowCall) 
             .launch()
             .unwrap(),
     );
-    let slow = {
-        let helper = helper.clone();
-        std::thread::spawn(move || helper.call(&sleep_request(millis, b"slow"), deadline(10.0)))
-    };
+    let slow = sandpool_tests::call_in_thread(&helper, sleep_request(millis, b"slow"), 10.0);
     sandpool_tests::wait_for_in_flight(&helper, 1);
     (helper, slow)
 }
@@ -260,11 +257,7 @@ fn a_helper_hung_on_an_abandoned_large_call_is_retired_by_the_next_large_call() 
     // A reader, then behind it a large call whose handler hangs: its caller
     // gives up while the reader still reads, and its slot stays taken.
     let (helper, reader) = helper_busy_for(300);
-    let hung = {
-        let helper = helper.clone();
-        let req = sleep_request(60_000, &[7u8; 200_000]);
-        std::thread::spawn(move || helper.call(&req, deadline(0.1)))
-    };
+    let hung = sandpool_tests::call_in_thread(&helper, sleep_request(60_000, &[7u8; 200_000]), 0.1);
     let err = hung.join().unwrap().unwrap_err();
     assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
     assert_eq!(reader.join().unwrap().unwrap(), b"slow");
