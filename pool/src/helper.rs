@@ -303,6 +303,16 @@ impl Replies {
     fn stop_waiting(&mut self, id: u64) {
         self.waiting.retain(|(waiting, _)| *waiting != id);
     }
+
+    /// A waiting caller leaves without reading. The role may have been
+    /// passed to it (a wake-up for its parked reply and one for the role
+    /// merge into one), so if nobody reads it passes the role on.
+    fn leave_unread(&mut self, id: u64) {
+        self.stop_waiting(id);
+        if !self.reading {
+            self.wake_next_reader();
+        }
+    }
 }
 
 /// A request written to the helper and not yet answered.
@@ -929,20 +939,12 @@ impl Helper {
         let mut replies = self.replies.lock();
         loop {
             if let Some(result) = replies.parked.remove(&id) {
-                replies.stop_waiting(id);
-                if !replies.reading {
-                    // The role may have been passed to this caller too (the
-                    // two wake-ups merge into one): pass it on.
-                    replies.wake_next_reader();
-                }
+                replies.leave_unread(id);
                 return result;
             }
             if self.is_retired() {
                 // Another caller saw the failure; every call in flight gets it.
-                replies.stop_waiting(id);
-                if !replies.reading {
-                    replies.wake_next_reader();
-                }
+                replies.leave_unread(id);
                 drop(replies);
                 return Err(self.failure.lock().clone().unwrap_or(CallError::Retired {
                     pid: self.pid,
@@ -954,11 +956,7 @@ impl Helper {
                 // Queued behind other callers' replies (the reader answers
                 // for the helper's health): give up on this reply without
                 // blaming the helper. Its reply is dropped when it comes.
-                replies.stop_waiting(id);
-                if !replies.reading {
-                    // The role may have been passed to this caller.
-                    replies.wake_next_reader();
-                }
+                replies.leave_unread(id);
                 drop(replies);
                 self.give_up(id);
                 return Err(self.queue_timeout(started));
