@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use nix::errno::Errno;
 use sandpool_protocol::{DecodeError, FdCloseMethod, Kind, PayloadError, SeccompMode};
 use thiserror::Error;
 
@@ -51,6 +50,7 @@ impl fmt::Display for ExitStatus {
 
 /// The helper broke the protocol. It is killed and never reused.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[non_exhaustive]
 pub enum ProtocolViolation {
     /// It sent bytes that are not a valid frame.
     #[error("invalid frame: {0}")]
@@ -101,7 +101,8 @@ pub enum ProtocolViolation {
 }
 
 /// Why a helper's Hello does not prove the startup contract.
-#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[derive(Clone, Debug, Error)]
+#[non_exhaustive]
 pub enum HelloRefusal {
     /// The seccomp mode is not the one the configuration asked for.
     #[error("helper reports seccomp {got:?}, configuration requires {required:?}")]
@@ -143,62 +144,85 @@ pub enum HelloRefusal {
         fds: Vec<i32>,
     },
     /// `/proc/PID` could not be read to cross-check the Hello.
-    #[error("cross-checking /proc/{pid}: {error}")]
+    #[error("cross-checking /proc/{pid} failed")]
     ProcUnreadable {
         /// The helper's pid.
         pid: u32,
         /// The error.
-        error: String,
+        #[source]
+        source: Arc<std::io::Error>,
     },
 }
 
 /// Launching a helper failed. Nothing is left behind: a child that was
 /// spawned has been killed and reaped.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum LaunchError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] crate::ConfigError),
     /// The shared region could not be created or mapped.
-    #[error("creating the shared region failed: {reason}")]
+    #[error("creating the shared region failed at {what}")]
     Region {
-        /// What failed.
-        reason: String,
+        /// The step that failed (memfd_create, ftruncate, seal, mmap, ...).
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// The helper binary could not be pinned in a sealed memfd.
-    #[error("pinning the helper image {program} failed: {reason}")]
+    #[error("pinning the helper image {program} failed at {what}")]
     PinImage {
         /// The program.
         program: String,
-        /// What failed.
-        reason: String,
+        /// The step that failed (open, memfd_create, copy, seal, ...).
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// Creating a pipe failed (often: the host is out of fds).
-    #[error("creating the helper's {which} pipe failed: {source}")]
+    #[error("creating the helper's {which} pipe failed")]
     Pipe {
         /// stdin, stdout or stderr.
         which: &'static str,
         /// The error.
-        source: Errno,
+        #[source]
+        source: std::io::Error,
     },
     /// Preparing the posix_spawn attributes or file actions failed.
-    #[error("preparing posix_spawn {what} failed: {source}")]
+    #[error("preparing posix_spawn {what} failed")]
     SpawnSetup {
         /// Attributes or file actions.
         what: &'static str,
         /// The error.
-        source: Errno,
+        #[source]
+        source: std::io::Error,
     },
     /// posix_spawn itself failed (e.g. the program does not exist).
-    #[error("posix_spawn of {program} failed: {source}")]
+    #[error("posix_spawn of {program} failed")]
     Spawn {
         /// The program.
         program: String,
         /// The error.
-        source: Errno,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The reactor thread (and its epoll and eventfd) could not be started.
+    #[error("starting the sandpool reactor failed")]
+    Reactor(#[source] std::io::Error),
+    /// The reactor could not watch the new helper's fds (epoll_ctl failed).
+    #[error("registering helper pid {pid} with the reactor failed")]
+    Register {
+        /// The child's pid.
+        pid: u32,
+        /// The error.
+        #[source]
+        source: std::io::Error,
     },
     /// pidfd_open failed for the new child.
-    #[error("pidfd_open for helper pid {pid} failed: {source}")]
+    #[error("pidfd_open for helper pid {pid} failed")]
     Pidfd {
         /// The child's pid.
         pid: u32,
@@ -245,26 +269,51 @@ pub enum LaunchError {
     #[error("launching a helper panicked: {0}")]
     Panicked(String),
     /// The configured warm-up request failed on a new spare.
-    #[error("warm-up request on helper pid {pid} failed: {source}")]
+    #[error("warm-up request on helper pid {pid} failed")]
     WarmUp {
         /// The helper's pid.
         pid: u32,
         /// The call's error.
+        #[source]
         source: Box<CallError>,
     },
     /// Reading or writing the helper's pipes failed.
-    #[error("talking to helper pid {pid} at startup failed: {source}")]
+    #[error("talking to helper pid {pid} at startup failed")]
     Io {
         /// The child's pid.
         pid: u32,
         /// The error.
-        source: Errno,
+        #[source]
+        source: std::io::Error,
     },
+}
+
+/// Why a helper was retired while calls were in flight on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetireReason {
+    /// It was shut down (the pool's shutdown, a quiesce, `Helper::shutdown`).
+    ShutDown,
+    /// `Helper::kill` killed it.
+    Killed,
+    /// Its handle was dropped.
+    Dropped,
+}
+
+impl fmt::Display for RetireReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RetireReason::ShutDown => "shut down",
+            RetireReason::Killed => "killed",
+            RetireReason::Dropped => "dropped",
+        })
+    }
 }
 
 /// A call failed. Unless the variant says otherwise, the helper has been
 /// killed and reaped, and the next call needs a new helper.
 #[derive(Clone, Debug, Error)]
+#[non_exhaustive]
 pub enum CallError {
     /// The helper's handler returned an error for this request. The helper is
     /// healthy and keeps serving.
@@ -305,19 +354,21 @@ pub enum CallError {
         /// What it did.
         violation: ProtocolViolation,
     },
-    /// Reading or writing the pipes failed with an unexpected error; the
-    /// helper was killed.
-    #[error("talking to helper pid {pid} failed: {source}; helper killed")]
+    /// Reading or writing the pipes (or the shared region) failed with an
+    /// unexpected error; the helper was killed.
+    #[error("talking to helper pid {pid} failed; helper killed")]
     Io {
         /// The helper's pid.
         pid: u32,
         /// The error.
-        source: Errno,
+        #[source]
+        source: Arc<std::io::Error>,
     },
-    /// The deadline passed while this call queued behind other calls on the
-    /// same helper (for the writer, a region slot, room in the request pipe,
-    /// or its reply while another caller read). The helper is not blamed
-    /// and keeps serving; a reply that arrives later is discarded.
+    /// The deadline passed while this call waited behind other calls on the
+    /// same helper (for a region slot, or for its reply while the helper
+    /// was still within the time of a request owed before it). The helper
+    /// is not blamed and keeps serving; a request that had not reached the
+    /// pipe was taken back, and a reply that arrives later is discarded.
     #[error("deadline passed after {waited:?} queued behind other calls on helper pid {pid}")]
     QueueTimeout {
         /// The helper's pid.
@@ -347,8 +398,8 @@ pub enum CallError {
     },
     /// No helper could be launched for the tenant (the launch error says
     /// why). Counts as a failure of the tenant for back-off.
-    #[error("launching a helper failed: {0}")]
-    Launch(Arc<LaunchError>),
+    #[error("launching a helper failed")]
+    Launch(#[source] Arc<LaunchError>),
     /// The tenant's helpers failed `failures` times in a row; calls fail fast
     /// until the back-off ends.
     #[error(
@@ -378,13 +429,25 @@ pub enum CallError {
     /// The pool is shutting down or shut down.
     #[error("the pool is shut down")]
     ShutDown,
-    /// This helper was already retired by an earlier failure.
-    #[error("helper pid {pid} is no longer usable: {reason}")]
+    /// The helper had already been retired (by an earlier failure or a
+    /// shutdown) when this call came: nothing was sent, so the call may be
+    /// retried on another helper (the pool does, on the tenant's next one).
+    #[error("helper pid {pid} was retired before this request was sent")]
+    NotSent {
+        /// The helper's pid.
+        pid: u32,
+        /// The failure that retired it, if it failed.
+        #[source]
+        failure: Option<Box<CallError>>,
+    },
+    /// The helper was shut down or killed while this call was in flight.
+    /// The request may have run.
+    #[error("helper pid {pid} was {reason} while the call was in flight")]
     Retired {
         /// The helper's pid.
         pid: u32,
-        /// The earlier failure.
-        reason: String,
+        /// Why.
+        reason: RetireReason,
     },
 }
 

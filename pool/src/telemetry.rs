@@ -61,7 +61,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_calls_total",
         "counter",
-        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, saturated, shut_down, rejected)",
+        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, launch_wait, saturated, queue_timeout, shut_down, not_sent, retired, rejected, cancelled)",
     ),
     (
         "sandpool_backoff_engaged_total",
@@ -101,13 +101,19 @@ const OUTCOMES: &[&str] = &[
     "launch_failed",
     "backed_off",
     "pool_full",
+    "launch_wait",
     "saturated",
+    "queue_timeout",
     "shut_down",
+    "not_sent",
+    "retired",
     "rejected",
+    "cancelled",
 ];
 const OK: usize = 0;
 const HELPER_ERROR: usize = 1;
 const BACKED_OFF: usize = 7;
+const CANCELLED: usize = 16;
 
 /// The index in [`OUTCOMES`] of a call's outcome (no lookup by name on the
 /// call path).
@@ -121,14 +127,18 @@ fn outcome(result: &Result<Vec<u8>, CallError>) -> usize {
         Err(CallError::Io { .. }) => 5,
         Err(CallError::Launch(_)) => 6,
         Err(CallError::BackingOff { .. }) => BACKED_OFF,
-        Err(CallError::PoolFull { .. } | CallError::LaunchWait { .. }) => 8,
-        Err(CallError::Saturated { .. } | CallError::QueueTimeout { .. }) => 9,
-        Err(CallError::ShutDown | CallError::Retired { .. }) => 10,
+        Err(CallError::PoolFull { .. }) => 8,
+        Err(CallError::LaunchWait { .. }) => 9,
+        Err(CallError::Saturated { .. }) => 10,
+        Err(CallError::QueueTimeout { .. }) => 11,
+        Err(CallError::ShutDown) => 12,
+        Err(CallError::NotSent { .. }) => 13,
+        Err(CallError::Retired { .. }) => 14,
         Err(
             CallError::RequestTooLarge { .. }
             | CallError::InvalidTenant(_)
             | CallError::AlreadyBound { .. },
-        ) => 11,
+        ) => 15,
     }
 }
 
@@ -351,8 +361,16 @@ impl Telemetry {
         result: &Result<Vec<u8>, CallError>,
         took: Duration,
     ) {
+        self.finished(tenant, outcome(result), took);
+    }
+
+    /// An async call whose future was dropped before it finished.
+    pub(crate) fn call_cancelled(&self, tenant: &[u8], took: Duration) {
+        self.finished(tenant, CANCELLED, took);
+    }
+
+    fn finished(&self, tenant: &[u8], index: usize, took: Duration) {
         self.in_flight.decrement(1.0);
-        let index = outcome(result);
         self.calls[index].bump();
         self.call_seconds[index].record(took.as_secs_f64());
         if self.tenant_label {

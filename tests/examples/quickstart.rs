@@ -56,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         other => return Err(format!("expected a seccomp kill, got {other:?}").into()),
     }
     match helper.call(&request(OP_ECHO, b"again?"), deadline()) {
-        Err(err @ CallError::Retired { .. }) => {
+        Err(err @ CallError::NotSent { .. }) => {
             println!("  the dead helper is never reused: {err}")
         }
         other => return Err(format!("expected the helper to be retired, got {other:?}").into()),

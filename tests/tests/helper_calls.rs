@@ -119,7 +119,7 @@ fn forbidden_syscalls_die_by_sigsys_and_the_next_helper_works() {
         assert!(!process_exists(pid), "the killed helper was reaped");
         assert!(matches!(
             helper.call(&request(OP_ECHO, b"x"), deadline(5.0)),
-            Err(CallError::Retired { .. })
+            Err(CallError::NotSent { .. })
         ));
         // The tenant's next helper is a fresh process and works.
         let next = launch(&["--test-ops"]);
@@ -258,14 +258,17 @@ fn invalid_config_and_missing_program_are_typed() {
     assert!(matches!(Launcher::new(cfg), Err(LaunchError::Config(_))));
     let mut cfg = sandpool::HelperConfig::new("/nonexistent/helper");
     match Launcher::new(cfg.clone()).unwrap_err() {
-        LaunchError::PinImage { reason, .. } => {
-            assert!(reason.contains("No such file"), "{reason}")
+        LaunchError::PinImage { what, source, .. } => {
+            assert_eq!(what, "open");
+            assert_eq!(source.kind(), std::io::ErrorKind::NotFound, "{source}")
         }
         other => panic!("{other:?}"),
     }
     cfg.pin_image = false;
     match Launcher::new(cfg).unwrap().launch().unwrap_err() {
-        LaunchError::Spawn { source, .. } => assert_eq!(source, nix::errno::Errno::ENOENT),
+        LaunchError::Spawn { source, .. } => {
+            assert_eq!(source.raw_os_error(), Some(libc::ENOENT))
+        }
         other => panic!("{other:?}"),
     }
     assert!(helper_bin().exists());
@@ -470,17 +473,14 @@ fn extra_syscalls_cannot_widen_the_argument_rules() {
 #[test]
 fn bind_is_validated_and_happens_once() {
     let helper = launch(&[]);
+    assert!(matches!(helper.bind(b""), Err(CallError::InvalidTenant(_))));
     assert!(matches!(
-        helper.bind(b"", deadline(5.0)),
+        helper.bind(&[b't'; 300]),
         Err(CallError::InvalidTenant(_))
     ));
+    helper.bind(b"tenant-a").unwrap();
     assert!(matches!(
-        helper.bind(&[b't'; 300], deadline(5.0)),
-        Err(CallError::InvalidTenant(_))
-    ));
-    helper.bind(b"tenant-a", deadline(5.0)).unwrap();
-    assert!(matches!(
-        helper.bind(b"tenant-b", deadline(5.0)),
+        helper.bind(b"tenant-b"),
         Err(CallError::AlreadyBound { .. })
     ));
     assert_eq!(
@@ -550,7 +550,7 @@ fn a_death_fails_every_call_in_flight_with_the_same_error() {
     }
     assert!(matches!(
         helper.call(&request(OP_ECHO, b"x"), deadline(1.0)),
-        Err(CallError::Retired { .. })
+        Err(CallError::NotSent { .. })
     ));
 }
 
@@ -580,10 +580,11 @@ fn a_pinned_image_survives_the_binary_being_replaced_on_disk() {
     let launched = loop {
         attempts += 1;
         match unpinned.launch() {
-            Err(LaunchError::Spawn {
-                source: nix::errno::Errno::ETXTBSY,
-                ..
-            }) if attempts < 50 => std::thread::sleep(Duration::from_millis(20)),
+            Err(LaunchError::Spawn { source, .. })
+                if source.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             other => break other,
         }
     };
@@ -650,7 +651,7 @@ fn pipe_size_is_applied_and_an_impossible_one_is_a_typed_error() {
     match Launcher::new(cfg).unwrap().launch() {
         Err(LaunchError::Pipe { which, source }) => {
             assert_eq!(which, "stdin");
-            assert_eq!(source, nix::errno::Errno::EPERM);
+            assert_eq!(source.raw_os_error(), Some(libc::EPERM));
         }
         // With CAP_SYS_RESOURCE the kernel allows it.
         Ok(_) => {}

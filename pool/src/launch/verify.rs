@@ -43,7 +43,7 @@ pub(crate) fn verify_hello(
 fn verify_with_proc(hello: &Hello, pid: u32) -> Result<(), HelloRefusal> {
     let unreadable = |error: std::io::Error| HelloRefusal::ProcUnreadable {
         pid,
-        error: error.to_string(),
+        source: std::sync::Arc::new(error),
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(unreadable)?;
     let field = |name: &str| {

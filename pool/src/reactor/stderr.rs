@@ -1,6 +1,6 @@
 //! Helper stderr, forwarded to the log line by line.
 //!
-//! One thread per pool watches every helper's stderr with epoll and reads
+//! The pool's reactor watches every helper's stderr with its epoll and reads
 //! whatever arrives, so no helper ever blocks on a full stderr pipe. Each
 //! complete line becomes a `tracing` event (target `sandpool::helper`) with
 //! the helper's pid and tenant. A helper gets a byte budget: a token bucket
@@ -10,27 +10,19 @@
 //! helper is bounded: one partial line and the [`TAIL`] bytes kept for the
 //! error a dying helper's calls report.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use metrics::Counter;
 use nix::errno::Errno;
-use nix::poll::PollTimeout;
-use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use nix::sys::eventfd::{EfdFlags, EventFd};
 use parking_lot::Mutex;
-use tracing::{info, warn};
+use tracing::info;
 
 /// Longest line forwarded; the rest of a longer line is dropped.
 pub(crate) const MAX_LINE: usize = 1024;
 /// Bytes of a helper's stderr kept for its error report.
 pub(crate) const TAIL: usize = 2048;
-
-const WAKE_TOKEN: u64 = u64::MAX;
 
 /// The per-helper byte budgets.
 #[derive(Clone, Copy, Debug)]
@@ -59,69 +51,27 @@ struct StreamState {
     forwarded: u64,
 }
 
-/// The hub: an epoll thread that owns nothing but the registrations.
+/// What every forwarded stream of a pool shares: the budgets and the
+/// counters. The reactor reads the streams; this only says how.
+#[derive(Debug)]
 pub(crate) struct StderrHub {
-    shared: Arc<HubShared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-struct HubShared {
-    epoll: Epoll,
-    wake: EventFd,
-    streams: Mutex<HashMap<u64, Arc<StderrStream>>>,
-    next_token: AtomicU64,
-    stop: AtomicBool,
     budget: Budget,
     lines: Counter,
     dropped: Counter,
 }
 
-impl std::fmt::Debug for StderrHub {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StderrHub").finish_non_exhaustive()
-    }
-}
-
 impl StderrHub {
-    pub(crate) fn start(
-        budget: Budget,
-        lines: Counter,
-        dropped: Counter,
-    ) -> std::io::Result<StderrHub> {
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)?;
-        epoll.add(
-            wake.as_fd(),
-            EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
-        )?;
-        let shared = Arc::new(HubShared {
-            epoll,
-            wake,
-            streams: Mutex::new(HashMap::new()),
-            next_token: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
+    pub(crate) fn new(budget: Budget, lines: Counter, dropped: Counter) -> StderrHub {
+        StderrHub {
             budget,
             lines,
             dropped,
-        });
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("sandpool-stderr".into())
-            .spawn(move || thread_shared.run())?;
-        Ok(StderrHub {
-            shared,
-            thread: Mutex::new(Some(thread)),
-        })
+        }
     }
 
-    /// Takes over a helper's stderr (non-blocking read end).
-    pub(crate) fn register(&self, pid: u32, fd: OwnedFd) -> Arc<StderrStream> {
-        let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
-        let registered = self
-            .shared
-            .epoll
-            .add(fd.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token));
-        let stream = Arc::new(StderrStream {
+    /// A stream for a helper's stderr (non-blocking read end).
+    pub(crate) fn stream(&self, pid: u32, fd: OwnedFd) -> StderrStream {
+        StderrStream {
             pid,
             tenant: Mutex::new(None),
             state: Mutex::new(StreamState {
@@ -129,72 +79,10 @@ impl StderrHub {
                 line: Vec::new(),
                 truncating: false,
                 tail: VecDeque::new(),
-                tokens: (self.shared.budget.bytes_per_second * 4) as f64,
+                tokens: (self.budget.bytes_per_second * 4) as f64,
                 refilled: Instant::now(),
                 forwarded: 0,
             }),
-        });
-        match registered {
-            Ok(()) => {
-                self.shared.streams.lock().insert(token, stream.clone());
-            }
-            // Without a registration the stream is still drained when the
-            // helper fails (`tail`); it is just not forwarded live.
-            Err(err) => warn!(pid, %err, "cannot watch helper stderr"),
-        }
-        stream
-    }
-
-    /// Stops the thread. Streams still registered are read one last time.
-    pub(crate) fn stop(&self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let _ = self.shared.wake.write(1);
-        if let Some(thread) = self.thread.lock().take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for StderrHub {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-impl HubShared {
-    fn run(&self) {
-        let mut events = vec![EpollEvent::empty(); 256];
-        let mut chunk = vec![0u8; 64 * 1024];
-        while !self.stop.load(Ordering::Acquire) {
-            let n = match self.epoll.wait(&mut events, PollTimeout::NONE) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(err) => {
-                    warn!(%err, "helper stderr forwarding stopped");
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                let token = event.data();
-                if token == WAKE_TOKEN {
-                    let _ = self.wake.read();
-                    continue;
-                }
-                let Some(stream) = self.streams.lock().get(&token).cloned() else {
-                    continue;
-                };
-                if stream.pump(self, &mut chunk) {
-                    // EOF: the helper is gone; stop watching, close the fd.
-                    self.streams.lock().remove(&token);
-                    if let Some(fd) = stream.state.lock().fd.take() {
-                        let _ = self.epoll.delete(fd.as_fd());
-                    }
-                }
-            }
-        }
-        let streams: Vec<_> = self.streams.lock().drain().map(|(_, s)| s).collect();
-        for stream in streams {
-            stream.pump(self, &mut chunk);
         }
     }
 }
@@ -205,11 +93,17 @@ impl StderrStream {
         *self.tenant.lock() = Some(String::from_utf8_lossy(tenant).into_owned());
     }
 
+    /// The fd, for the reactor's registration.
+    pub(crate) fn with_fd<R>(&self, f: impl FnOnce(Option<std::os::fd::BorrowedFd<'_>>) -> R) -> R {
+        let state = self.state.lock();
+        f(state.fd.as_ref().map(AsFd::as_fd))
+    }
+
     /// Reads what is available now (forwarding complete lines) and returns
     /// the last [`TAIL`] bytes the helper wrote.
     pub(crate) fn tail(&self, hub: &StderrHub) -> String {
         let mut chunk = vec![0u8; 16 * 1024];
-        self.pump(&hub.shared, &mut chunk);
+        self.pump(hub, &mut chunk);
         let state = self.state.lock();
         let (a, b) = state.tail.as_slices();
         let mut bytes = a.to_vec();
@@ -217,8 +111,8 @@ impl StderrStream {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
-    /// Reads until EAGAIN; returns true at EOF.
-    fn pump(&self, hub: &HubShared, chunk: &mut [u8]) -> bool {
+    /// Reads until EAGAIN; returns true at EOF (the fd is then closed).
+    pub(crate) fn pump(&self, hub: &StderrHub, chunk: &mut [u8]) -> bool {
         let mut state = self.state.lock();
         loop {
             let Some(fd) = &state.fd else {
@@ -227,17 +121,21 @@ impl StderrStream {
             match nix::unistd::read(fd.as_fd(), chunk) {
                 Ok(0) => {
                     self.flush_line(&mut state, hub);
+                    state.fd = None;
                     return true;
                 }
                 Ok(n) => self.consume(&mut state, &chunk[..n], hub),
                 Err(Errno::EINTR) => {}
                 Err(Errno::EAGAIN) => return false,
-                Err(_) => return true,
+                Err(_) => {
+                    state.fd = None;
+                    return true;
+                }
             }
         }
     }
 
-    fn consume(&self, state: &mut StreamState, bytes: &[u8], hub: &HubShared) {
+    fn consume(&self, state: &mut StreamState, bytes: &[u8], hub: &StderrHub) {
         state.tail.extend(bytes);
         let excess = state.tail.len().saturating_sub(TAIL);
         state.tail.drain(..excess);
@@ -263,7 +161,7 @@ impl StderrStream {
     }
 
     /// Forwards the line in progress, within the budgets.
-    fn flush_line(&self, state: &mut StreamState, hub: &HubShared) {
+    fn flush_line(&self, state: &mut StreamState, hub: &StderrHub) {
         state.truncating = false;
         if state.line.is_empty() {
             return;

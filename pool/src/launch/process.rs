@@ -2,10 +2,15 @@
 //!
 //! Signals go through the pidfd, never a bare pid, and the process is reaped
 //! through the pidfd too: no pid-reuse race, and no zombie left behind. Drop
-//! kills and reaps a process that is still running.
+//! kills and reaps a process that is still running. Every method takes
+//! `&self`: the status sits behind a lock held only for a non-blocking
+//! `waitid`, so whoever reaps first (the reactor, a caller's `kill`, the
+//! keeper) records the status, and a blocking wait never holds the lock.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -18,7 +23,7 @@ use crate::error::ExitStatus;
 pub(crate) struct Process {
     pid: u32,
     pidfd: OwnedFd,
-    status: Option<ExitStatus>,
+    status: Mutex<Option<ExitStatus>>,
 }
 
 impl Process {
@@ -26,14 +31,19 @@ impl Process {
         Process {
             pid,
             pidfd,
-            status: None,
+            status: Mutex::new(None),
         }
+    }
+
+    /// The pidfd (readable once the process has exited).
+    pub(crate) fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
     }
 
     /// Sends SIGKILL through the pidfd. A process that already exited (even if
     /// not yet reaped) is not an error.
     pub(crate) fn kill(&self) {
-        if self.status.is_some() {
+        if self.status.lock().is_some() {
             return;
         }
         // ESRCH means it has exited already; nothing else can fail for our own
@@ -43,7 +53,7 @@ impl Process {
 
     /// Sends a signal through the pidfd (for tests and stop/continue).
     pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) -> std::io::Result<()> {
-        if self.status.is_some() {
+        if self.status.lock().is_some() {
             return Err(std::io::Error::from_raw_os_error(Errno::ESRCH as i32));
         }
         let signal = rustix::process::Signal::from_named_raw(signal as i32)
@@ -52,10 +62,11 @@ impl Process {
     }
 
     /// Reaps the process if it has exited, without blocking.
-    pub(crate) fn try_wait(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
+    pub(crate) fn try_wait(&self) -> Option<ExitStatus> {
+        let mut status = self.status.lock();
+        if status.is_none() {
             let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG;
-            self.status = match waitid(Id::PIDFd(self.pidfd.as_fd()), flags) {
+            *status = match waitid(Id::PIDFd(self.pidfd.as_fd()), flags) {
                 Ok(WaitStatus::Exited(_, code)) => Some(ExitStatus::Exited(code)),
                 Ok(WaitStatus::Signaled(_, signal, _)) => Some(ExitStatus::Signaled(signal as i32)),
                 // ECHILD: reaped by someone else (a host that waits on -1);
@@ -77,11 +88,11 @@ impl Process {
                 _ => None,
             };
         }
-        self.status
+        *status
     }
 
     /// Waits up to `timeout` for the process to exit, and reaps it.
-    pub(crate) fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) fn wait_timeout(&self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.try_wait() {
@@ -98,7 +109,7 @@ impl Process {
     }
 
     /// Kills the process (if still running) and reaps it.
-    pub(crate) fn kill_and_reap(&mut self) -> ExitStatus {
+    pub(crate) fn kill_and_reap(&self) -> ExitStatus {
         if let Some(status) = self.try_wait() {
             return status;
         }
@@ -113,7 +124,7 @@ impl Process {
             self.kill();
         }
         tracing::error!(pid = self.pid, "helper could not be reaped after SIGKILL");
-        self.status = Some(ExitStatus::Unknown);
+        *self.status.lock() = Some(ExitStatus::Unknown);
         ExitStatus::Unknown
     }
 }

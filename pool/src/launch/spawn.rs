@@ -1,5 +1,6 @@
 //! Spawning a helper: pipes, posix_spawn, pidfd. The one way a helper process
 //! comes into existence (a launcher process can slot in behind [`spawn`]).
+//! No unsafe code: the spawn goes through nix and rustix.
 //!
 //! No fork anywhere: glibc's posix_spawn uses `clone(CLONE_VM | CLONE_VFORK)`,
 //! so the host's memory is never copied and the child runs only glibc's own
@@ -22,6 +23,7 @@ use sandpool_protocol::SPEC_ENV;
 
 use crate::config::HelperConfig;
 use crate::error::LaunchError;
+use crate::region::HostRegion;
 
 /// Everything posix_spawn needs, prepared once per configuration.
 #[derive(Debug)]
@@ -43,17 +45,18 @@ pub(crate) struct LaunchPlan {
 /// and the path posix_spawn executes it by: `/proc/self/fd/N`, resolved in
 /// the child, which inherits N until its exec closes it (O_CLOEXEC).
 fn pin_image(program: &std::path::Path) -> Result<(OwnedFd, CString), LaunchError> {
-    let err = |what: &str, detail: String| LaunchError::PinImage {
+    let err = |what: &'static str, source: std::io::Error| LaunchError::PinImage {
         program: program.display().to_string(),
-        reason: format!("{what}: {detail}"),
+        what,
+        source,
     };
     let image = memfd::MemfdOptions::default()
         .allow_sealing(true)
         .close_on_exec(true)
         .create("sandpool-helper-image")
-        .map_err(|e| err("memfd_create", e.to_string()))?;
-    let mut source = std::fs::File::open(program).map_err(|e| err("open", e.to_string()))?;
-    std::io::copy(&mut source, &mut image.as_file()).map_err(|e| err("copy", e.to_string()))?;
+        .map_err(|e| err("memfd_create", std::io::Error::other(e)))?;
+    let mut source = std::fs::File::open(program).map_err(|e| err("open", e))?;
+    std::io::copy(&mut source, &mut image.as_file()).map_err(|e| err("copy", e))?;
     image
         .add_seals(&[
             memfd::FileSeal::SealShrink,
@@ -61,18 +64,18 @@ fn pin_image(program: &std::path::Path) -> Result<(OwnedFd, CString), LaunchErro
             memfd::FileSeal::SealWrite,
             memfd::FileSeal::SealSeal,
         ])
-        .map_err(|e| err("seal", e.to_string()))?;
+        .map_err(|e| err("seal", std::io::Error::other(e)))?;
     // Numbered above every fd the spawn's file actions write (0 to 3), so no
     // dup2 in the child can replace the image before the exec reads it.
-    let image = lift_above_spawn_targets(image.as_file()).map_err(|e| err("dup", e.to_string()))?;
+    let image = lift_above_spawn_targets(image.as_file()).map_err(|e| err("dup", e))?;
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
-    let path = CString::new(path).map_err(|e| err("path", e.to_string()))?;
+    let path = CString::new(path).map_err(|e| err("path", std::io::Error::other(e)))?;
     Ok((image, path))
 }
 
 /// A close-on-exec duplicate of `fd` numbered 4 or above: clear of the fds
 /// (0 to 3) that the spawn's dup2 file actions write in the child.
-fn lift_above_spawn_targets(fd: impl std::os::fd::AsFd) -> std::io::Result<OwnedFd> {
+pub(crate) fn lift_above_spawn_targets(fd: impl std::os::fd::AsFd) -> std::io::Result<OwnedFd> {
     rustix::io::fcntl_dupfd_cloexec(fd, 4).map_err(std::io::Error::from)
 }
 
@@ -86,150 +89,6 @@ pub(crate) struct Spawned {
     pub(crate) stdout: OwnedFd,
     pub(crate) stderr: OwnedFd,
     pub(crate) region: Option<HostRegion>,
-}
-
-/// The host's mapping of a helper's shared region: a memfd sealed against
-/// shrinking and growing (a hostile helper cannot truncate it under the
-/// host's feet), mapped shared and read-write. Accessed only by copying
-/// bytes in and out, never through references: the helper can change the
-/// bytes at any moment, so the host copies them out before it looks at them.
-#[derive(Debug)]
-pub(crate) struct HostRegion {
-    ptr: std::ptr::NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value and only accessed by raw byte
-// copies; callers serialise their use of it (the helper's region lock).
-#[allow(unsafe_code)]
-unsafe impl Send for HostRegion {}
-// SAFETY: as for Send: `&HostRegion` only offers byte copies, whose
-// interleaving the region lock orders.
-#[allow(unsafe_code)]
-unsafe impl Sync for HostRegion {}
-
-impl HostRegion {
-    /// Creates the sealed memfd of `size` bytes and maps it; returns the
-    /// memfd (numbered 4 or above, for the dup2 onto the helper's fd 3).
-    fn create(size: u64) -> Result<(OwnedFd, HostRegion), LaunchError> {
-        let err = |what: &str, detail: String| LaunchError::Region {
-            reason: format!("{what}: {detail}"),
-        };
-        let len = usize::try_from(size)
-            .ok()
-            .and_then(std::num::NonZeroUsize::new)
-            .ok_or_else(|| err("size", size.to_string()))?;
-        let memfd = memfd::MemfdOptions::default()
-            .allow_sealing(true)
-            .close_on_exec(true)
-            .create("sandpool-region")
-            .map_err(|e| err("memfd_create", e.to_string()))?;
-        memfd
-            .as_file()
-            .set_len(size)
-            .map_err(|e| err("ftruncate", e.to_string()))?;
-        memfd
-            .add_seals(&[
-                memfd::FileSeal::SealShrink,
-                memfd::FileSeal::SealGrow,
-                memfd::FileSeal::SealSeal,
-            ])
-            .map_err(|e| err("seal", e.to_string()))?;
-        // SAFETY: a fresh mapping chosen by the kernel (no address hint), so
-        // it aliases nothing Rust knows about; the memfd is sealed against
-        // shrinking, so no page can vanish under the mapping (no SIGBUS).
-        #[allow(unsafe_code)]
-        let ptr = unsafe {
-            nix::sys::mman::mmap(
-                None,
-                len,
-                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
-                nix::sys::mman::MapFlags::MAP_SHARED,
-                memfd.as_file(),
-                0,
-            )
-        }
-        .map_err(|e| err("mmap", e.to_string()))?;
-        let region = HostRegion {
-            ptr: ptr.cast(),
-            len: len.get(),
-        };
-        let memfd =
-            lift_above_spawn_targets(memfd.as_file()).map_err(|e| err("dup", e.to_string()))?;
-        Ok((memfd, region))
-    }
-
-    pub(crate) fn len(&self) -> u64 {
-        self.len as u64
-    }
-
-    fn range(&self, offset: u64, len: u64) -> Option<usize> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(usize::try_from(len).ok()?)?;
-        (end <= self.len).then_some(start)
-    }
-
-    /// Copies `bytes` to `offset`; false if that leaves the region.
-    pub(crate) fn write(&self, offset: u64, bytes: &[u8]) -> bool {
-        let Some(start) = self.range(offset, bytes.len() as u64) else {
-            return false;
-        };
-        // SAFETY: the destination lies within the mapping (checked) and
-        // cannot overlap `bytes`, which is this process's own memory. The
-        // helper may read those bytes meanwhile; it gets whatever it gets,
-        // and only from the request half, which is not granted to it yet.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                bytes.as_ptr(),
-                self.ptr.as_ptr().wrapping_add(start),
-                bytes.len(),
-            )
-        };
-        true
-    }
-
-    /// Copies `len` bytes at `offset` out into a new buffer. The caller has
-    /// bounds-checked the range against the response half; a range outside
-    /// the mapping is refused anyway (EFAULT), and a buffer that cannot be
-    /// allocated is an error (ENOMEM), never an abort of the host.
-    pub(crate) fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>, Errno> {
-        let start = self.range(offset, len).ok_or(Errno::EFAULT)?;
-        let count = len as usize;
-        let mut out = Vec::new();
-        out.try_reserve_exact(count).map_err(|_| Errno::ENOMEM)?;
-        // SAFETY: the source lies within the mapping (checked) and the
-        // destination is the reserved, unaliased spare capacity of `out`,
-        // `count` bytes long. The helper, another process, may be writing
-        // the source bytes during the copy: Rust's memory model cannot
-        // express a writer in another process, so the copy is treated as
-        // producing arbitrary bytes, which is all `u8` needs, and the bytes
-        // are only interpreted after they have landed in this private buffer.
-        #[allow(unsafe_code)]
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().wrapping_add(start),
-                out.as_mut_ptr(),
-                count,
-            )
-        };
-        // SAFETY: the copy above initialised exactly `count` bytes of the
-        // capacity reserved for them.
-        #[allow(unsafe_code)]
-        unsafe {
-            out.set_len(count)
-        };
-        Ok(out)
-    }
-}
-
-impl Drop for HostRegion {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `create`, unmapped once, here;
-        // it was only ever accessed by copies, so nothing borrows it.
-        #[allow(unsafe_code)]
-        let _ = unsafe { nix::sys::mman::munmap(self.ptr.cast(), self.len) };
-    }
 }
 
 fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString, LaunchError> {
@@ -284,19 +143,22 @@ impl LaunchPlan {
 /// dup2 file actions onto 0, 1 and 2 can never overwrite one another even in a
 /// host that closed its own stdio.
 fn pipe(which: &'static str) -> Result<(OwnedFd, OwnedFd), LaunchError> {
-    let err = |source| LaunchError::Pipe { which, source };
-    let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(err)?;
+    let err = |source: std::io::Error| LaunchError::Pipe { which, source };
+    let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|errno| err(errno.into()))?;
     let lift = |fd: OwnedFd| -> Result<OwnedFd, LaunchError> {
         if std::os::fd::AsRawFd::as_raw_fd(&fd) >= 3 {
             return Ok(fd);
         }
-        rustix::io::fcntl_dupfd_cloexec(&fd, 3).map_err(|e| err(Errno::from_raw(e.raw_os_error())))
+        rustix::io::fcntl_dupfd_cloexec(&fd, 3).map_err(|e| err(e.into()))
     };
     Ok((lift(read)?, lift(write)?))
 }
 
 fn set_nonblocking(fd: &OwnedFd, which: &'static str) -> Result<(), LaunchError> {
-    let err = |source| LaunchError::Pipe { which, source };
+    let err = |errno: Errno| LaunchError::Pipe {
+        which,
+        source: errno.into(),
+    };
     let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(err)?;
     let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
     fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(err)?;
@@ -321,13 +183,20 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
     set_nonblocking(&host_stderr, "stderr")?;
     if let Some(size) = plan.pipe_size {
         for (fd, which) in [(&host_stdin, "stdin"), (&host_stdout, "stdout")] {
-            fcntl(fd, FcntlArg::F_SETPIPE_SZ(size))
-                .map_err(|source| LaunchError::Pipe { which, source })?;
+            fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).map_err(|errno| LaunchError::Pipe {
+                which,
+                source: errno.into(),
+            })?;
         }
     }
 
     let region = plan.region_size.map(HostRegion::create).transpose()?;
-    let setup = |what| move |source| LaunchError::SpawnSetup { what, source };
+    let setup = |what| {
+        move |errno: Errno| LaunchError::SpawnSetup {
+            what,
+            source: errno.into(),
+        }
+    };
     let mut actions = PosixSpawnFileActions::init().map_err(setup("file actions"))?;
     for (fd, target) in [(&child_stdin, 0), (&child_stdout, 1), (&child_stderr, 2)] {
         actions
@@ -365,9 +234,9 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
         &plan.argv,
         &plan.envp,
     )
-    .map_err(|source| LaunchError::Spawn {
+    .map_err(|errno| LaunchError::Spawn {
         program: plan.program_display.clone(),
-        source,
+        source: errno.into(),
     })?;
     // The child's ends now live in the child; close the host's copies so that
     // EOF on stdout means the helper (and only it) is gone. The host keeps

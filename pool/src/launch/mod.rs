@@ -1,0 +1,167 @@
+//! Launching helpers: the spawn (pipes, posix_spawn, pidfd; `spawn`), the
+//! pinned image, owning the process until it is reaped (`process`), and
+//! the check of the Hello against the configuration and the kernel
+//! (`verify`). [`Launcher::launch`] puts them together and hands the
+//! verified helper to the reactor.
+
+pub(crate) mod process;
+pub(crate) mod spawn;
+mod verify;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use sandpool_protocol::{Hello, Kind};
+use tracing::{debug, warn};
+
+use crate::config::HelperConfig;
+use crate::conn::frames::{FrameReader, IoFailure};
+use crate::conn::{Helper, Parts, stderr_tail};
+use crate::error::{LaunchError, ProtocolViolation};
+use crate::reactor::Reactor;
+use crate::reactor::stderr::StderrHub;
+use process::Process;
+use spawn::{LaunchPlan, spawn};
+use verify::verify_hello;
+
+/// How long a helper whose stdout closed before its Hello gets to become
+/// reapable.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Launches helpers from one configuration (validated once). Owns the
+/// reactor that drives the helpers it launches (shared with them: it runs
+/// while any of them or the launcher is alive).
+#[derive(Debug)]
+pub struct Launcher {
+    config: HelperConfig,
+    plan: LaunchPlan,
+    reactor: Reactor,
+}
+
+impl Launcher {
+    /// Validates `config`, prepares the launch (argv, environment, pinned
+    /// image) and starts the reactor thread.
+    pub fn new(config: HelperConfig) -> Result<Launcher, LaunchError> {
+        Self::with_stderr(config, None)
+    }
+
+    /// A launcher whose helpers' stderr is forwarded to the log through
+    /// `hub` as it arrives (a pool's).
+    pub(crate) fn with_stderr(
+        config: HelperConfig,
+        hub: Option<Arc<StderrHub>>,
+    ) -> Result<Launcher, LaunchError> {
+        let plan = LaunchPlan::new(&config)?;
+        let reactor = Reactor::start(hub).map_err(LaunchError::Reactor)?;
+        Ok(Launcher {
+            config,
+            plan,
+            reactor,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &HelperConfig {
+        &self.config
+    }
+
+    /// The reactor's timers, for async callers' deadlines.
+    pub(crate) fn reactor_link(&self) -> crate::reactor::ReactorLink {
+        self.reactor.link()
+    }
+
+    /// Spawns a helper and waits (up to `spawn_timeout`) for a Hello that
+    /// proves the startup contract. On any failure the child is killed and
+    /// reaped before the error is returned.
+    pub fn launch(&self) -> Result<Helper, LaunchError> {
+        self.launch_until(Instant::now() + self.config.spawn_timeout)
+    }
+
+    /// Like [`launch`](Self::launch), but gives up at `deadline` if that
+    /// comes before `spawn_timeout` does.
+    pub fn launch_until(&self, deadline: Instant) -> Result<Helper, LaunchError> {
+        let started = Instant::now();
+        let deadline = deadline.min(started + self.config.spawn_timeout);
+        let spawned = spawn(&self.plan)?;
+        let pid = spawned.pid;
+        let process = Process::new(pid, spawned.pidfd);
+        let mut frames = FrameReader::new(self.config.spin_wait);
+        let first = frames.read_frame(&spawned.stdout, deadline, self.config.max_frame);
+        let refuse = |process: &Process, violation| {
+            process.kill_and_reap();
+            LaunchError::Protocol { pid, violation }
+        };
+        let (header, payload) = match first {
+            Ok(frame) => frame,
+            Err(failure) => {
+                let stderr = || stderr_tail(&spawned.stderr);
+                return Err(match failure {
+                    IoFailure::Timeout => {
+                        process.kill_and_reap();
+                        LaunchError::HelloTimeout {
+                            pid,
+                            waited: started.elapsed(),
+                            stderr: stderr(),
+                        }
+                    }
+                    IoFailure::StdoutClosed | IoFailure::StdinClosed => {
+                        match process.wait_timeout(EXIT_GRACE) {
+                            Some(status) => LaunchError::ExitedBeforeHello {
+                                pid,
+                                status,
+                                stderr: stderr(),
+                            },
+                            None => refuse(&process, ProtocolViolation::ClosedStdout),
+                        }
+                    }
+                    IoFailure::Decode(err) => refuse(&process, ProtocolViolation::Frame(err)),
+                    IoFailure::Os(errno) => {
+                        process.kill_and_reap();
+                        LaunchError::Io {
+                            pid,
+                            source: errno.into(),
+                        }
+                    }
+                });
+            }
+        };
+        if header.kind != Kind::Hello {
+            return Err(refuse(&process, ProtocolViolation::NoHello(header.kind)));
+        }
+        let hello = match Hello::decode(&payload) {
+            Ok(hello) => hello,
+            Err(err) => return Err(refuse(&process, ProtocolViolation::Hello(err))),
+        };
+        if let Err(refusal) = verify_hello(&hello, pid, &self.config.sandbox) {
+            process.kill_and_reap();
+            warn!(pid, %refusal, "helper refused");
+            return Err(LaunchError::HelloRefused { pid, refusal });
+        }
+        let launch_time = started.elapsed();
+        debug!(
+            pid,
+            fds_closed = hello.fds_closed,
+            fd_close_us = hello.fd_close_nanos / 1000,
+            launch_us = launch_time.as_micros() as u64,
+            "helper ready"
+        );
+        let parts = Parts {
+            pid,
+            process,
+            stdin: spawned.stdin,
+            stdout: spawned.stdout,
+            stderr: spawned.stderr,
+            frames,
+            region: spawned.region,
+            region_slots: self.config.region_slots,
+            region_threshold: self.config.region_threshold,
+            max_frame: self.config.max_frame,
+            max_in_flight: self.config.max_in_flight,
+            spin: self.config.spin_wait,
+        };
+        // Registration fails only if epoll cannot take the fds (ENOMEM,
+        // ENOSPC): the helper is dropped, which kills and reaps it.
+        Helper::new(parts, hello, launch_time, &self.reactor)
+            .map_err(|source| LaunchError::Register { pid, source })
+    }
+}

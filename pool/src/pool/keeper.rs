@@ -1,0 +1,287 @@
+//! The keeper thread: refills spares, quiesces idle helpers, notices
+//! helpers that died while idle, closes helpers handed to it once no caller
+//! holds them, and reaps them, never waiting on any one of them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use tracing::{debug, warn};
+
+use super::CloseCause;
+use super::tenants::{Shared, guarded};
+use crate::conn::{Helper, deadline_after};
+use crate::error::{CallError, LaunchError};
+
+pub(super) enum KeeperMsg {
+    Refill,
+    Close(Arc<Helper>, CloseCause),
+    Shutdown,
+}
+
+impl Shared {
+    /// The keeper thread: refills spares, quiesces idle helpers, closes
+    /// helpers handed to it once no caller holds them (without waiting on
+    /// any of them), and reaps them. At shutdown it returns the helpers it
+    /// had not finished with, for the pool's single shutdown deadline.
+    pub(super) fn keep(&self, rx: Receiver<KeeperMsg>) -> Vec<Arc<Helper>> {
+        let tick =
+            (self.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        // Handed over, waiting for the last caller to let go.
+        let mut pending: Vec<(Arc<Helper>, CloseCause)> = Vec::new();
+        // stdin closed, waiting for the exit until the deadline.
+        let mut reaping: Vec<(Arc<Helper>, Instant)> = Vec::new();
+        let mut next_scan = Instant::now() + tick;
+        let mut refill_after = Instant::now();
+        // Scratch buffers, reused: a steady pool's keeper allocates nothing.
+        let mut messages = Vec::new();
+        let mut unused = Vec::new();
+        let mut still_pending = Vec::new();
+        loop {
+            let busy = !pending.is_empty() || !reaping.is_empty();
+            let wake = if busy {
+                next_scan.min(Instant::now() + Duration::from_millis(2))
+            } else {
+                next_scan
+            };
+            messages.clear();
+            match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
+                Ok(msg) => messages.push(msg),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => messages.push(KeeperMsg::Shutdown),
+            }
+            messages.extend(rx.try_iter());
+            let mut shutdown = false;
+            for msg in messages.drain(..) {
+                match msg {
+                    KeeperMsg::Refill => {}
+                    KeeperMsg::Close(helper, cause) => pending.push((helper, cause)),
+                    KeeperMsg::Shutdown => shutdown = true,
+                }
+            }
+            if shutdown {
+                let mut left: Vec<_> = pending.into_iter().map(|(helper, _)| helper).collect();
+                left.extend(reaping.into_iter().map(|(helper, _)| helper));
+                return left;
+            }
+            if Instant::now() >= refill_after && !self.refill_spares() {
+                // Launches are failing: retry on a later tick, not in a loop.
+                refill_after = Instant::now() + tick;
+            }
+            if Instant::now() >= next_scan {
+                self.quiesce_idle(&mut pending, &mut unused);
+                next_scan = Instant::now() + tick;
+                let counts = self.helper_counts();
+                self.telemetry.set_helpers(
+                    counts.spare,
+                    counts.idle,
+                    counts.busy,
+                    counts.launching,
+                    counts.closing,
+                );
+            }
+            // Close what no caller holds any more; the rest waits.
+            for (helper, cause) in pending.drain(..) {
+                if !helper.has_users() {
+                    helper.close_stdin();
+                    debug!(pid = helper.pid(), ?cause, "closing helper");
+                    reaping.push((helper, deadline_after(self.config.shutdown_grace)));
+                } else {
+                    still_pending.push((helper, cause));
+                }
+            }
+            std::mem::swap(&mut pending, &mut still_pending);
+            let before = reaping.len();
+            let now = Instant::now();
+            reaping.retain(|(helper, deadline)| {
+                if helper.try_wait().is_some() {
+                    return false;
+                }
+                if now >= *deadline {
+                    warn!(
+                        pid = helper.pid(),
+                        "helper ignored the end of its stdin; killed after the grace"
+                    );
+                    helper.kill_and_reap();
+                    return false;
+                }
+                true
+            });
+            let reaped = before - reaping.len();
+            if reaped > 0 {
+                let mut state = self.state.lock();
+                state.closing = state.closing.saturating_sub(reaped);
+                drop(state);
+                self.notify_changed();
+            }
+        }
+    }
+
+    /// Launches spares until there are `spares` of them (within
+    /// `max_helpers`). Returns false if a launch failed.
+    fn refill_spares(&self) -> bool {
+        loop {
+            {
+                let mut state = self.state.lock();
+                // The keeper is the only thread launching spares, and it
+                // launches one at a time. At the cap, the least recently used
+                // idle helper makes room: it would be the next one evicted by
+                // a cold tenant anyway, and this way the eviction and the
+                // launch happen here, off the call path.
+                if state.shut
+                    || state.spares.len() >= self.config.spares
+                    || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
+                {
+                    return true;
+                }
+                state.launching += 1;
+            }
+            let warmed = guarded(|| {
+                let helper = self
+                    .launcher
+                    .launch()
+                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                self.warm_up(helper)
+                    .map_err(|err| CallError::Launch(Arc::new(err)))
+            });
+            let mut state = self.state.lock();
+            state.launching -= 1;
+            self.notify_changed();
+            match warmed {
+                Ok(helper) if !state.shut => {
+                    self.telemetry
+                        .launched(helper.launch_time(), helper.hello(), helper.pid());
+                    state.spares.push_back(Arc::new(helper));
+                }
+                // Shutting down: the helper is killed and reaped as it drops.
+                Ok(_) => return true,
+                Err(err) => {
+                    self.telemetry.launch_failed();
+                    self.telemetry.failure(&err);
+                    warn!(%err, "launching a spare helper failed");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Runs the configured warm-up request on a new spare.
+    fn warm_up(&self, helper: Helper) -> Result<Helper, LaunchError> {
+        let Some(request) = &self.config.warmup_request else {
+            return Ok(helper);
+        };
+        let deadline = deadline_after(self.config.request_timeout);
+        match helper.call(request, deadline) {
+            Ok(_) | Err(CallError::Helper(_)) => Ok(helper),
+            Err(err) => Err(LaunchError::WarmUp {
+                pid: helper.pid(),
+                source: Box::new(err),
+            }),
+        }
+    }
+
+    /// Takes helpers idle longer than `idle_timeout` away from their tenants,
+    /// notices helpers that died while idle, and forgets tenants that have
+    /// nothing left to remember. No I/O happens under the state lock.
+    ///
+    /// `unused` is the keeper's scratch buffer, reused so that a scan of a
+    /// steady pool allocates nothing.
+    fn quiesce_idle(
+        &self,
+        pending: &mut Vec<(Arc<Helper>, CloseCause)>,
+        unused: &mut Vec<Arc<Helper>>,
+    ) {
+        let now = Instant::now();
+        let idle_timeout = self.config.idle_timeout;
+        let forget_after = idle_timeout.max(self.config.crash_backoff.max.saturating_mul(2));
+        unused.clear();
+        {
+            let mut state = self.state.lock();
+            let mut quiesced = 0;
+            for tenant in state.tenants.values_mut() {
+                let Some(helper) = &tenant.helper else {
+                    continue;
+                };
+                if !helper.is_unused() || helper.is_retired() {
+                    continue;
+                }
+                if tenant
+                    .last_used
+                    .is_none_or(|at| now.duration_since(at) >= idle_timeout)
+                {
+                    if let Some(helper) = tenant.helper.take() {
+                        quiesced += 1;
+                        self.telemetry.closed(CloseCause::Idle);
+                        pending.push((helper, CloseCause::Idle));
+                    }
+                } else {
+                    unused.push(helper.clone());
+                }
+            }
+            state.bound -= quiesced;
+            state.closing += quiesced;
+            state.tenants.retain(|_, tenant| {
+                tenant.helper.is_some()
+                    || tenant.launching
+                    || tenant.backoff_until.is_some_and(|until| until > now)
+                    || tenant
+                        .last_failure
+                        .is_some_and(|at| now.duration_since(at) < forget_after)
+            });
+            if quiesced > 0 {
+                self.notify_changed();
+            }
+        }
+        // Outside the lock: has any idle helper died? (Reaping and reading
+        // the last of its stderr are I/O.)
+        for helper in unused.drain(..) {
+            if let Some(err) = helper.check_exit() {
+                warn!(pid = helper.pid(), %err, "idle helper died");
+                let mut state = self.state.lock();
+                // Rare: find the tenant it served.
+                let tenant = state
+                    .tenants
+                    .iter()
+                    .find(|(_, t)| t.helper.as_ref().is_some_and(|h| Arc::ptr_eq(h, &helper)))
+                    .map(|(key, _)| key.clone());
+                if let Some(tenant) = tenant {
+                    if self.unbind(&mut state, &tenant, &helper) {
+                        self.count_failure(&mut state, &tenant, &helper);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits (polling, no lock held) until every helper has exited or the
+/// deadline passes, kills the rest, and reaps all. Their stdin must already
+/// be closed.
+pub(super) fn reap_all(
+    mut helpers: Vec<Arc<Helper>>,
+    deadline: Instant,
+    mut on_reaped: impl FnMut(&Helper),
+) {
+    loop {
+        helpers.retain(|helper| match helper.try_wait() {
+            Some(status) => {
+                debug!(pid = helper.pid(), %status, "helper closed");
+                on_reaped(helper);
+                false
+            }
+            None => true,
+        });
+        if helpers.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for helper in &helpers {
+                let status = helper.kill_and_reap();
+                debug!(pid = helper.pid(), %status, "helper killed after the grace");
+                on_reaped(helper);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}

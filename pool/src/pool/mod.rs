@@ -1,0 +1,354 @@
+//! The pool: one helper per tenant, prewarmed spares, idle quiesce, caps,
+//! crash back-off, shutdown; calls from threads (`call`, `call_batch`) and
+//! from async tasks (`call_async`).
+//!
+//! State lives behind one mutex (`tenants`), held only for bookkeeping,
+//! never across a launch, a pipe read or a wait; lock order: the pool's
+//! state, then a helper's connection. Calls run on the caller's thread or
+//! task; the helpers' pipes are driven by the reactor (see `conn`). A
+//! background *keeper* thread refills spares, quiesces idle helpers and
+//! closes retired ones; launch workers launch helpers for async callers,
+//! so that no task waits on a launch in place.
+
+mod keeper;
+mod tenants;
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::conn::{deadline_after, deadline_from};
+use crate::error::{CallError, LaunchError};
+use crate::launch::Launcher;
+use crate::reactor::stderr::{Budget, StderrHub};
+use crate::telemetry::Telemetry;
+use keeper::KeeperMsg;
+use tenants::Shared;
+
+/// Why a helper was closed by the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseCause {
+    /// Idle longer than `idle_timeout`.
+    Idle,
+    /// Served `max_requests_per_helper` calls.
+    MaxRequests,
+    /// Evicted (least recently used) to make room under `max_helpers`.
+    Evicted,
+    /// The pool shut down.
+    Shutdown,
+}
+
+/// A snapshot of the pool. Counters count since the pool was created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Live helpers: bound, spare, launches in progress, and helpers being
+    /// closed until they are reaped.
+    pub live: usize,
+    /// Spare helpers ready for a tenant.
+    pub spare: usize,
+    /// Bound helpers with a call in flight.
+    pub busy: usize,
+    /// Bound helpers with no call in flight.
+    pub idle: usize,
+    /// Launches in progress.
+    pub launching: usize,
+    /// Helpers launched and verified.
+    pub launches: u64,
+    /// Launches that failed.
+    pub launch_failures: u64,
+    /// Tenants without a helper that got a spare.
+    pub spare_hits: u64,
+    /// Tenants without a helper that had to wait for a launch.
+    pub spare_misses: u64,
+    /// Helpers closed after `idle_timeout`.
+    pub quiesced_idle: u64,
+    /// Helpers closed after `max_requests_per_helper` calls.
+    pub quiesced_max_requests: u64,
+    /// Helpers evicted to make room.
+    pub evicted: u64,
+    /// Helpers closed by shutdown.
+    pub shut_down: u64,
+    /// Helper failures by cause.
+    pub failures: FailureStats,
+    /// Calls refused because the tenant was backed off.
+    pub backed_off_calls: u64,
+    /// Times a tenant was backed off.
+    pub backoffs_engaged: u64,
+    /// Calls answered (including handler errors).
+    pub calls_ok: u64,
+    /// Calls that failed for any other reason.
+    pub calls_failed: u64,
+}
+
+/// Helper failures by cause.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FailureStats {
+    /// Exited on its own with a status code.
+    pub exited: u64,
+    /// Killed by a signal other than SIGSYS.
+    pub signaled: u64,
+    /// Killed by seccomp (SIGSYS): a forbidden syscall.
+    pub seccomp: u64,
+    /// Timed out and was killed.
+    pub timeout: u64,
+    /// Broke the protocol and was killed.
+    pub protocol: u64,
+    /// Failed to launch.
+    pub launch: u64,
+    /// Pipe I/O errors.
+    pub io: u64,
+}
+
+/// What the pool knows about one tenant's helper (for introspection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HelperInfo {
+    /// The helper's pid.
+    pub pid: u32,
+    /// Calls of its tenant it has answered.
+    pub calls: u64,
+    /// Calls it has answered in all, a spare's warm-up included.
+    pub total_calls: u64,
+    /// Calls in flight.
+    pub in_flight: usize,
+}
+
+/// A pool of per-tenant sandboxed helpers. `Send + Sync`: share it (or an
+/// `Arc` of it) between threads and tasks and call it from all of them.
+///
+/// Dropping the pool shuts it down with the configured `shutdown_grace`.
+pub struct Pool {
+    shared: Arc<Shared>,
+    keeper: Mutex<Option<JoinHandle<Vec<Arc<crate::Helper>>>>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Creating a pool failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PoolError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The launch configuration is invalid, or the reactor could not start.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// A background thread (keeper, launch worker) could not be started.
+    #[error("starting a sandpool background thread failed")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Threads that launch helpers for async callers.
+fn launch_workers() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
+impl Pool {
+    /// Validates `config`, starts the reactor, the keeper thread (which
+    /// launches the spares in the background) and the launch workers.
+    pub fn new(config: Config) -> Result<Pool, PoolError> {
+        config.validate()?;
+        let telemetry = Telemetry::new(config.metrics_tenant_label, config.slow_launch_threshold);
+        let budget = Budget {
+            bytes_per_second: config.stderr_bytes_per_second.as_u64(),
+            max_bytes_per_helper: config.stderr_max_bytes_per_helper.as_u64(),
+        };
+        let hub = Arc::new(StderrHub::new(
+            budget,
+            telemetry.stderr_lines.clone(),
+            telemetry.stderr_dropped.clone(),
+        ));
+        let launcher = Launcher::with_stderr(config.helper_config(), Some(hub))?;
+        let (keeper_tx, keeper_rx) = crossbeam_channel::unbounded();
+        let (launch_tx, launch_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(Shared::new(
+            config, launcher, keeper_tx, launch_tx, telemetry,
+        ));
+        let keeper_shared = shared.clone();
+        // A long-lived thread: helpers it spawns must not depend on the
+        // lifetime of a caller's thread.
+        let keeper = std::thread::Builder::new()
+            .name("sandpool-keeper".into())
+            .spawn(move || keeper_shared.keep(keeper_rx))
+            .map_err(PoolError::Thread)?;
+        let pool = Pool {
+            shared,
+            keeper: Mutex::new(Some(keeper)),
+            workers: Mutex::new(Vec::new()),
+        };
+        for index in 0..launch_workers() {
+            let (shared, rx) = (pool.shared.clone(), launch_rx.clone());
+            let worker = std::thread::Builder::new()
+                .name(format!("sandpool-launch-{index}"))
+                .spawn(move || shared.launch_worker(rx))
+                .map_err(PoolError::Thread)?;
+            pool.workers.lock().push(worker);
+        }
+        let _ = pool.shared.keeper.send(KeeperMsg::Refill);
+        Ok(pool)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Calls the tenant's helper with `request`, within `request_timeout`
+    /// (which includes any wait for a helper), blocking this thread.
+    pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
+        let started = Instant::now();
+        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        self.shared
+            .call(tenant.as_ref(), request, deadline, started)
+    }
+
+    /// Calls the tenant's helper with `request`, failing at `deadline`.
+    pub fn call_with_deadline(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        request: &[u8],
+        deadline: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        self.shared
+            .call(tenant.as_ref(), request, deadline, Instant::now())
+    }
+
+    /// Calls the tenant's helper with every request, pipelined from this
+    /// thread (as many frames per `writev` as `max_in_flight` allows), all
+    /// within `request_timeout`. The results come in the order of
+    /// `requests`; each succeeds or fails on its own.
+    pub fn call_batch(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        requests: &[&[u8]],
+    ) -> Vec<Result<Vec<u8>, CallError>> {
+        let started = Instant::now();
+        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        self.shared
+            .call_batch(tenant.as_ref(), requests, deadline, started)
+    }
+
+    /// [`call_batch`](Self::call_batch), failing at `deadline`.
+    pub fn call_batch_with_deadline(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        requests: &[&[u8]],
+        deadline: Instant,
+    ) -> Vec<Result<Vec<u8>, CallError>> {
+        self.shared
+            .call_batch(tenant.as_ref(), requests, deadline, Instant::now())
+    }
+
+    /// Calls the tenant's helper with `request` from an async task, within
+    /// `request_timeout` from now. Runtime-agnostic (the pool's reactor
+    /// wakes the task): waiting for a helper, for room under `max_helpers`
+    /// or `max_in_flight`, or for the reply holds no thread, and a launch
+    /// runs on the pool's launch workers. Dropping the future cancels the
+    /// call: a request not yet sent is never sent; one already sent has its
+    /// reply discarded when it comes; the helper is not blamed.
+    pub fn call_async<'a>(
+        &'a self,
+        tenant: impl AsRef<[u8]> + Send + 'a,
+        request: &'a [u8],
+    ) -> impl Future<Output = Result<Vec<u8>, CallError>> + Send + 'a {
+        let started = Instant::now();
+        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        self.shared.call_async(tenant, request, deadline, started)
+    }
+
+    /// [`call_async`](Self::call_async), failing at `deadline`.
+    pub fn call_async_with_deadline<'a>(
+        &'a self,
+        tenant: impl AsRef<[u8]> + Send + 'a,
+        request: &'a [u8],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<u8>, CallError>> + Send + 'a {
+        self.shared
+            .call_async(tenant, request, deadline, Instant::now())
+    }
+
+    /// Makes sure the tenant has a helper (from a spare or a launch), ahead
+    /// of its first call, e.g. when the tenant becomes active.
+    pub fn prewarm(&self, tenant: impl AsRef<[u8]>) -> Result<(), CallError> {
+        let deadline = deadline_after(self.shared.config.request_timeout);
+        self.shared
+            .helper_for(tenant.as_ref(), deadline, Instant::now())
+            .map(drop)
+    }
+
+    /// The tenant's current helper, if it has one.
+    pub fn helper_info(&self, tenant: impl AsRef<[u8]>) -> Option<HelperInfo> {
+        self.shared.helper_info(tenant.as_ref())
+    }
+
+    /// The pids of the spare helpers, oldest first.
+    pub fn spare_pids(&self) -> Vec<u32> {
+        self.shared.spare_pids()
+    }
+
+    /// A snapshot of the pool's state and counters. Takes the state lock
+    /// once and walks the tenants: cheap enough to call every second.
+    pub fn stats(&self) -> Stats {
+        let counts = self.shared.helper_counts();
+        Stats {
+            live: counts.live,
+            spare: counts.spare,
+            busy: counts.busy,
+            idle: counts.idle,
+            launching: counts.launching,
+            ..self.shared.telemetry.counters()
+        }
+    }
+
+    /// Shuts the pool down: new calls fail with [`CallError::ShutDown`];
+    /// every helper's stdin is closed, all get up to `grace` (together) to
+    /// exit, the rest are killed; all are reaped before this returns.
+    /// Idempotent.
+    pub fn shutdown(&self, grace: Duration) {
+        let shared = &self.shared;
+        let deadline = deadline_after(grace);
+        let mut helpers = shared.take_all();
+        let _ = shared.keeper.send(KeeperMsg::Shutdown);
+        for helper in &helpers {
+            helper.close_stdin();
+        }
+        // The keeper hands back what it was still closing: one deadline for all.
+        if let Some(keeper) = self.keeper.lock().take() {
+            match keeper.join() {
+                Ok(closing) => helpers.extend(closing),
+                Err(_) => warn!("the sandpool keeper thread panicked"),
+            }
+        }
+        shared.stop_launch_workers();
+        for worker in self.workers.lock().drain(..) {
+            if worker.join().is_err() {
+                warn!("a sandpool launch worker panicked");
+            }
+        }
+        let count = helpers.len();
+        keeper::reap_all(helpers, deadline, |_| {
+            shared.telemetry.closed(CloseCause::Shutdown)
+        });
+        shared.reaped_all();
+        if count > 0 {
+            info!(helpers = count, "sandpool shut down");
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shutdown(self.shared.config.shutdown_grace);
+    }
+}

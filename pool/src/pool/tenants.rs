@@ -1,0 +1,780 @@
+//! Tenants and their helpers: getting a tenant its helper (its bound one, a
+//! spare, or a launch), the bookkeeping after a call (recycling, failures,
+//! back-off), eviction at the cap. One decision function, [`Shared::step`],
+//! serves the blocking and the async callers alike; only how they wait
+//! differs.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use event_listener::{Event, EventListener, Listener};
+use parking_lot::Mutex;
+use tracing::{debug, warn};
+
+use super::keeper::KeeperMsg;
+use super::{CloseCause, HelperInfo};
+use crate::config::Config;
+use crate::conn::completion::Completion;
+use crate::conn::{Helper, InUse};
+use crate::error::{CallError, LaunchError};
+use crate::launch::Launcher;
+use crate::telemetry::Telemetry;
+
+#[derive(Default)]
+pub(super) struct Tenant {
+    pub(super) helper: Option<Arc<Helper>>,
+    pub(super) last_used: Option<Instant>,
+    /// A caller or a launch worker is launching a helper for this tenant.
+    pub(super) launching: bool,
+    /// Helper failures in a row.
+    pub(super) failures: u32,
+    pub(super) last_failure: Option<Instant>,
+    pub(super) backoff_until: Option<Instant>,
+}
+
+#[derive(Default)]
+pub(super) struct State {
+    pub(super) tenants: HashMap<Box<[u8]>, Tenant>,
+    pub(super) spares: VecDeque<Arc<Helper>>,
+    pub(super) bound: usize,
+    pub(super) launching: usize,
+    /// Helpers taken from their tenants and not yet reaped.
+    pub(super) closing: usize,
+    pub(super) shut: bool,
+}
+
+impl State {
+    pub(super) fn live(&self) -> usize {
+        self.bound + self.spares.len() + self.launching + self.closing
+    }
+}
+
+/// A launch for an async caller, run by a launch worker.
+pub(super) struct LaunchJob {
+    tenant: Box<[u8]>,
+    deadline: Instant,
+    started: Instant,
+    done: Arc<Completion<Result<InUse, CallError>>>,
+}
+
+/// What a caller getting its tenant a helper does next.
+enum Step {
+    /// The helper, held for the call.
+    Ready(InUse),
+    /// Wait for a change; at the deadline, fail with the error of `WaitFor`.
+    Wait(EventListener, WaitFor),
+    /// This caller launches (the tenant is marked launching).
+    Launch,
+}
+
+/// What a caller waits for in [`Step::Wait`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum WaitFor {
+    /// Another caller's launch for the same tenant.
+    Launch,
+    /// Room under `max_helpers`.
+    Room,
+}
+
+impl WaitFor {
+    fn timed_out(self, shared: &Shared, waited: Duration) -> CallError {
+        match self {
+            WaitFor::Launch => CallError::LaunchWait { waited },
+            WaitFor::Room => CallError::PoolFull {
+                max_helpers: shared.config.max_helpers,
+                waited,
+            },
+        }
+    }
+}
+
+pub(super) struct Shared {
+    pub(super) config: Config,
+    pub(super) launcher: Launcher,
+    pub(super) state: Mutex<State>,
+    /// Notified whenever a helper is installed, a launch ends, or room
+    /// frees up.
+    pub(super) changed: Event,
+    /// Calls waiting for room under `max_helpers`: a call that finishes
+    /// makes its helper evictable, and must then wake them.
+    waiting_for_room: AtomicUsize,
+    pub(super) keeper: Sender<KeeperMsg>,
+    launches: Mutex<Option<Sender<LaunchJob>>>,
+    pub(super) telemetry: Telemetry,
+}
+
+/// Counts of helpers by state, from one pass over the tenants.
+pub(super) struct HelperCounts {
+    pub(super) live: usize,
+    pub(super) spare: usize,
+    pub(super) launching: usize,
+    pub(super) busy: usize,
+    pub(super) idle: usize,
+    pub(super) closing: usize,
+}
+
+/// Runs `work` (a launch: no panics are expected, but a panic there must
+/// not leave a tenant marked as launching forever).
+pub(super) fn guarded<T>(work: impl FnOnce() -> Result<T, CallError>) -> Result<T, CallError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(CallError::Launch(Arc::new(LaunchError::Panicked(message))))
+    })
+}
+
+/// The tenant's entry, created if missing (it can vanish while the lock is
+/// released, e.g. by shutdown). Allocates only when it creates the entry.
+pub(super) fn tenant_mut<'a>(state: &'a mut State, tenant: &[u8]) -> &'a mut Tenant {
+    if !state.tenants.contains_key(tenant) {
+        state.tenants.insert(tenant.into(), Tenant::default());
+    }
+    match state.tenants.get_mut(tenant) {
+        Some(entry) => entry,
+        None => unreachable!("inserted above under the same lock"),
+    }
+}
+
+/// Drops a pool caller's count of a call in flight if its future is
+/// dropped before the call finished.
+struct CallGuard<'a> {
+    shared: &'a Shared,
+    tenant: &'a [u8],
+    started: Instant,
+    finished: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.shared
+                .telemetry
+                .call_cancelled(self.tenant, self.started.elapsed());
+        }
+    }
+}
+
+/// Counts a caller among those waiting for room under `max_helpers` while
+/// it lives (a finishing call then wakes them: its helper may be evictable).
+struct RoomWaiter<'a>(Option<&'a AtomicUsize>);
+
+impl<'a> RoomWaiter<'a> {
+    fn new(shared: &'a Shared, wait_for: WaitFor) -> Self {
+        if wait_for != WaitFor::Room {
+            return RoomWaiter(None);
+        }
+        shared.waiting_for_room.fetch_add(1, Ordering::AcqRel);
+        RoomWaiter(Some(&shared.waiting_for_room))
+    }
+}
+
+impl Drop for RoomWaiter<'_> {
+    fn drop(&mut self) {
+        if let Some(count) = self.0 {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Abandons an async caller's launch job if its future is dropped.
+struct Awaiting(Arc<Completion<Result<InUse, CallError>>>);
+
+impl Drop for Awaiting {
+    fn drop(&mut self) {
+        // A result that came first (a helper held for the call) drops here.
+        drop(self.0.abandon());
+    }
+}
+
+impl Shared {
+    pub(super) fn new(
+        config: Config,
+        launcher: Launcher,
+        keeper: Sender<KeeperMsg>,
+        launches: Sender<LaunchJob>,
+        telemetry: Telemetry,
+    ) -> Shared {
+        Shared {
+            config,
+            launcher,
+            state: Mutex::new(State::default()),
+            changed: Event::new(),
+            waiting_for_room: AtomicUsize::new(0),
+            keeper,
+            launches: Mutex::new(Some(launches)),
+            telemetry,
+        }
+    }
+
+    pub(super) fn notify_changed(&self) {
+        self.changed.notify(usize::MAX);
+    }
+
+    /// One call from a thread, with retries when the helper turned out to
+    /// be retired before anything was sent.
+    pub(super) fn call(
+        &self,
+        tenant: &[u8],
+        request: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        self.telemetry.call_started();
+        let mut attempts = 0;
+        let result = loop {
+            // A retry reads the clock again.
+            let now = if attempts == 0 {
+                started
+            } else {
+                Instant::now()
+            };
+            attempts += 1;
+            let result = self.helper_for(tenant, deadline, now).and_then(|held| {
+                let result = held.helper().call_from(request, deadline, started);
+                self.after_call(tenant, held.helper(), &result);
+                result
+            });
+            if !self.retry(&result, attempts) {
+                break result;
+            }
+        };
+        self.call_done();
+        self.telemetry
+            .call_finished(tenant, &result, started.elapsed());
+        result
+    }
+
+    /// Several calls from a thread, pipelined on the tenant's helper.
+    pub(super) fn call_batch(
+        &self,
+        tenant: &[u8],
+        requests: &[&[u8]],
+        deadline: Instant,
+        started: Instant,
+    ) -> Vec<Result<Vec<u8>, CallError>> {
+        for _ in requests {
+            self.telemetry.call_started();
+        }
+        let mut attempts = 0;
+        let results = loop {
+            let now = if attempts == 0 {
+                started
+            } else {
+                Instant::now()
+            };
+            attempts += 1;
+            let results = match self.helper_for(tenant, deadline, now) {
+                Ok(held) => {
+                    let results = held.helper().call_batch_from(requests, deadline, started);
+                    for result in &results {
+                        self.after_call(tenant, held.helper(), result);
+                    }
+                    results
+                }
+                Err(err) => requests.iter().map(|_| Err(err.clone())).collect(),
+            };
+            // Retried only if nothing at all was sent.
+            let none_sent = !results.is_empty()
+                && results
+                    .iter()
+                    .all(|result| matches!(result, Err(CallError::NotSent { .. })));
+            if !(none_sent && attempts < 3 && !self.state.lock().shut) {
+                break results;
+            }
+        };
+        self.call_done();
+        for result in &results {
+            self.telemetry
+                .call_finished(tenant, result, started.elapsed());
+        }
+        results
+    }
+
+    /// One call from an async task.
+    pub(super) async fn call_async(
+        &self,
+        tenant: impl AsRef<[u8]> + Send,
+        request: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<Vec<u8>, CallError> {
+        {
+            let tenant = tenant.as_ref();
+            self.telemetry.call_started();
+            let mut guard = CallGuard {
+                shared: self,
+                tenant,
+                started,
+                finished: false,
+            };
+            let mut attempts = 0;
+            let result = loop {
+                attempts += 1;
+                let now = Instant::now();
+                let result = match self.helper_for_async(tenant, deadline, now).await {
+                    Ok(held) => {
+                        let result = held
+                            .helper()
+                            .call_async_from(request, deadline, started)
+                            .await;
+                        self.after_call(tenant, held.helper(), &result);
+                        result
+                    }
+                    Err(err) => Err(err),
+                };
+                if !self.retry(&result, attempts) {
+                    break result;
+                }
+            };
+            guard.finished = true;
+            self.call_done();
+            self.telemetry
+                .call_finished(tenant, &result, started.elapsed());
+            result
+        }
+    }
+
+    /// Whether a call whose helper was retired before it sent anything is
+    /// tried again (on the tenant's next helper).
+    fn retry(&self, result: &Result<Vec<u8>, CallError>, attempts: u32) -> bool {
+        matches!(result, Err(CallError::NotSent { .. })) && attempts < 3 && !self.state.lock().shut
+    }
+
+    /// A call let go of its helper: if calls wait for room, this helper may
+    /// now be evictable.
+    fn call_done(&self) {
+        if self.waiting_for_room.load(Ordering::Acquire) > 0 {
+            self.notify_changed();
+        }
+    }
+
+    /// The tenant's helper, for a thread: its current one, a spare bound to
+    /// it, or a new launch. Waits (until `deadline`) for another caller's
+    /// launch for the same tenant, and for room under `max_helpers`.
+    /// `started` is the time of the caller's last clock read.
+    pub(super) fn helper_for(
+        &self,
+        tenant: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<InUse, CallError> {
+        // Checked up front: an invalid label must not use up spares.
+        sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
+        let mut now = started;
+        loop {
+            match self.step(tenant, now)? {
+                Step::Ready(held) => return Ok(held),
+                Step::Wait(listener, wait_for) => {
+                    let woke = self.wait_counted(wait_for, || listener.wait_deadline(deadline));
+                    if woke.is_none() {
+                        return Err(wait_for.timed_out(self, started.elapsed()));
+                    }
+                }
+                Step::Launch => return self.launch_for(tenant, deadline, started),
+            }
+            now = Instant::now();
+        }
+    }
+
+    /// [`helper_for`](Self::helper_for) for an async task: waits hold no
+    /// thread, and a launch runs on a launch worker.
+    async fn helper_for_async(
+        &self,
+        tenant: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<InUse, CallError> {
+        sandpool_protocol::decode_bind(tenant).map_err(CallError::InvalidTenant)?;
+        let link = self.launcher.reactor_link();
+        let mut timer = crate::conn::Deadline::new(&link, deadline);
+        let mut now = started;
+        loop {
+            match self.step(tenant, now)? {
+                Step::Ready(held) => return Ok(held),
+                Step::Wait(listener, wait_for) => {
+                    let counted = RoomWaiter::new(self, wait_for);
+                    let mut listener = std::pin::pin!(listener);
+                    let woke = poll_fn(|cx| {
+                        if listener.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(true);
+                        }
+                        Pin::new(&mut timer).poll(cx).map(|()| false)
+                    })
+                    .await;
+                    drop(counted);
+                    if !woke {
+                        return Err(wait_for.timed_out(self, started.elapsed()));
+                    }
+                }
+                Step::Launch => {
+                    let done = Arc::new(Completion::new());
+                    let job = LaunchJob {
+                        tenant: tenant.into(),
+                        deadline,
+                        started,
+                        done: done.clone(),
+                    };
+                    let sent = self
+                        .launches
+                        .lock()
+                        .as_ref()
+                        .is_some_and(|tx| tx.send(job).is_ok());
+                    if !sent {
+                        self.launch_ended(tenant);
+                        return Err(CallError::ShutDown);
+                    }
+                    let awaiting = Awaiting(done);
+                    return poll_fn(|cx| awaiting.0.poll_take(cx)).await;
+                }
+            }
+            now = Instant::now();
+        }
+    }
+
+    /// Runs a blocking wait, counted among the waiters for room if it is one.
+    fn wait_counted<T>(&self, wait_for: WaitFor, wait: impl FnOnce() -> T) -> T {
+        let _counted = RoomWaiter::new(self, wait_for);
+        wait()
+    }
+
+    /// The one decision of getting a tenant its helper, under the state
+    /// lock: use its helper, bind a spare, wait, or launch.
+    fn step(&self, tenant: &[u8], now: Instant) -> Result<Step, CallError> {
+        let mut state = self.state.lock();
+        loop {
+            if state.shut {
+                return Err(CallError::ShutDown);
+            }
+            let entry = tenant_mut(&mut state, tenant);
+            if let Some(until) = entry.backoff_until.filter(|until| *until > now) {
+                return Err(CallError::BackingOff {
+                    failures: entry.failures,
+                    retry_in: until - now,
+                });
+            }
+            if let Some(helper) = &entry.helper {
+                if !helper.is_retired() {
+                    entry.last_used = Some(now);
+                    return Ok(Step::Ready(helper.use_guard()));
+                }
+            }
+            if let Some(retired) = entry.helper.take() {
+                // Retired while bound: whoever takes it from its tenant
+                // counts its failure, once.
+                state.bound -= 1;
+                self.count_failure(&mut state, tenant, &retired);
+                continue;
+            }
+            if entry.launching {
+                return Ok(Step::Wait(self.changed.listen(), WaitFor::Launch));
+            }
+            if let Some(spare) = state.spares.pop_front() {
+                let _ = self.keeper.send(KeeperMsg::Refill);
+                if let Some(held) = self.bind_spare(&mut state, tenant, spare, now) {
+                    return Ok(Step::Ready(held));
+                }
+                continue;
+            }
+            if state.live() >= self.config.max_helpers && !self.evict_one(&mut state) {
+                return Ok(Step::Wait(self.changed.listen(), WaitFor::Room));
+            }
+            self.telemetry.spare_miss(self.config.spares);
+            tenant_mut(&mut state, tenant).launching = true;
+            state.launching += 1;
+            return Ok(Step::Launch);
+        }
+    }
+
+    /// Binds a spare to `tenant` (the Bind frame is queued without waiting)
+    /// and installs it. A spare that fails to bind (it died, or broke the
+    /// protocol while waiting) is dropped, killed and reaped, and not
+    /// charged to the tenant.
+    fn bind_spare(
+        &self,
+        state: &mut State,
+        tenant: &[u8],
+        spare: Arc<Helper>,
+        started: Instant,
+    ) -> Option<InUse> {
+        match spare.bind(tenant) {
+            Ok(()) => {
+                self.telemetry.spare_hit(started.elapsed());
+                self.install(state, tenant, spare).ok()
+            }
+            Err(err) => {
+                warn!(pid = spare.pid(), %err, "spare helper unusable");
+                self.telemetry.failure(&err);
+                None
+            }
+        }
+    }
+
+    /// Launches a helper for `tenant` (marked launching by [`step`]) and
+    /// installs it.
+    fn launch_for(
+        &self,
+        tenant: &[u8],
+        deadline: Instant,
+        started: Instant,
+    ) -> Result<InUse, CallError> {
+        let launched = guarded(|| {
+            let helper = self
+                .launcher
+                .launch_until(deadline)
+                .map_err(|err| CallError::Launch(Arc::new(err)))?;
+            helper.bind(tenant)?;
+            Ok(helper)
+        });
+        let mut state = self.state.lock();
+        state.launching -= 1;
+        tenant_mut(&mut state, tenant).launching = false;
+        self.notify_changed();
+        self.telemetry.queue_wait(started.elapsed());
+        match launched {
+            Ok(helper) => {
+                self.telemetry
+                    .launched(helper.launch_time(), helper.hello(), helper.pid());
+                self.install(&mut state, tenant, Arc::new(helper))
+            }
+            Err(err) => {
+                if matches!(err, CallError::Launch(_)) {
+                    self.telemetry.launch_failed();
+                }
+                self.record_failure(&mut state, tenant, &err);
+                Err(err)
+            }
+        }
+    }
+
+    /// A launch that was never started ends (shutdown).
+    fn launch_ended(&self, tenant: &[u8]) {
+        let mut state = self.state.lock();
+        state.launching -= 1;
+        tenant_mut(&mut state, tenant).launching = false;
+        self.notify_changed();
+    }
+
+    /// A launch worker: launches helpers for async callers until the pool
+    /// shuts down.
+    pub(super) fn launch_worker(&self, jobs: Receiver<LaunchJob>) {
+        for job in jobs {
+            let result = self.launch_for(&job.tenant, job.deadline, job.started);
+            // A caller that gave up leaves the helper installed for the
+            // tenant's next call; its hold on it drops here.
+            drop(job.done.complete(result, false));
+        }
+    }
+
+    /// Stops the launch workers (they finish the launch in hand).
+    pub(super) fn stop_launch_workers(&self) {
+        self.launches.lock().take();
+    }
+
+    fn install(
+        &self,
+        state: &mut State,
+        tenant: &[u8],
+        helper: Arc<Helper>,
+    ) -> Result<InUse, CallError> {
+        if state.shut {
+            // Shutdown began while this helper was being launched or bound:
+            // it is killed and reaped when the last handle drops (at once).
+            self.telemetry.closed(CloseCause::Shutdown);
+            return Err(CallError::ShutDown);
+        }
+        let held = helper.use_guard();
+        let entry = tenant_mut(state, tenant);
+        entry.helper = Some(helper);
+        entry.last_used = Some(Instant::now());
+        state.bound += 1;
+        debug!(pid = held.helper().pid(), tenant = %String::from_utf8_lossy(tenant), "helper bound");
+        self.notify_changed();
+        Ok(held)
+    }
+
+    /// Evicts the least recently used idle helper of any tenant. Returns
+    /// whether one was evicted.
+    pub(super) fn evict_one(&self, state: &mut State) -> bool {
+        let victim = state
+            .tenants
+            .iter()
+            .filter_map(|(key, t)| {
+                let helper = t.helper.as_ref()?;
+                // Idle: no call in flight and no caller holding it (the
+                // keeper's own handles do not count).
+                helper.is_unused().then_some((t.last_used, key.clone()))
+            })
+            .min_by_key(|(last_used, _)| *last_used)
+            .map(|(_, key)| key);
+        let Some(key) = victim else {
+            return false;
+        };
+        let Some(helper) = state.tenants.get_mut(&key).and_then(|t| t.helper.take()) else {
+            return false;
+        };
+        state.bound -= 1;
+        state.closing += 1;
+        self.telemetry.closed(CloseCause::Evicted);
+        debug!(pid = helper.pid(), "evicting least recently used helper");
+        self.send_close(state, helper, CloseCause::Evicted);
+        true
+    }
+
+    /// Hands a helper (already counted in `closing`) to the keeper.
+    pub(super) fn send_close(&self, state: &mut State, helper: Arc<Helper>, cause: CloseCause) {
+        if let Err(err) = self.keeper.send(KeeperMsg::Close(helper, cause)) {
+            // The keeper is gone (shutdown): the helper is killed and reaped
+            // when this last handle drops.
+            state.closing -= 1;
+            drop(err);
+        }
+    }
+
+    /// Bookkeeping after a call on `helper` for `tenant`.
+    fn after_call(&self, tenant: &[u8], helper: &Arc<Helper>, result: &Result<Vec<u8>, CallError>) {
+        match result {
+            Ok(_) | Err(CallError::Helper(_)) => {
+                let first = helper.note_tenant_success();
+                let max = self.config.max_requests_per_helper;
+                let recycle = max > 0 && helper.tenant_calls() >= max;
+                if first || recycle {
+                    let mut state = self.state.lock();
+                    if first {
+                        // The tenant's helper works: forget earlier failures.
+                        if let Some(entry) = state.tenants.get_mut(tenant) {
+                            entry.failures = 0;
+                            entry.backoff_until = None;
+                        }
+                    }
+                    if recycle && self.unbind(&mut state, tenant, helper) {
+                        state.closing += 1;
+                        self.telemetry.closed(CloseCause::MaxRequests);
+                        self.send_close(&mut state, helper.clone(), CloseCause::MaxRequests);
+                    }
+                }
+            }
+            Err(err) if err.is_helper_failure() => {
+                let mut state = self.state.lock();
+                // Every call in flight on the dead helper sees the same
+                // error; the failure is counted once, by whoever unbinds it.
+                if self.unbind(&mut state, tenant, helper) {
+                    self.count_failure(&mut state, tenant, helper);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Counts a retired helper's failure toward its tenant's back-off,
+    /// once in the helper's life (a shut-down helper did not fail).
+    pub(super) fn count_failure(&self, state: &mut State, tenant: &[u8], helper: &Helper) {
+        if let Some(err) = helper.failure() {
+            if err.is_helper_failure() && helper.take_failure_count() {
+                self.record_failure(state, tenant, &err);
+            }
+        }
+    }
+
+    /// Removes `helper` from `tenant` if it is still the tenant's helper.
+    pub(super) fn unbind(&self, state: &mut State, tenant: &[u8], helper: &Arc<Helper>) -> bool {
+        let Some(entry) = state.tenants.get_mut(tenant) else {
+            return false;
+        };
+        if entry
+            .helper
+            .as_ref()
+            .is_some_and(|h| Arc::ptr_eq(h, helper))
+        {
+            entry.helper = None;
+            state.bound -= 1;
+            self.notify_changed();
+            return true;
+        }
+        false
+    }
+
+    pub(super) fn record_failure(&self, state: &mut State, tenant: &[u8], err: &CallError) {
+        self.telemetry.failure(err);
+        let Some(entry) = state.tenants.get_mut(tenant) else {
+            return;
+        };
+        let now = Instant::now();
+        entry.failures = entry.failures.saturating_add(1);
+        entry.last_failure = Some(now);
+        if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
+            entry.backoff_until = Some(now + delay);
+            self.telemetry.backoff_engaged();
+            warn!(
+                tenant = %String::from_utf8_lossy(tenant),
+                failures = entry.failures,
+                delay_ms = delay.as_millis() as u64,
+                %err,
+                "tenant backed off"
+            );
+        }
+    }
+
+    pub(super) fn helper_counts(&self) -> HelperCounts {
+        let state = self.state.lock();
+        let busy = state
+            .tenants
+            .values()
+            .filter_map(|t| t.helper.as_ref())
+            .filter(|h| h.in_flight() > 0)
+            .count();
+        HelperCounts {
+            live: state.live(),
+            spare: state.spares.len(),
+            launching: state.launching,
+            busy,
+            idle: state.bound - busy,
+            closing: state.closing,
+        }
+    }
+
+    pub(super) fn helper_info(&self, tenant: &[u8]) -> Option<HelperInfo> {
+        let state = self.state.lock();
+        let helper = state.tenants.get(tenant)?.helper.as_ref()?;
+        Some(HelperInfo {
+            pid: helper.pid(),
+            calls: helper.tenant_calls(),
+            total_calls: helper.calls(),
+            in_flight: helper.in_flight(),
+        })
+    }
+
+    pub(super) fn spare_pids(&self) -> Vec<u32> {
+        self.state.lock().spares.iter().map(|h| h.pid()).collect()
+    }
+
+    /// Marks the pool shut and takes every helper out of it.
+    pub(super) fn take_all(&self) -> Vec<Arc<Helper>> {
+        let helpers = {
+            let mut state = self.state.lock();
+            state.shut = true;
+            let mut helpers: Vec<_> = state.spares.drain(..).collect();
+            for tenant in state.tenants.values_mut() {
+                helpers.extend(tenant.helper.take());
+            }
+            state.bound = 0;
+            state.tenants.clear();
+            helpers
+        };
+        self.notify_changed();
+        helpers
+    }
+
+    /// Every helper has been reaped (shutdown).
+    pub(super) fn reaped_all(&self) {
+        self.state.lock().closing = 0;
+    }
+}
