@@ -20,7 +20,7 @@
 //! no wake-up is lost. The waiter never has to work out from anything else
 //! why it woke.
 //!
-//! Under `--cfg loom` the atomics, locks and threads are loom's, and
+//! Under `--cfg sandpool_loom` the atomics, locks and threads are loom's, and
 //! `tests::loom_*` explore every interleaving of a completer and a waiter.
 
 use std::task::{Context, Poll, Waker};
@@ -185,7 +185,7 @@ impl<T> Completion<T> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(sandpool_loom)))]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
@@ -278,7 +278,7 @@ mod tests {
     }
 }
 
-#[cfg(all(test, loom))]
+#[cfg(all(test, sandpool_loom))]
 mod tests {
     use loom::sync::Arc;
 
@@ -307,15 +307,15 @@ mod tests {
     fn loom_a_waiter_is_never_left_asleep() {
         loom::model(|| {
             let c = Arc::new(Completion::<u32>::new());
-            let completer = {
+            let waiter = {
                 let c = c.clone();
                 loom::thread::spawn(move || {
-                    let _ = c.complete(2, true);
+                    let far = Instant::now() + Duration::from_secs(3600);
+                    c.wait_until(far, Duration::ZERO)
                 })
             };
-            let far = Instant::now() + Duration::from_secs(3600);
-            assert_eq!(c.wait_until(far, Duration::ZERO), Some(2));
-            completer.join().unwrap_or(());
+            let _ = c.complete(2, true);
+            assert_eq!(waiter.join().ok().flatten(), Some(2));
         });
     }
 

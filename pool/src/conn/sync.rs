@@ -1,18 +1,18 @@
 //! The synchronisation primitives of the call path's shared state: std's,
-//! or loom's under `--cfg loom`, so a model check explores the real code.
+//! or loom's under `--cfg sandpool_loom`, so a model check explores the real code.
 
-#[cfg(loom)]
+#[cfg(sandpool_loom)]
 pub(crate) use loom::sync::atomic::{AtomicU8, Ordering};
-#[cfg(loom)]
+#[cfg(sandpool_loom)]
 pub(crate) use loom::sync::{Mutex, MutexGuard};
-#[cfg(loom)]
+#[cfg(sandpool_loom)]
 pub(crate) use loom::thread::{Thread, current, yield_now};
 
-#[cfg(not(loom))]
+#[cfg(not(sandpool_loom))]
 pub(crate) use std::sync::atomic::{AtomicU8, Ordering};
-#[cfg(not(loom))]
+#[cfg(not(sandpool_loom))]
 pub(crate) use std::sync::{Mutex, MutexGuard};
-#[cfg(not(loom))]
+#[cfg(not(sandpool_loom))]
 pub(crate) use std::thread::{Thread, current, yield_now};
 
 /// Locks `mutex`; a panic elsewhere while it was held (none is expected:
@@ -26,11 +26,11 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Parks the calling thread for at most `timeout` (loom models have no
 /// clock: there it parks until unparked).
 pub(crate) fn park_timeout(timeout: std::time::Duration) {
-    #[cfg(loom)]
+    #[cfg(sandpool_loom)]
     {
         let _ = timeout;
         loom::thread::park();
     }
-    #[cfg(not(loom))]
+    #[cfg(not(sandpool_loom))]
     std::thread::park_timeout(timeout);
 }
