@@ -118,3 +118,139 @@ pub fn raw_ping_pong_round(
     peer.wait()?;
     Ok(samples)
 }
+
+/// Which slots of [`keep_in_flight`] were woken, and the task to wake.
+struct Woken {
+    slots: std::sync::atomic::AtomicU64,
+    task: std::sync::Mutex<Option<std::task::Waker>>,
+}
+
+/// The waker of one slot: marks the slot, then wakes the polling task.
+struct SlotWaker {
+    slot: u32,
+    woken: std::sync::Arc<Woken>,
+}
+
+impl std::task::Wake for SlotWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.woken
+            .slots
+            .fetch_or(1 << self.slot, std::sync::atomic::Ordering::AcqRel);
+        let task = self
+            .woken
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
+/// Keeps `window` (at most 64) futures made by `make` in flight from the
+/// one task that awaits this, making the next as each completes (handing
+/// its output to `done`), until `total` have completed. Each slot has its
+/// own waker, so a wake-up polls only the futures that were woken (like
+/// `FuturesUnordered`, with no crate beyond std).
+pub async fn keep_in_flight<F: std::future::Future>(
+    window: usize,
+    total: usize,
+    mut make: impl FnMut() -> F,
+    mut done: impl FnMut(F::Output),
+) {
+    use std::sync::atomic::Ordering;
+    let window = window.clamp(1, 64).min(total);
+    let woken = std::sync::Arc::new(Woken {
+        slots: std::sync::atomic::AtomicU64::new(0),
+        task: std::sync::Mutex::new(None),
+    });
+    let wakers: Vec<std::task::Waker> = (0..window as u32)
+        .map(|slot| {
+            std::task::Waker::from(std::sync::Arc::new(SlotWaker {
+                slot,
+                woken: woken.clone(),
+            }))
+        })
+        .collect();
+    let mut slots: Vec<Option<std::pin::Pin<Box<F>>>> =
+        (0..window).map(|_| Some(Box::pin(make()))).collect();
+    let (mut made, mut completed) = (window, 0);
+    // Every slot's first poll.
+    let mut ready: u64 = if window == 64 {
+        u64::MAX
+    } else {
+        (1 << window) - 1
+    };
+    std::future::poll_fn(|cx| {
+        *woken
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cx.waker().clone());
+        ready |= woken.slots.swap(0, Ordering::AcqRel);
+        while ready != 0 {
+            let slot = ready.trailing_zeros() as usize;
+            ready &= !(1 << slot);
+            let Some(future) = slots[slot].as_mut() else {
+                continue;
+            };
+            let mut slot_cx = std::task::Context::from_waker(&wakers[slot]);
+            if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut slot_cx) {
+                done(output);
+                completed += 1;
+                if made < total {
+                    // Polled at once in the same slot: it starts now.
+                    slots[slot] = Some(Box::pin(make()));
+                    made += 1;
+                    ready |= 1 << slot;
+                } else {
+                    slots[slot] = None;
+                }
+            }
+            if ready == 0 {
+                ready = woken.slots.swap(0, Ordering::AcqRel);
+            }
+        }
+        if completed == total {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    #[test]
+    fn keep_in_flight_completes_every_future_and_never_more_than_the_window_at_once() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (in_flight, most, completed) = (Cell::new(0usize), Cell::new(0usize), Cell::new(0));
+        runtime.block_on(super::keep_in_flight(
+            8,
+            100,
+            || {
+                in_flight.set(in_flight.get() + 1);
+                most.set(most.get().max(in_flight.get()));
+                async {
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
+                }
+            },
+            |()| {
+                in_flight.set(in_flight.get() - 1);
+                completed.set(completed.get() + 1);
+            },
+        ));
+        assert_eq!(completed.get(), 100);
+        assert_eq!(most.get(), 8);
+    }
+}

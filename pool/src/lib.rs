@@ -43,3 +43,6 @@ pub use sandpool_protocol::{
     DecodeError, FdCloseMethod, Hello, Kind, PayloadError, RegionError, RlimitSpec, SeccompMode,
 };
 pub use telemetry::METRICS;
+
+/// Signals for [`Helper::signal`] (re-exported from `nix`).
+pub use nix::sys::signal::Signal;

@@ -352,7 +352,8 @@ fn warm_calls(run: &mut Run) -> Value {
          or across both (about 40 us), so medians of unpinned runs depend on luck; pinned to one CPU, the comparison is \
          the code's alone. 8 KiB frames cross into a third pipe page (header plus 8 KiB), which the kernel allocates \
          and charges to the cgroup on every write; through the region, only 48 bytes of frames cross the pipes. \
-         Throughput: 8 KiB responses, one tenant, 8 caller threads, against a raw peer held to the same window of 8 \
+         Throughput: 8 KiB responses, one tenant, 8 caller threads, one tokio task with 8 call_async in flight, and \
+         one thread making call_batch of 8 after call_batch of 8, against a raw peer held to the same window of 8 \
          requests in flight, rounds interleaved.",
     );
     let rounds = if run.quick { 2 } else { 30 };
@@ -491,6 +492,8 @@ fn warm_calls(run: &mut Run) -> Value {
         "raw pipe, streamed (no window)".into(),
         format!("sandpool, {window} caller threads, max_in_flight {window}"),
         format!("sandpool, the same through {window} region slots (threshold 4 KiB)"),
+        format!("sandpool, one tokio task, {window} call_async in flight"),
+        format!("sandpool, one thread, call_batch of {window}"),
     ]
     .into_iter()
     .map(|label| (label, Vec::new(), Vec::new()))
@@ -501,7 +504,9 @@ fn warm_calls(run: &mut Run) -> Value {
                 0 => raw_pipelined_rate(size, total, Some(window)),
                 1 => raw_pipelined_rate(size, total, None),
                 2 => pooled_pipelined_rate(size, total, window, false),
-                _ => pooled_pipelined_rate(size, total, window, true),
+                3 => pooled_pipelined_rate(size, total, window, true),
+                4 => pooled_async_rate(size, total, window),
+                _ => pooled_batch_rate(size, total, window),
             };
             rates.push(rate.per_s);
             switches.push(rate.switches_per_call);
@@ -513,6 +518,7 @@ fn warm_calls(run: &mut Run) -> Value {
         .collect();
     let raw_rate = medians[0].0;
     let (streamed_rate, pooled_rate, region_rate) = (medians[1].0, medians[2].0, medians[3].0);
+    let (async_rate, batch_rate) = (medians[4].0, medians[5].0);
     let ratio = pooled_rate / raw_rate;
     let region_ratio = region_rate / raw_rate;
     run.table(
@@ -535,7 +541,31 @@ fn warm_calls(run: &mut Run) -> Value {
             })
             .collect(),
     );
-    json!({ "round_trip": out, "pipelined": { "window": window, "raw_per_s": raw_rate, "raw_streamed_per_s": streamed_rate, "sandpool_per_s": pooled_rate, "ratio": ratio, "sandpool_region_per_s": region_rate, "region_ratio": region_ratio, "rounds": rounds, "context_switches_per_response": { "raw": medians[0].1, "raw_streamed": medians[1].1, "sandpool": medians[2].1, "sandpool_region": medians[3].1 } } })
+    json!({
+        "round_trip": out,
+        "pipelined": {
+            "window": window,
+            "raw_per_s": raw_rate,
+            "raw_streamed_per_s": streamed_rate,
+            "sandpool_per_s": pooled_rate,
+            "ratio": ratio,
+            "sandpool_region_per_s": region_rate,
+            "region_ratio": region_ratio,
+            "sandpool_async_per_s": async_rate,
+            "async_ratio": async_rate / raw_rate,
+            "sandpool_batch_per_s": batch_rate,
+            "batch_ratio": batch_rate / raw_rate,
+            "rounds": rounds,
+            "context_switches_per_response": {
+                "raw": medians[0].1,
+                "raw_streamed": medians[1].1,
+                "sandpool": medians[2].1,
+                "sandpool_region": medians[3].1,
+                "sandpool_async": medians[4].1,
+                "sandpool_batch": medians[5].1,
+            },
+        },
+    })
 }
 
 fn median_f64(values: &mut [f64]) -> f64 {
@@ -609,10 +639,10 @@ fn context_switches(child: u32) -> u64 {
     own + theirs
 }
 
-/// Responses per second from one tenant's helper, `window` caller threads
-/// each making calls of `size` bytes, `max_in_flight` = `window`; through
-/// the pipes, or through a region cut into `window` slots.
-fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_region: bool) -> Rate {
+/// A pool with one warm tenant `t` for the pipelined contenders, its
+/// `size`-byte echo request and the helper's pid: `max_in_flight` =
+/// `window`; through the pipes, or through a region cut into `window` slots.
+fn pipelined_pool(size: usize, window: usize, through_region: bool) -> (Pool, Vec<u8>, u32) {
     let mut config = Config::new(HELPER);
     config.spares = 0;
     config.max_in_flight = window;
@@ -621,10 +651,19 @@ fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_regio
         config.region_threshold = sandpool::ByteSize::kib(4);
         config.region_slots = window;
     }
-    let pool = Arc::new(Pool::new(config).expect("pool"));
-    let req = Arc::new(request(OP_ECHO, &vec![1u8; size - 1]));
+    let pool = Pool::new(config).expect("pool");
+    let req = request(OP_ECHO, &vec![1u8; size - 1]);
     pool.call("t", &req).expect("warm-up");
     let helper = pool.helper_info("t").expect("a helper").pid;
+    (pool, req, helper)
+}
+
+/// Responses per second from one tenant's helper, `window` caller threads
+/// each making calls of `size` bytes, `max_in_flight` = `window`; through
+/// the pipes, or through a region cut into `window` slots.
+fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_region: bool) -> Rate {
+    let (pool, req, helper) = pipelined_pool(size, window, through_region);
+    let (pool, req) = (Arc::new(pool), Arc::new(req));
     let switches_before = context_switches(helper);
     let started = Instant::now();
     let threads: Vec<_> = (0..window)
@@ -646,6 +685,274 @@ fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_regio
         per_s,
         switches_per_call: switches as f64 / total as f64,
     }
+}
+
+/// Responses per second from one tenant's helper, one tokio task (the
+/// `block_on` of a current-thread runtime on this thread) keeping `window`
+/// `call_async` futures in flight: the next call starts as each completes.
+/// No thread waits per call; the pool's reactor wakes the task.
+fn pooled_async_rate(size: usize, total: usize, window: usize) -> Rate {
+    let (pool, req, helper) = pipelined_pool(size, window, false);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let switches_before = context_switches(helper);
+    let started = Instant::now();
+    runtime.block_on(sandpool_benches::keep_in_flight(
+        window,
+        total,
+        || pool.call_async("t", &req),
+        |result| {
+            result.expect("call");
+        },
+    ));
+    let per_s = total as f64 / started.elapsed().as_secs_f64();
+    let switches = context_switches(helper) - switches_before;
+    Rate {
+        per_s,
+        switches_per_call: switches as f64 / total as f64,
+    }
+}
+
+/// Responses per second from one tenant's helper, one thread making
+/// `call_batch` after `call_batch` of `window` requests (pipelined from the
+/// calling thread; each batch waits for all its replies before the next).
+fn pooled_batch_rate(size: usize, total: usize, window: usize) -> Rate {
+    let (pool, req, helper) = pipelined_pool(size, window, false);
+    let batch: Vec<&[u8]> = vec![&req; window];
+    let switches_before = context_switches(helper);
+    let started = Instant::now();
+    for _ in 0..total / window {
+        for result in pool.call_batch("t", &batch) {
+            result.expect("call");
+        }
+    }
+    let per_s = total as f64 / started.elapsed().as_secs_f64();
+    let switches = context_switches(helper) - switches_before;
+    Rate {
+        per_s,
+        switches_per_call: switches as f64 / total as f64,
+    }
+}
+
+/// User plus system CPU time of this whole process so far (every thread,
+/// ended ones too; the helpers are other processes and not counted).
+fn host_cpu() -> Duration {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .map(|usage| {
+            let tv = |t: nix::sys::time::TimeVal| {
+                Duration::from_secs(t.tv_sec().max(0) as u64)
+                    + Duration::from_micros(t.tv_usec().max(0) as u64)
+            };
+            tv(usage.user_time()) + tv(usage.system_time())
+        })
+        .unwrap_or_default()
+}
+
+fn async_callers(run: &mut Run) -> Value {
+    run.section(
+        "3c. call_async from 32 tokio tasks, against spawn_blocking(pool.call)",
+        "A multi-thread tokio runtime (2 worker threads, this machine's cores), 32 tasks, each making calls of a \
+         16-byte echo one after another on one of 4 tenants (8 tasks a tenant), on one pool with 4 warm helpers: \
+         `pool.call_async(..).await`, against what an async user would otherwise write, \
+         `spawn_blocking(move || pool.call(..)).await` per call, with max_blocking_threads 32 so that both keep 32 \
+         calls in flight. Calls/s, and host CPU per call (user plus system time of this process from getrusage; the \
+         helpers are other processes and not counted). Rounds interleaved. Then cancellation: a call_async of a \
+         helper op that sleeps, dropped by `tokio::time::timeout` long before the sleep ends, and the tenant's next \
+         call (an echo) timed against the helper's remaining work (it answers in order, so the next call waits for \
+         the abandoned sleep; it should wait for no more than that).",
+    );
+    let tasks = 32;
+    let tenants: Arc<Vec<String>> = Arc::new((0..4).map(|i| format!("t{i}")).collect());
+    let calls_per_task = if run.quick { 50 } else { 1000 };
+    let total = tasks * calls_per_task;
+    let rounds = if run.quick { 1 } else { 5 };
+    let mut config = Config::new(HELPER);
+    config.spares = 0;
+    let pool = Arc::new(Pool::new(config).expect("pool"));
+    let req = Arc::new(request(OP_ECHO, &[0x5A; 15]));
+    for tenant in tenants.iter() {
+        pool.call(tenant, &req).expect("warm-up");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(tasks)
+        .build()
+        .expect("runtime");
+    // One round of one contender: 32 tasks, `calls` calls each; calls/s and
+    // host CPU per call.
+    let round = |blocking: bool, calls: usize| -> (f64, Duration) {
+        let cpu_before = host_cpu();
+        let started = Instant::now();
+        runtime.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for task in 0..tasks {
+                let (pool, req, tenants) = (pool.clone(), req.clone(), tenants.clone());
+                set.spawn(async move {
+                    let tenant = &tenants[task % tenants.len()];
+                    for _ in 0..calls {
+                        if blocking {
+                            // The usual bridge: a blocking-pool thread per
+                            // call in flight, the task awaiting its handle.
+                            let (pool, req, tenant) = (pool.clone(), req.clone(), tenant.clone());
+                            tokio::task::spawn_blocking(move || pool.call(tenant, &req))
+                                .await
+                                .expect("blocking call")
+                                .expect("call");
+                        } else {
+                            pool.call_async(tenant, &req).await.expect("call");
+                        }
+                    }
+                });
+            }
+            while let Some(joined) = set.join_next().await {
+                joined.expect("task");
+            }
+        });
+        let per_s = (tasks * calls) as f64 / started.elapsed().as_secs_f64();
+        let cpu = (host_cpu().saturating_sub(cpu_before)) / (tasks * calls) as u32;
+        (per_s, cpu)
+    };
+    // Warm-up: the blocking pool's 32 threads and the tasks' first calls.
+    round(true, 10);
+    round(false, 10);
+    // (label, calls/s, CPU per call), A B A B ...
+    let mut contenders: Vec<(&str, Vec<f64>, Vec<Duration>)> = vec![
+        ("sandpool pool.call_async(..).await", Vec::new(), Vec::new()),
+        (
+            "tokio::task::spawn_blocking(move || pool.call(..)).await",
+            Vec::new(),
+            Vec::new(),
+        ),
+    ];
+    for _ in 0..rounds {
+        for (index, (_, rates, cpus)) in contenders.iter_mut().enumerate() {
+            let (per_s, cpu) = round(index == 1, calls_per_task);
+            rates.push(per_s);
+            cpus.push(cpu);
+        }
+    }
+    let medians: Vec<(f64, Duration)> = contenders
+        .iter_mut()
+        .map(|(_, rates, cpus)| (median_f64(rates), summarize(cpus).median))
+        .collect();
+    let (async_rate, async_cpu) = medians[0];
+    let (blocking_rate, blocking_cpu) = medians[1];
+    let rate_ratio = async_rate / blocking_rate;
+    let cpu_ratio = async_cpu.as_secs_f64() / blocking_cpu.as_secs_f64().max(1e-12);
+    run.table(
+        &[
+            "32 tasks, 4 tenants, 16 B echo",
+            "calls/s (median of rounds)",
+            "vs spawn_blocking",
+            "host CPU per call",
+            "CPU vs spawn_blocking",
+        ],
+        contenders
+            .iter()
+            .zip(&medians)
+            .map(|((label, _, _), (rate, cpu))| {
+                vec![
+                    (*label).into(),
+                    format!("{rate:.0}"),
+                    format!("{:.2}x", rate / blocking_rate),
+                    format!("{:.1} us", us(*cpu)),
+                    format!(
+                        "{:.2}x",
+                        cpu.as_secs_f64() / blocking_cpu.as_secs_f64().max(1e-12)
+                    ),
+                ]
+            })
+            .collect(),
+    );
+
+    // Cancellation: the abandoned call's request was sent, so the helper
+    // sleeps on; the next call queues behind it and should wait for that
+    // remaining work alone (a few ms more at most), not for a timeout, a
+    // relaunch or a blamed helper.
+    let (sleep_ms, timeout_ms, cancel_rounds) = if run.quick {
+        (300u32, 50u64, 1)
+    } else {
+        (1500, 100, 3)
+    };
+    let mut config = Config::new(HELPER);
+    config.spares = 0;
+    config.args = vec!["--test-ops".into()];
+    let pool = Pool::new(config).expect("pool");
+    let echo = request(OP_ECHO, b"next");
+    let sleep = sandpool_helper::reference::sleep_request(sleep_ms, b"abandoned");
+    pool.call("c", &echo).expect("warm-up");
+    let helper = pool.helper_info("c").expect("a helper").pid;
+    let timer = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .expect("runtime");
+    let (mut next_calls, mut remaining) = (Vec::new(), Vec::new());
+    for _ in 0..cancel_rounds {
+        let (next, left) = timer.block_on(async {
+            let sent = Instant::now();
+            let abandoned = tokio::time::timeout(
+                Duration::from_millis(timeout_ms),
+                pool.call_async("c", &sleep),
+            )
+            .await;
+            assert!(abandoned.is_err(), "the sleep should have timed out");
+            let t = Instant::now();
+            let left = Duration::from_millis(sleep_ms.into()).saturating_sub(t - sent);
+            let reply = pool.call_async("c", &echo).await.expect("next call");
+            assert_eq!(reply, b"next", "the next call got the abandoned reply");
+            (t.elapsed(), left)
+        });
+        next_calls.push(next);
+        remaining.push(left);
+    }
+    let same_helper = pool.helper_info("c").map(|info| info.pid) == Some(helper);
+    let next = summarize(&mut next_calls).median;
+    let left = summarize(&mut remaining).median;
+    let excess_ms = (next.as_secs_f64() - left.as_secs_f64()) * 1e3;
+    run.table(
+        &[
+            "cancellation, one tenant",
+            "next call",
+            "helper's remaining work",
+            "next call beyond it",
+        ],
+        vec![vec![
+            format!(
+                "call_async of a {sleep_ms} ms sleep dropped by timeout({timeout_ms} ms), then an echo \
+                 (median of {cancel_rounds}{})",
+                if same_helper {
+                    "; same helper throughout"
+                } else {
+                    "; the helper was replaced"
+                }
+            ),
+            format!("next call after a cancelled one: {:.1} ms", us(next) / 1e3),
+            format!("helper's remaining work: {:.1} ms", us(left) / 1e3),
+            format!("{excess_ms:+.1} ms"),
+        ]],
+    );
+    json!({
+        "tasks": tasks,
+        "tenants": tenants.len(),
+        "calls_per_round": total,
+        "rounds": rounds,
+        "call_async_per_s": async_rate,
+        "spawn_blocking_per_s": blocking_rate,
+        "rate_ratio": rate_ratio,
+        "call_async_cpu_us_per_call": us(async_cpu),
+        "spawn_blocking_cpu_us_per_call": us(blocking_cpu),
+        "cpu_ratio": cpu_ratio,
+        "cancellation": {
+            "sleep_ms": sleep_ms,
+            "timeout_ms": timeout_ms,
+            "rounds": cancel_rounds,
+            "next_call_ms": us(next) / 1e3,
+            "remaining_work_ms": us(left) / 1e3,
+            "excess_ms": excess_ms,
+            "same_helper": same_helper,
+        },
+    })
 }
 
 fn large_payloads(run: &mut Run) -> Value {
@@ -1127,11 +1434,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
     type Scenario = fn(&mut Run) -> Value;
-    let scenarios: [(u32, &str, Scenario); 7] = [
+    let scenarios: [(u32, &str, Scenario); 8] = [
         (1, "launch_by_host_state", launch_by_host_state),
         (2, "concurrent_launches", concurrent_launches),
         (3, "warm_calls", warm_calls),
         (3, "large_payloads", large_payloads),
+        (3, "async_callers", async_callers),
         (4, "first_call_after_idle_gap", idle_gap),
         (5, "spawn_per_call", spawn_per_call),
         (6, "density", density),

@@ -349,86 +349,76 @@ impl Conn {
         deadline: Instant,
         started: Instant,
     ) -> CallResult {
-        {
-            let through_region = self.check_request(request)?;
-            let mut timer = Deadline::new(&self.link, deadline);
-            let mut waited = false;
-            let ticket = loop {
-                let listener = {
-                    let mut st = self.state.lock();
-                    if !matches!(st.health, Health::Serving) {
-                        return Err(if waited {
-                            self.failure_for_waiter(&st)
-                        } else {
-                            self.not_sent(&st)
-                        });
-                    }
-                    match self.room_for(&st, through_region, started) {
-                        Ok(()) => {
-                            let now = Instant::now();
-                            if now >= deadline {
-                                return Err(self.queue_timeout(started));
-                            }
-                            let mut out = [Outgoing::new(request, through_region)];
-                            let mut tickets = Tickets::new();
-                            self.enqueue(
-                                &mut st,
-                                &mut out,
-                                deadline,
-                                now,
-                                false,
-                                false,
-                                &mut tickets,
-                            )?;
-                            drop(st);
-                            match tickets.pop() {
-                                Some(ticket) => break ticket,
-                                None => unreachable!("one request was queued"),
-                            }
-                        }
-                        Err(full) => {
-                            if timer.passed() {
-                                return Err(full);
-                            }
-                            self.room.listen()
-                        }
-                    }
-                };
-                let mut listener = std::pin::pin!(listener);
-                let woke = poll_fn(|cx| {
-                    if listener.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(true);
-                    }
-                    match Pin::new(&mut timer).poll(cx) {
-                        Poll::Ready(()) => Poll::Ready(false),
-                        Poll::Pending => Poll::Pending,
-                    }
-                })
-                .await;
-                if !woke {
-                    // The deadline: one last look for room below.
-                    timer.expire();
+        let through_region = self.check_request(request)?;
+        let mut timer = Deadline::new(&self.link, deadline);
+        let mut waited = false;
+        let ticket = loop {
+            let listener = {
+                let mut st = self.state.lock();
+                if !matches!(st.health, Health::Serving) {
+                    return Err(if waited {
+                        self.failure_for_waiter(&st)
+                    } else {
+                        self.not_sent(&st)
+                    });
                 }
-                waited = true;
+                match self.room_for(&st, through_region, started) {
+                    Ok(()) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            return Err(self.queue_timeout(started));
+                        }
+                        let mut out = [Outgoing::new(request, through_region)];
+                        let mut tickets = Tickets::new();
+                        self.enqueue(&mut st, &mut out, deadline, now, false, false, &mut tickets)?;
+                        drop(st);
+                        match tickets.pop() {
+                            Some(ticket) => break ticket,
+                            None => unreachable!("one request was queued"),
+                        }
+                    }
+                    Err(full) => {
+                        if timer.passed() {
+                            return Err(full);
+                        }
+                        self.room.listen()
+                    }
+                }
             };
-            let mut verdict_since = None;
-            let result = poll_fn(|cx| {
-                if let Poll::Ready(result) = ticket.completion().poll_take(cx) {
-                    return Poll::Ready(result);
+            let mut listener = std::pin::pin!(listener);
+            let woke = poll_fn(|cx| {
+                if listener.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(true);
                 }
-                loop {
-                    if Pin::new(&mut timer).poll(cx).is_pending() {
-                        return Poll::Pending;
-                    }
-                    match self.at_deadline(&ticket, started, &mut verdict_since) {
-                        AtDeadline::Over(result) => return Poll::Ready(result),
-                        AtDeadline::AwaitVerdict => timer.reset(Instant::now() + VERDICT_STEP),
-                    }
+                match Pin::new(&mut timer).poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
                 }
             })
             .await;
-            ticket.finish(result)
-        }
+            if !woke {
+                // The deadline: one last look for room below.
+                timer.expire();
+            }
+            waited = true;
+        };
+        let mut verdict_since = None;
+        let result = poll_fn(|cx| {
+            if let Poll::Ready(result) = ticket.completion().poll_take(cx) {
+                return Poll::Ready(result);
+            }
+            loop {
+                if Pin::new(&mut timer).poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                match self.at_deadline(&ticket, started, &mut verdict_since) {
+                    AtDeadline::Over(result) => return Poll::Ready(result),
+                    AtDeadline::AwaitVerdict => timer.reset(Instant::now() + VERDICT_STEP),
+                }
+            }
+        })
+        .await;
+        ticket.finish(result)
     }
 
     /// Queues `out` (the caller checked the room: every request has a place

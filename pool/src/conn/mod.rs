@@ -542,7 +542,7 @@ impl Helper {
     }
 
     /// Sends a signal to the helper through its pidfd (e.g. SIGSTOP in tests).
-    pub fn signal(&self, signal: nix::sys::signal::Signal) -> std::io::Result<()> {
+    pub fn signal(&self, signal: crate::Signal) -> std::io::Result<()> {
         self.conn.process.signal(signal)
     }
 

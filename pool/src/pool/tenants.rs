@@ -307,40 +307,38 @@ impl Shared {
         deadline: Instant,
         started: Instant,
     ) -> Result<Vec<u8>, CallError> {
-        {
-            let tenant = tenant.as_ref();
-            self.telemetry.call_started();
-            let mut guard = CallGuard {
-                shared: self,
-                tenant,
-                started,
-                finished: false,
-            };
-            let mut attempts = 0;
-            let result = loop {
-                attempts += 1;
-                let now = Instant::now();
-                let result = match self.helper_for_async(tenant, deadline, now).await {
-                    Ok(held) => {
-                        let result = held
-                            .helper()
-                            .call_async_from(request, deadline, started)
-                            .await;
-                        self.after_call(tenant, held.helper(), &result);
-                        result
-                    }
-                    Err(err) => Err(err),
-                };
-                if !self.retry(&result, attempts) {
-                    break result;
+        let tenant = tenant.as_ref();
+        self.telemetry.call_started();
+        let mut guard = CallGuard {
+            shared: self,
+            tenant,
+            started,
+            finished: false,
+        };
+        let mut attempts = 0;
+        let result = loop {
+            attempts += 1;
+            let now = Instant::now();
+            let result = match self.helper_for_async(tenant, deadline, now).await {
+                Ok(held) => {
+                    let result = held
+                        .helper()
+                        .call_async_from(request, deadline, started)
+                        .await;
+                    self.after_call(tenant, held.helper(), &result);
+                    result
                 }
+                Err(err) => Err(err),
             };
-            guard.finished = true;
-            self.call_done();
-            self.telemetry
-                .call_finished(tenant, &result, started.elapsed());
-            result
-        }
+            if !self.retry(&result, attempts) {
+                break result;
+            }
+        };
+        guard.finished = true;
+        self.call_done();
+        self.telemetry
+            .call_finished(tenant, &result, started.elapsed());
+        result
     }
 
     /// Whether a call whose helper was retired before it sent anything is
