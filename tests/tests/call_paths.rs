@@ -406,3 +406,146 @@ fn eviction_at_the_cap_ignores_the_keepers_own_handles() {
     drop(pool);
     assert!(wait_for(Duration::from_secs(5), || children().is_empty()));
 }
+
+// Regressions from a review of the rebuilt call path (each failed before
+// its fix, in every run).
+
+#[test]
+fn replies_left_in_the_read_ahead_buffer_are_still_delivered() {
+    // Abandoned requests pile up behind a slow one; when it ends, more than
+    // one read pass's worth of replies arrive at once. Those left in the
+    // read-ahead buffer (no epoll event announces them) must still reach
+    // the live callers behind them.
+    let helper = Arc::new(
+        Launcher::new(config(&["--test-ops"]))
+            .unwrap()
+            .launch()
+            .unwrap(),
+    );
+    let front = sandpool_tests::call_in_thread(&helper, sleep_request(1500, b"f"), 10.0);
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    let runtime = current_thread();
+    let mut left = 0;
+    runtime.block_on(async {
+        while left < 150 {
+            let req = request(OP_ECHO, b"gone");
+            let cut = tokio::time::timeout(
+                Duration::from_millis(1),
+                helper.call_async(&req, deadline(3.0)),
+            )
+            .await;
+            left += usize::from(cut.is_err());
+        }
+    });
+    assert!(
+        helper.in_flight() > 64,
+        "more replies owed than one read pass takes"
+    );
+    let live: Vec<_> = (0..8u8)
+        .map(|i| sandpool_tests::call_in_thread(&helper, request(OP_ECHO, &[i]), 2.5))
+        .collect();
+    assert_eq!(front.join().unwrap().unwrap(), b"f");
+    for (i, call) in (0u8..).zip(live) {
+        assert_eq!(call.join().unwrap().unwrap(), [i], "live call {i}");
+    }
+    assert_eq!(helper.in_flight(), 0);
+}
+
+#[test]
+fn a_batch_larger_than_iov_max_allows_goes_out_whole() {
+    let mut cfg = config(&[]);
+    cfg.max_in_flight = 1024;
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    let requests: Vec<Vec<u8>> = (0..700u32)
+        .map(|i| request(OP_ECHO, &i.to_le_bytes()))
+        .collect();
+    let refs: Vec<&[u8]> = requests.iter().map(Vec::as_slice).collect();
+    let results = helper.call_batch(&refs, deadline(10.0));
+    for (i, result) in results.iter().enumerate() {
+        assert_eq!(
+            result.as_ref().unwrap(),
+            &(i as u32).to_le_bytes(),
+            "reply {i}"
+        );
+    }
+    assert!(!helper.is_retired());
+}
+
+#[test]
+fn callers_leaving_together_wake_every_caller_waiting_for_room() {
+    let k = 6;
+    let mut cfg = config(&["--test-ops"]);
+    cfg.max_in_flight = k + 1;
+    let helper = Arc::new(Launcher::new(cfg).unwrap().launch().unwrap());
+    let front = sandpool_tests::call_in_thread(&helper, sleep_request(800, b"f"), 5.0);
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    // k callers behind it leave at the same moment.
+    let leave_at = Instant::now() + Duration::from_millis(50);
+    let leavers: Vec<_> = (0..k)
+        .map(|_| {
+            let helper = helper.clone();
+            std::thread::spawn(move || helper.call(&request(OP_ECHO, b"l"), leave_at))
+        })
+        .collect();
+    assert!(wait_for(Duration::from_secs(5), || helper.in_flight() == k + 1));
+    // k callers wait for room; every one must be let in once the leavers
+    // have gone, long before their own deadline.
+    let waiters: Vec<_> = (0..k)
+        .map(|_| sandpool_tests::call_in_thread(&helper, request(OP_ECHO, b"w"), 3.0))
+        .collect();
+    for leaver in leavers {
+        assert!(matches!(
+            leaver.join().unwrap(),
+            Err(CallError::QueueTimeout { .. })
+        ));
+    }
+    assert!(
+        wait_for(Duration::from_millis(400), || helper.in_flight()
+            == 1 + 2 * k),
+        "in flight: {} of {}",
+        helper.in_flight(),
+        1 + 2 * k
+    );
+    assert_eq!(front.join().unwrap().unwrap(), b"f");
+    for waiter in waiters {
+        assert_eq!(waiter.join().unwrap().unwrap(), b"w");
+    }
+}
+
+#[test]
+fn shutdown_does_not_keep_callers_blocked_on_the_pipes_for_the_grace() {
+    // A caller reading its own reply (inline) and one writing a frame larger
+    // than the pipe, on a helper that never answers: shutdown with a long
+    // grace must release both at once.
+    let helper = Arc::new(
+        Launcher::new(config(&["--test-ops", "--misbehave", "hang"]))
+            .unwrap()
+            .launch()
+            .unwrap(),
+    );
+    let inline = sandpool_tests::call_in_thread(&helper, sleep_request(5000, b"a"), 30.0);
+    sandpool_tests::wait_for_in_flight(&helper, 1);
+    let writer =
+        sandpool_tests::call_in_thread(&helper, request(OP_ECHO, &vec![1u8; 900_000]), 30.0);
+    sandpool_tests::wait_for_in_flight(&helper, 2);
+    let started = Instant::now();
+    helper.shutdown(Duration::from_secs(20));
+    for call in [inline, writer] {
+        let err = call.join().unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CallError::Retired {
+                    reason: RetireReason::ShutDown,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "released at once, not after the 20 s grace: {:?}",
+        started.elapsed()
+    );
+}

@@ -21,6 +21,9 @@ use super::{CallResult, Conn, Done, Health, OutFrame, Reading, State};
 use crate::error::{CallError, RetireReason};
 use crate::reactor::ReactorLink;
 
+/// At most this many frames (two slices each) in one `writev`, well within
+/// IOV_MAX (1024).
+const FRAMES_PER_WRITEV: usize = 256;
 /// Writes of at most this many bytes to a pipe are atomic.
 const PIPE_BUF: usize = nix::libc::PIPE_BUF;
 /// A caller whose own request is the one overdue waits for the reactor's
@@ -505,8 +508,11 @@ impl Conn {
                     let bufs = [IoSlice::new(&out[0].head), IoSlice::new(out[0].payload())];
                     write_now(stdin.as_fd(), &bufs)
                 } else {
+                    // Within IOV_MAX (1024) slices: the frames past these
+                    // go to the outbound queue below like any unwritten.
                     let bufs: Vec<IoSlice<'_>> = out
                         .iter()
+                        .take(FRAMES_PER_WRITEV)
                         .flat_map(|o| [IoSlice::new(&o.head), IoSlice::new(o.payload())])
                         .collect();
                     write_now(stdin.as_fd(), &bufs)
@@ -871,7 +877,7 @@ impl Conn {
     /// its caller's place in the table.
     fn leave(&self, st: &mut State, id: u64, now: Instant) {
         if st.table.abandon(id) {
-            self.room.notify(1);
+            self.room.notify(usize::MAX);
         }
         let Some(at) = st
             .outbound
@@ -887,7 +893,7 @@ impl Conn {
             }
         }
         let reactor_reads = st.reading == Reading::Reactor;
-        self.room.notify(1);
+        self.room.notify(usize::MAX);
         if reactor_reads {
             // The front may have changed (its timer) or the table emptied.
             self.poke();
@@ -938,6 +944,13 @@ impl Conn {
             st.outbound.clear();
             for entry in st.table.drain() {
                 done.push((entry.completion, Err(err.clone()), true));
+            }
+            if st.reading == Reading::Inline || st.own_writer {
+                // A caller thread is blocked on this helper's pipes (reading
+                // its reply, or writing its frame and so holding stdin
+                // open): its call has just failed, and it must not wait out
+                // the grace. Killing the helper wakes it (EOF, EPIPE).
+                self.process.kill();
             }
         }
         self.complete_all(&mut done);

@@ -45,6 +45,10 @@ pub(crate) struct Interest {
     pub(crate) exit: bool,
     /// Look again at this moment (the hang rule, or the next step of dying).
     pub(crate) timer: Option<Instant>,
+    /// Look again at once: a read pass stopped at its cap with frames still
+    /// waiting (they may be in the read-ahead buffer, where no epoll event
+    /// will announce them).
+    pub(crate) again: bool,
 }
 
 impl Conn {
@@ -60,8 +64,9 @@ impl Conn {
                 self.io_failed(&mut st, failure, now);
             }
         }
+        let mut again = false;
         if matches!(st.health, Health::Serving) && st.reading == Reading::Reactor {
-            self.read_pass(&mut st, now, &mut done);
+            again = self.read_pass(&mut st, now, &mut done);
         }
         if matches!(st.health, Health::Serving) && st.reading == Reading::Reactor {
             // The hang rule, with everything that has arrived read.
@@ -92,6 +97,7 @@ impl Conn {
                 Health::Dying { until, .. } => Some(*until),
                 _ => None,
             },
+            again: again && serving && st.reading == Reading::Reactor,
         };
         drop(st);
         self.complete_all(&mut done);
@@ -162,22 +168,29 @@ impl Conn {
         Ok(())
     }
 
-    /// Reads and handles every complete frame that has arrived.
-    fn read_pass(&self, st: &mut State, now: Instant, done: &mut Done) {
+    /// Reads and handles the complete frames that have arrived, at most
+    /// `FRAMES_PER_PASS`; true if it stopped at that cap (more may wait).
+    fn read_pass(&self, st: &mut State, now: Instant, done: &mut Done) -> bool {
         let Some(mut frames) = st.frames.take() else {
-            return;
+            return false;
         };
+        let mut capped = true;
         for _ in 0..FRAMES_PER_PASS {
             match frames.poll_frame(self.stdout(), self.max_frame) {
                 Ok(Some((header, payload))) => {
                     if let Err(err) = self.on_frame(st, header, payload, now, done) {
                         self.retire(st, err);
+                        capped = false;
                         break;
                     }
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    capped = false;
+                    break;
+                }
                 Err(failure) => {
                     self.io_failed(st, failure, now);
+                    capped = false;
                     break;
                 }
             }
@@ -186,6 +199,7 @@ impl Conn {
         if st.table.is_empty() && matches!(st.health, Health::Serving) {
             st.reading = Reading::Idle;
         }
+        capped
     }
 
     /// Checks a frame against the call table and completes the call it

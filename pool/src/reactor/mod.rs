@@ -476,6 +476,11 @@ impl Loop {
             let _ = epoll.delete(w.conn.pidfd());
             w.pidfd_added = false;
         }
+        if interest.again {
+            // Frames wait in the read-ahead buffer: come back after the
+            // other helpers' events.
+            self.inner.kick(Kick::Poke(token));
+        }
         if let Some(at) = interest.timer {
             if w.timer.is_none_or(|armed| at < armed) {
                 w.timer = Some(at);
