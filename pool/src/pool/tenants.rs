@@ -163,6 +163,25 @@ impl Drop for CallGuard<'_> {
     }
 }
 
+/// Whether an outcome means nothing was sent because the helper had been
+/// retired (the pool then tries the tenant's next helper).
+trait NotSent {
+    fn not_sent(&self) -> bool;
+}
+
+impl NotSent for Result<Vec<u8>, CallError> {
+    fn not_sent(&self) -> bool {
+        matches!(self, Err(CallError::NotSent { .. }))
+    }
+}
+
+/// A batch: only if nothing at all was sent.
+impl NotSent for Vec<Result<Vec<u8>, CallError>> {
+    fn not_sent(&self) -> bool {
+        !self.is_empty() && self.iter().all(NotSent::not_sent)
+    }
+}
+
 /// Counts a caller among those waiting for room under `max_helpers` while
 /// it lives (a finishing call then wakes them: its helper may be evictable).
 struct RoomWaiter<'a>(Option<&'a AtomicUsize>);
@@ -229,28 +248,41 @@ impl Shared {
         started: Instant,
     ) -> Result<Vec<u8>, CallError> {
         self.telemetry.call_started();
+        let result = self.with_retries(tenant, deadline, started, |held| {
+            let held = held?;
+            let result = held.helper().call_from(request, deadline, started);
+            self.after_call(tenant, held.helper(), &result);
+            result
+        });
+        self.call_done();
+        self.telemetry
+            .call_finished(tenant, &result, started.elapsed());
+        result
+    }
+
+    /// Runs `attempt` with the tenant's helper (or the error of getting
+    /// one), again (up to three times in all) while nothing was sent because
+    /// the helper turned out to be retired. A retry reads the clock again.
+    fn with_retries<R: NotSent>(
+        &self,
+        tenant: &[u8],
+        deadline: Instant,
+        started: Instant,
+        mut attempt: impl FnMut(Result<InUse, CallError>) -> R,
+    ) -> R {
         let mut attempts = 0;
-        let result = loop {
-            // A retry reads the clock again.
+        loop {
             let now = if attempts == 0 {
                 started
             } else {
                 Instant::now()
             };
             attempts += 1;
-            let result = self.helper_for(tenant, deadline, now).and_then(|held| {
-                let result = held.helper().call_from(request, deadline, started);
-                self.after_call(tenant, held.helper(), &result);
-                result
-            });
+            let result = attempt(self.helper_for(tenant, deadline, now));
             if !self.retry(&result, attempts) {
-                break result;
+                return result;
             }
-        };
-        self.call_done();
-        self.telemetry
-            .call_finished(tenant, &result, started.elapsed());
-        result
+        }
     }
 
     /// Several calls from a thread, pipelined on the tenant's helper.
@@ -264,33 +296,16 @@ impl Shared {
         for _ in requests {
             self.telemetry.call_started();
         }
-        let mut attempts = 0;
-        let results = loop {
-            let now = if attempts == 0 {
-                started
-            } else {
-                Instant::now()
-            };
-            attempts += 1;
-            let results = match self.helper_for(tenant, deadline, now) {
-                Ok(held) => {
-                    let results = held.helper().call_batch_from(requests, deadline, started);
-                    for result in &results {
-                        self.after_call(tenant, held.helper(), result);
-                    }
-                    results
+        let results = self.with_retries(tenant, deadline, started, |held| match held {
+            Ok(held) => {
+                let results = held.helper().call_batch_from(requests, deadline, started);
+                for result in &results {
+                    self.after_call(tenant, held.helper(), result);
                 }
-                Err(err) => requests.iter().map(|_| Err(err.clone())).collect(),
-            };
-            // Retried only if nothing at all was sent.
-            let none_sent = !results.is_empty()
-                && results
-                    .iter()
-                    .all(|result| matches!(result, Err(CallError::NotSent { .. })));
-            if !(none_sent && attempts < 3 && !self.state.lock().shut) {
-                break results;
+                results
             }
-        };
+            Err(err) => requests.iter().map(|_| Err(err.clone())).collect(),
+        });
         self.call_done();
         for result in &results {
             self.telemetry
@@ -341,10 +356,10 @@ impl Shared {
         result
     }
 
-    /// Whether a call whose helper was retired before it sent anything is
-    /// tried again (on the tenant's next helper).
-    fn retry(&self, result: &Result<Vec<u8>, CallError>, attempts: u32) -> bool {
-        matches!(result, Err(CallError::NotSent { .. })) && attempts < 3 && !self.state.lock().shut
+    /// Whether an outcome after `attempts` tries is tried again: nothing
+    /// was sent, fewer than three tries, and the pool is not shut.
+    fn retry(&self, outcome: &impl NotSent, attempts: u32) -> bool {
+        outcome.not_sent() && attempts < 3 && !self.state.lock().shut
     }
 
     /// A call let go of its helper: if calls wait for room, this helper may
