@@ -798,10 +798,17 @@ impl Conn {
     }
 
     /// The inline reader is done: to nobody if nothing is owed, else to
-    /// the reactor (which then also judges the helper).
+    /// the reactor (which then also judges the helper). Replies to later
+    /// requests that have already arrived are read first, without waiting:
+    /// when they were all there, nothing is owed and the reactor need not
+    /// be woken at all.
     fn hand_back(&self, frames: FrameReader) {
+        let mut done = Done::new();
         let mut st = self.state.lock();
         st.frames = Some(frames);
+        if matches!(st.health, Health::Serving) && !st.table.is_empty() {
+            self.read_pass(&mut st, Instant::now(), &mut done);
+        }
         let idle =
             st.table.is_empty() && st.outbound.is_empty() && matches!(st.health, Health::Serving);
         st.reading = if idle {
@@ -810,6 +817,7 @@ impl Conn {
             Reading::Reactor
         };
         drop(st);
+        self.complete_all(&mut done);
         if !idle {
             self.poke();
         }

@@ -469,6 +469,12 @@ impl Helper {
         }
     }
 
+    /// Whether the helper is failing and not yet reaped (its failure is
+    /// known once it is).
+    pub(crate) fn is_dying(&self) -> bool {
+        matches!(self.conn.state.lock().health, Health::Dying { .. })
+    }
+
     /// Binds this helper to a tenant: at most once in its life. The label is
     /// validated here; nothing is sent for an invalid label or a second bind.
     /// The Bind frame goes out without waiting (the reactor finishes it if

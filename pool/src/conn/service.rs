@@ -170,7 +170,7 @@ impl Conn {
 
     /// Reads and handles the complete frames that have arrived, at most
     /// `FRAMES_PER_PASS`; true if it stopped at that cap (more may wait).
-    fn read_pass(&self, st: &mut State, now: Instant, done: &mut Done) -> bool {
+    pub(super) fn read_pass(&self, st: &mut State, now: Instant, done: &mut Done) -> bool {
         let Some(mut frames) = st.frames.take() else {
             return false;
         };

@@ -220,8 +220,10 @@ impl Shared {
             }
             state.bound -= quiesced;
             state.closing += quiesced;
+            self.count_late_failures(&mut state);
             state.tenants.retain(|_, tenant| {
                 tenant.helper.is_some()
+                    || tenant.failed.is_some()
                     || tenant.launching
                     || tenant.backoff_until.is_some_and(|until| until > now)
                     || tenant

@@ -36,6 +36,10 @@ pub(super) struct Tenant {
     pub(super) failures: u32,
     pub(super) last_failure: Option<Instant>,
     pub(super) backoff_until: Option<Instant>,
+    /// A helper taken from the tenant while it was still dying (its
+    /// failure not yet known: it is known once the helper is reaped): its
+    /// failure is counted then, by the caller that saw it or the keeper.
+    pub(super) failed: Option<Arc<Helper>>,
 }
 
 #[derive(Default)]
@@ -679,7 +683,14 @@ impl Shared {
                 let mut state = self.state.lock();
                 // Every call in flight on the dead helper sees the same
                 // error; the failure is counted once, by whoever unbinds it.
-                if self.unbind(&mut state, tenant, helper) {
+                let taken = self.unbind(&mut state, tenant, helper)
+                    || state.tenants.get_mut(tenant).is_some_and(|entry| {
+                        entry
+                            .failed
+                            .take_if(|failed| Arc::ptr_eq(failed, helper))
+                            .is_some()
+                    });
+                if taken {
                     self.count_failure(&mut state, tenant, helper);
                 }
             }
@@ -688,12 +699,37 @@ impl Shared {
     }
 
     /// Counts a retired helper's failure toward its tenant's back-off,
-    /// once in the helper's life (a shut-down helper did not fail).
-    pub(super) fn count_failure(&self, state: &mut State, tenant: &[u8], helper: &Helper) {
-        if let Some(err) = helper.failure() {
-            if err.is_helper_failure() && helper.take_failure_count() {
+    /// once in the helper's life (a shut-down helper did not fail). One
+    /// still dying, its failure not yet known, is kept on the tenant and
+    /// counted once it is (see [`Tenant::failed`]).
+    pub(super) fn count_failure(&self, state: &mut State, tenant: &[u8], helper: &Arc<Helper>) {
+        match helper.failure() {
+            Some(err) if err.is_helper_failure() && helper.take_failure_count() => {
                 self.record_failure(state, tenant, &err);
             }
+            Some(_) => {}
+            None if helper.is_dying() => {
+                tenant_mut(state, tenant).failed = Some(helper.clone());
+            }
+            None => {}
+        }
+    }
+
+    /// Counts the failures of helpers that were still dying when they were
+    /// taken from their tenants and have been reaped since (the keeper's
+    /// scan).
+    pub(super) fn count_late_failures(&self, state: &mut State) {
+        let late: Vec<(Box<[u8]>, Arc<Helper>)> = state
+            .tenants
+            .iter_mut()
+            .filter_map(|(key, tenant)| {
+                let done = tenant.failed.as_ref().is_some_and(|h| !h.is_dying());
+                done.then(|| tenant.failed.take().map(|h| (key.clone(), h)))
+                    .flatten()
+            })
+            .collect();
+        for (tenant, helper) in late {
+            self.count_failure(state, &tenant, &helper);
         }
     }
 
