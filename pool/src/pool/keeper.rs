@@ -34,7 +34,7 @@ impl Shared {
         let mut next_scan = Instant::now() + tick;
         let mut refill_after = Instant::now();
         // Scratch buffers, reused: a steady pool's keeper allocates nothing.
-        let mut messages = Vec::new();
+        let mut messages = Vec::with_capacity(16);
         let mut unused = Vec::new();
         let mut still_pending = Vec::new();
         loop {
