@@ -120,6 +120,13 @@ impl Drop for Ticket<'_> {
     }
 }
 
+/// Fails every request of a batch from `rest` on with `err`.
+fn fail_rest(results: &mut [Option<CallResult>], rest: &[(usize, bool)], err: &CallError) {
+    for &(index, _) in rest {
+        results[index] = Some(Err(err.clone()));
+    }
+}
+
 /// The tickets of one send: one, inline, for a single call.
 type Tickets<'c> = smallvec::SmallVec<[Ticket<'c>; 1]>;
 
@@ -256,9 +263,7 @@ impl Conn {
                 } else {
                     self.not_sent(&st)
                 };
-                for &(index, _) in &pending[next..] {
-                    results[index] = Some(Err(err.clone()));
-                }
+                fail_rest(&mut results, &pending[next..], &err);
                 break;
             }
             // As many as fit now, in order.
@@ -277,9 +282,7 @@ impl Conn {
                 let now = Instant::now();
                 if now >= deadline {
                     let err = self.queue_timeout(started);
-                    for &(index, _) in &pending[next..] {
-                        results[index] = Some(Err(err.clone()));
-                    }
+                    fail_rest(&mut results, &pending[next..], &err);
                     break;
                 }
                 let mut out: Vec<Outgoing<'_>> = pending[next..next + count]
@@ -302,9 +305,7 @@ impl Conn {
                     }) => inline = Some(frames),
                     Ok(_) => {}
                     Err(err) => {
-                        for &(index, _) in &pending[next..] {
-                            results[index] = Some(Err(err.clone()));
-                        }
+                        fail_rest(&mut results, &pending[next..], &err);
                         break;
                     }
                 }
@@ -325,9 +326,7 @@ impl Conn {
                 // The deadline: one last look.
                 let st = self.state.lock();
                 if let Err(err) = self.room_for(&st, pending[next].1, started) {
-                    for &(index, _) in &pending[next..] {
-                        results[index] = Some(Err(err.clone()));
-                    }
+                    fail_rest(&mut results, &pending[next..], &err);
                     break;
                 }
             }
@@ -722,36 +721,9 @@ impl Conn {
     /// the caller's deadline, or when the helper becomes overdue on the
     /// reply it owes first (the reactor judges that).
     fn read_inline(&self, mut frames: FrameReader, tickets: &[Ticket<'_>], deadline: Instant) {
-        let mut done = Done::new();
-        loop {
-            if tickets.iter().all(|t| t.completion().is_done()) {
-                break;
-            }
-            let until = {
-                let st = self.state.lock();
-                if !matches!(st.health, Health::Serving) {
-                    break;
-                }
-                st.table
-                    .front_overdue_at()
-                    .map_or(deadline, |at| at.min(deadline))
-            };
-            match frames.read_frame(self.stdout(), until, self.max_frame) {
-                Ok((header, payload)) => {
-                    let mut st = self.state.lock();
-                    let now = Instant::now();
-                    if let Err(err) = self.on_frame(&mut st, header, payload, now, &mut done) {
-                        self.retire(&mut st, err);
-                        drop(st);
-                        self.complete_all(&mut done);
-                        break;
-                    }
-                    drop(st);
-                    self.complete_all(&mut done);
-                }
-                Err(_) => break,
-            }
-        }
+        while !tickets.iter().all(|t| t.completion().is_done())
+            && self.read_one_frame(&mut frames, deadline)
+        {}
         self.hand_back(frames);
     }
 
@@ -762,39 +734,40 @@ impl Conn {
         mut frames: FrameReader,
         deadline: Instant,
     ) -> Result<FrameReader, ()> {
+        if self.read_one_frame(&mut frames, deadline) {
+            return Ok(frames);
+        }
+        self.hand_back(frames);
+        Err(())
+    }
+
+    /// The inline reader reads and handles one frame, waiting until the
+    /// caller's deadline or the moment the helper becomes overdue on the
+    /// reply it owes first, whichever is first. False when it must stop and
+    /// hand the reading over: the helper is no longer serving, the read
+    /// failed or timed out, or the frame broke the protocol.
+    fn read_one_frame(&self, frames: &mut FrameReader, deadline: Instant) -> bool {
         let until = {
             let st = self.state.lock();
             if !matches!(st.health, Health::Serving) {
-                drop(st);
-                self.hand_back(frames);
-                return Err(());
+                return false;
             }
             st.table
                 .front_overdue_at()
                 .map_or(deadline, |at| at.min(deadline))
         };
+        let Ok((header, payload)) = frames.read_frame(self.stdout(), until, self.max_frame) else {
+            return false;
+        };
         let mut done = Done::new();
-        match frames.read_frame(self.stdout(), until, self.max_frame) {
-            Ok((header, payload)) => {
-                let mut st = self.state.lock();
-                let now = Instant::now();
-                let outcome = self.on_frame(&mut st, header, payload, now, &mut done);
-                if let Err(err) = &outcome {
-                    self.retire(&mut st, err.clone());
-                }
-                drop(st);
-                self.complete_all(&mut done);
-                if outcome.is_err() {
-                    self.hand_back(frames);
-                    return Err(());
-                }
-                Ok(frames)
-            }
-            Err(_) => {
-                self.hand_back(frames);
-                Err(())
-            }
+        let mut st = self.state.lock();
+        let outcome = self.on_frame(&mut st, header, payload, Instant::now(), &mut done);
+        if let Err(err) = &outcome {
+            self.retire(&mut st, err.clone());
         }
+        drop(st);
+        self.complete_all(&mut done);
+        outcome.is_ok()
     }
 
     /// The inline reader is done: to nobody if nothing is owed, else to
