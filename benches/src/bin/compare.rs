@@ -490,6 +490,14 @@ fn warm_calls(run: &mut Run) -> Value {
     let mut contenders: Vec<(String, Vec<f64>, Vec<f64>)> = [
         format!("raw pipe, window {window}"),
         "raw pipe, streamed (no window)".into(),
+        format!(
+            "raw pipe, window {window}, {} B messages (a frame's size)",
+            size + 16
+        ),
+        format!(
+            "raw pipe, one thread, batches of {window}, {} B messages",
+            size + 16
+        ),
         format!("sandpool, {window} caller threads, max_in_flight {window}"),
         format!("sandpool, the same through {window} region slots (threshold 4 KiB)"),
         format!("sandpool, one tokio task, {window} call_async in flight"),
@@ -503,9 +511,11 @@ fn warm_calls(run: &mut Run) -> Value {
             let rate = match index {
                 0 => raw_pipelined_rate(size, total, Some(window)),
                 1 => raw_pipelined_rate(size, total, None),
-                2 => pooled_pipelined_rate(size, total, window, false),
-                3 => pooled_pipelined_rate(size, total, window, true),
-                4 => pooled_async_rate(size, total, window),
+                2 => raw_pipelined_rate(size + 16, total, Some(window)),
+                3 => raw_batch_rate(size + 16, total, window),
+                4 => pooled_pipelined_rate(size, total, window, false),
+                5 => pooled_pipelined_rate(size, total, window, true),
+                6 => pooled_async_rate(size, total, window),
                 _ => pooled_batch_rate(size, total, window),
             };
             rates.push(rate.per_s);
@@ -517,8 +527,10 @@ fn warm_calls(run: &mut Run) -> Value {
         .map(|(_, rates, switches)| (median_f64(rates), median_f64(switches)))
         .collect();
     let raw_rate = medians[0].0;
-    let (streamed_rate, pooled_rate, region_rate) = (medians[1].0, medians[2].0, medians[3].0);
-    let (async_rate, batch_rate) = (medians[4].0, medians[5].0);
+    let streamed_rate = medians[1].0;
+    let (raw_framed_rate, raw_batch) = (medians[2].0, medians[3].0);
+    let (pooled_rate, region_rate) = (medians[4].0, medians[5].0);
+    let (async_rate, batch_rate) = (medians[6].0, medians[7].0);
     let ratio = pooled_rate / raw_rate;
     let region_ratio = region_rate / raw_rate;
     run.table(
@@ -547,6 +559,9 @@ fn warm_calls(run: &mut Run) -> Value {
             "window": window,
             "raw_per_s": raw_rate,
             "raw_streamed_per_s": streamed_rate,
+            "raw_frame_sized_per_s": raw_framed_rate,
+            "raw_batch_per_s": raw_batch,
+            "batch_vs_raw_batch": batch_rate / raw_batch,
             "sandpool_per_s": pooled_rate,
             "ratio": ratio,
             "sandpool_region_per_s": region_rate,
@@ -559,10 +574,12 @@ fn warm_calls(run: &mut Run) -> Value {
             "context_switches_per_response": {
                 "raw": medians[0].1,
                 "raw_streamed": medians[1].1,
-                "sandpool": medians[2].1,
-                "sandpool_region": medians[3].1,
-                "sandpool_async": medians[4].1,
-                "sandpool_batch": medians[5].1,
+                "raw_frame_sized": medians[2].1,
+                "raw_batch": medians[3].1,
+                "sandpool": medians[4].1,
+                "sandpool_region": medians[5].1,
+                "sandpool_async": medians[6].1,
+                "sandpool_batch": medians[7].1,
             },
         },
     })
@@ -602,6 +619,34 @@ fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> Rate 
     }
     let per_s = total as f64 / started.elapsed().as_secs_f64();
     let peer_in = writer.join().expect("writer");
+    let switches = context_switches(peer.id()) - switches_before;
+    drop(peer_in);
+    let _ = peer.wait();
+    Rate {
+        per_s,
+        switches_per_call: switches as f64 / total as f64,
+    }
+}
+
+/// Responses per second from a raw echo peer driven like `call_batch`:
+/// one thread writes `window` requests, then reads their `window`
+/// responses, and only then writes the next batch.
+fn raw_batch_rate(size: usize, total: usize, window: usize) -> Rate {
+    let mut peer = spawn_peer(size);
+    let mut peer_in = peer.stdin.take().expect("piped");
+    let mut peer_out = peer.stdout.take().expect("piped");
+    let switches_before = context_switches(peer.id());
+    let batch = vec![1u8; size * window];
+    let mut back = vec![0u8; size * window];
+    let started = Instant::now();
+    for _ in 0..total / window {
+        // The peer echoes as it reads; it can only block on the last
+        // response of a batch, after it has read the whole batch, so this
+        // write cannot deadlock.
+        peer_in.write_all(&batch).expect("write");
+        peer_out.read_exact(&mut back).expect("read");
+    }
+    let per_s = total as f64 / started.elapsed().as_secs_f64();
     let switches = context_switches(peer.id()) - switches_before;
     drop(peer_in);
     let _ = peer.wait();
