@@ -15,6 +15,24 @@ use thiserror::Error;
 /// from settings can never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
 
+/// How helpers are started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum LaunchMode {
+    /// Through the launcher process the pool starts at `Pool::new` (and a
+    /// [`Launcher`](crate::Launcher) at `Launcher::new`): a small program
+    /// holding a handful of fds spawns each helper as the host's child, so a
+    /// launch costs the same however many fds and how much memory the host
+    /// has. The default.
+    #[default]
+    Launcher,
+    /// posix_spawn from the host itself: the kernel copies the host's fd
+    /// table into every child, so a launch grows with the host (4-5x slower
+    /// at 19,000 open fds). For hosts that cannot run a second program.
+    Direct,
+}
+
 /// A configuration value is invalid. Names the field and what is wrong.
 #[derive(Clone, Debug, PartialEq, Eq, Error)]
 #[error("invalid configuration: {field}: {problem}")]
@@ -150,6 +168,8 @@ pub struct HelperConfig {
     /// half of the region is cut into this many equal slots, and a request
     /// and its reply get one. Default 1.
     pub region_slots: usize,
+    /// How helpers are started. Default [`LaunchMode::Launcher`].
+    pub launch_mode: LaunchMode,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -170,6 +190,7 @@ impl HelperConfig {
             region_size: None,
             region_threshold: 64 * 1024,
             region_slots: 1,
+            launch_mode: LaunchMode::Launcher,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -402,6 +423,11 @@ pub struct Config {
     /// Label per-tenant call metrics with the tenant id. Unbounded label
     /// cardinality: only for small deployments. Default `false`.
     pub metrics_tenant_label: bool,
+    /// `"launcher"` (default): helpers are spawned by a small launcher
+    /// process started with the pool, so a launch costs the same however
+    /// large the host grows; `"direct"`: posix_spawn from the host, whose
+    /// whole fd table every launch then copies.
+    pub launch_mode: LaunchMode,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -433,6 +459,7 @@ impl Default for Config {
             stderr_bytes_per_second: ByteSize::kib(16),
             stderr_max_bytes_per_helper: ByteSize::mib(1),
             metrics_tenant_label: false,
+            launch_mode: LaunchMode::Launcher,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -507,6 +534,7 @@ impl Config {
             region_size: self.region_size.map(|size| size.as_u64()),
             region_threshold: usize::try_from(self.region_threshold.as_u64()).unwrap_or(usize::MAX),
             region_slots: self.region_slots,
+            launch_mode: self.launch_mode,
             sandbox: self.sandbox.clone(),
         }
     }

@@ -277,6 +277,37 @@ pub enum LaunchError {
         #[source]
         source: Box<CallError>,
     },
+    /// The launcher process could not be started.
+    #[error("starting the sandpool launcher process failed at {what}")]
+    LauncherStart {
+        /// The step that failed (socketpair, memfd, posix_spawn, ...).
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The launcher process died (or stopped answering and was killed)
+    /// while this launch was in flight, and again on the one retry on a
+    /// new launcher. Any helper it had spawned was killed and reaped.
+    #[error("the sandpool launcher pid {pid} was lost: {reason}{}", status.map(|s| format!(" ({s})")).unwrap_or_default())]
+    LauncherLost {
+        /// The lost launcher's pid.
+        pid: u32,
+        /// What the host saw.
+        reason: String,
+        /// How the launcher ended, if it was reaped in time.
+        status: Option<ExitStatus>,
+    },
+    /// Talking to the launcher process failed otherwise (no free launcher
+    /// thread by the deadline, a request it refused).
+    #[error("{what}")]
+    Launcher {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Reading or writing the helper's pipes failed.
     #[error("talking to helper pid {pid} at startup failed")]
     Io {

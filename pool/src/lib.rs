@@ -31,7 +31,8 @@ mod telemetry;
 /// Human-readable sizes as `Config` uses them (re-exported from `bytesize`).
 pub use bytesize::ByteSize;
 pub use config::{
-    BackoffConfig, Config, ConfigError, HelperConfig, MAX_DURATION, RlimitConfig, SandboxConfig,
+    BackoffConfig, Config, ConfigError, HelperConfig, LaunchMode, MAX_DURATION, RlimitConfig,
+    SandboxConfig,
 };
 pub use conn::Helper;
 pub use error::{

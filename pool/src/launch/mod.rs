@@ -1,10 +1,12 @@
-//! Launching helpers: the spawn (pipes, posix_spawn, pidfd; `spawn`), the
-//! pinned image, owning the process until it is reaped (`process`), and
-//! the check of the Hello against the configuration and the kernel
-//! (`verify`). [`Launcher::launch`] puts them together and hands the
-//! verified helper to the reactor.
+//! Launching helpers: the spawn (pipes, then posix_spawn and pidfd or a
+//! request to the launcher process; `spawn`), the launcher process itself
+//! (`server`), the pinned image, owning the process until it is reaped
+//! (`process`), and the check of the Hello against the configuration and
+//! the kernel (`verify`). [`Launcher::launch`] puts them together and hands
+//! the verified helper to the reactor.
 
 pub(crate) mod process;
+mod server;
 pub(crate) mod spawn;
 mod verify;
 
@@ -14,13 +16,14 @@ use std::time::Instant;
 use sandpool_protocol::{Hello, Kind};
 use tracing::{debug, warn};
 
-use crate::config::HelperConfig;
+use crate::config::{HelperConfig, LaunchMode};
 use crate::conn::frames::{FrameReader, IoFailure};
 use crate::conn::{Helper, Parts, stderr_tail};
 use crate::error::{LaunchError, ProtocolViolation};
 use crate::reactor::Reactor;
 use crate::reactor::stderr::StderrHub;
 use process::Process;
+use server::LaunchServer;
 use spawn::{LaunchPlan, spawn};
 use verify::verify_hello;
 
@@ -30,17 +33,21 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Launches helpers from one configuration (validated once). Owns the
 /// reactor that drives the helpers it launches (shared with them: it runs
-/// while any of them or the launcher is alive).
+/// while any of them or the launcher is alive), and, in
+/// [`LaunchMode::Launcher`], the launcher process that spawns them (it
+/// exits when this value is dropped; the helpers live on).
 #[derive(Debug)]
 pub struct Launcher {
     config: HelperConfig,
     plan: LaunchPlan,
+    server: Option<LaunchServer>,
     reactor: Reactor,
 }
 
 impl Launcher {
     /// Validates `config`, prepares the launch (argv, environment, pinned
-    /// image) and starts the reactor thread.
+    /// image), starts the launcher process (unless `launch_mode` is
+    /// `Direct`) and the reactor thread.
     pub fn new(config: HelperConfig) -> Result<Launcher, LaunchError> {
         Self::with_stderr(config, None)
     }
@@ -52,12 +59,30 @@ impl Launcher {
         hub: Option<Arc<StderrHub>>,
     ) -> Result<Launcher, LaunchError> {
         let plan = LaunchPlan::new(&config)?;
+        let server = match config.launch_mode {
+            LaunchMode::Launcher => Some(LaunchServer::start(&plan)?),
+            LaunchMode::Direct => None,
+        };
         let reactor = Reactor::start(hub).map_err(LaunchError::Reactor)?;
         Ok(Launcher {
             config,
             plan,
+            server,
             reactor,
         })
+    }
+
+    /// The pid of the launcher process, if one is running (none in
+    /// [`LaunchMode::Direct`], or between a launcher's death and the next
+    /// launch, which starts another).
+    pub fn launcher_pid(&self) -> Option<u32> {
+        self.server.as_ref().and_then(LaunchServer::pid)
+    }
+
+    /// How many times a lost launcher process was replaced (also the
+    /// `sandpool_launcher_restarts_total` counter).
+    pub fn launcher_restarts(&self) -> u64 {
+        self.server.as_ref().map_or(0, LaunchServer::restarts)
     }
 
     /// The configuration.
@@ -82,7 +107,14 @@ impl Launcher {
     pub fn launch_until(&self, deadline: Instant) -> Result<Helper, LaunchError> {
         let started = Instant::now();
         let deadline = deadline.min(started + self.config.spawn_timeout);
-        let spawned = spawn(&self.plan)?;
+        // The launcher gets the whole spawn_timeout to answer, whatever the
+        // caller's deadline: a launcher that misses it is killed as hung,
+        // which a caller's tight deadline must never cause.
+        let spawned = spawn(
+            &self.plan,
+            self.server.as_ref(),
+            started + self.config.spawn_timeout,
+        )?;
         let pid = spawned.pid;
         let process = Process::new(pid, spawned.pidfd);
         let mut frames = FrameReader::new(self.config.spin_wait);

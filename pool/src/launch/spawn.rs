@@ -1,17 +1,20 @@
-//! Spawning a helper: pipes, posix_spawn, pidfd. The one way a helper process
-//! comes into existence (a launcher process can slot in behind [`spawn`]).
-//! No unsafe code: the spawn goes through nix and rustix.
+//! Spawning a helper: pipes, then posix_spawn and pidfd (direct) or a
+//! request to the launcher process (`server`). The one way a helper process
+//! comes into existence. No unsafe code: the spawn goes through nix and
+//! rustix.
 //!
 //! No fork anywhere: glibc's posix_spawn uses `clone(CLONE_VM | CLONE_VFORK)`,
 //! so the host's memory is never copied and the child runs only glibc's own
-//! async-signal-safe spawn code before `execve`. There is no `pre_exec` and no
-//! std `Command` (whose uid/gid/pre_exec options silently fall back to fork).
+//! async-signal-safe spawn code before `execve`; the launcher's spawn is the
+//! same clone, made by its own C code. There is no `pre_exec` and no std
+//! `Command` (whose uid/gid/pre_exec options silently fall back to fork).
 //! Everything the child needs after exec (closing inherited fds, seccomp) it
 //! does to itself.
 
-use std::ffi::{CString, OsStr};
-use std::os::fd::OwnedFd;
+use std::ffi::{CStr, CString, OsStr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::time::Instant;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -21,7 +24,8 @@ use nix::unistd::{Pid, pipe2};
 use rustix::process::PidfdFlags;
 use sandpool_protocol::SPEC_ENV;
 
-use crate::config::HelperConfig;
+use super::server::{ChildEnds, LaunchServer};
+use crate::config::{HelperConfig, LaunchMode};
 use crate::error::LaunchError;
 use crate::region::HostRegion;
 
@@ -36,7 +40,7 @@ pub(crate) struct LaunchPlan {
     pipe_size: Option<i32>,
     region_size: Option<u64>,
     /// The sealed copy of the program that every launch executes, if pinned.
-    _image: Option<OwnedFd>,
+    image: Option<OwnedFd>,
 }
 
 /// Copies the helper binary into a sealed memfd (no writes, no resizing,
@@ -122,6 +126,17 @@ impl LaunchPlan {
         let (image, program) = if config.pin_image {
             let (image, path) = pin_image(&config.program)?;
             (Some(image), path)
+        } else if config.launch_mode == LaunchMode::Launcher && config.program.is_relative() {
+            // The launcher resolves a relative path against its own working
+            // directory, the host's when the launcher started; resolve it now
+            // so a restarted launcher runs the same file.
+            let absolute = std::env::current_dir()
+                .map_err(|source| LaunchError::Spawn {
+                    program: config.program.display().to_string(),
+                    source,
+                })?
+                .join(&config.program);
+            (None, cstring("program", absolute.as_os_str().as_bytes())?)
         } else {
             (None, program)
         };
@@ -134,15 +149,41 @@ impl LaunchPlan {
                 .pipe_size
                 .map(|size| size.min(i32::MAX as u32) as i32),
             region_size: config.region_size,
-            _image: image,
+            image,
         })
+    }
+
+    /// What a direct launch executes: the program, or its pinned image's
+    /// `/proc/self/fd` path.
+    pub(crate) fn program(&self) -> &CStr {
+        &self.program
+    }
+
+    /// The program as configured, for errors.
+    pub(crate) fn program_display(&self) -> &str {
+        &self.program_display
+    }
+
+    /// The helper's argv (its program name first).
+    pub(crate) fn argv(&self) -> &[CString] {
+        &self.argv
+    }
+
+    /// The helper's whole environment.
+    pub(crate) fn envp(&self) -> &[CString] {
+        &self.envp
+    }
+
+    /// The pinned image, if pinned.
+    pub(crate) fn image(&self) -> Option<BorrowedFd<'_>> {
+        self.image.as_ref().map(AsFd::as_fd)
     }
 }
 
 /// A pipe whose ends are both O_CLOEXEC and numbered 3 or above, so that the
 /// dup2 file actions onto 0, 1 and 2 can never overwrite one another even in a
 /// host that closed its own stdio.
-fn pipe(which: &'static str) -> Result<(OwnedFd, OwnedFd), LaunchError> {
+pub(crate) fn pipe(which: &'static str) -> Result<(OwnedFd, OwnedFd), LaunchError> {
     let err = |source: std::io::Error| LaunchError::Pipe { which, source };
     let (read, write) = pipe2(OFlag::O_CLOEXEC).map_err(|errno| err(errno.into()))?;
     let lift = |fd: OwnedFd| -> Result<OwnedFd, LaunchError> {
@@ -165,49 +206,60 @@ fn set_nonblocking(fd: &OwnedFd, which: &'static str) -> Result<(), LaunchError>
     Ok(())
 }
 
-/// Spawns one helper process per `plan`.
-///
-/// The child gets: the read end of the stdin pipe as fd 0, the write ends of
-/// the stdout and stderr pipes as fds 1 and 2; an empty signal mask; every
-/// signal at its default disposition (the host may ignore SIGPIPE, the helper
-/// must not inherit that); its own process group (a terminal's Ctrl-C reaches
-/// the host, which then shuts its helpers down in order); the environment of
-/// the plan and nothing else. Every other host fd it inherits, it closes
-/// itself at startup with one `close_range`.
-pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
-    let (child_stdin, host_stdin) = pipe("stdin")?;
-    let (host_stdout, child_stdout) = pipe("stdout")?;
-    let (host_stderr, child_stderr) = pipe("stderr")?;
-    set_nonblocking(&host_stdin, "stdin")?;
-    set_nonblocking(&host_stdout, "stdout")?;
-    set_nonblocking(&host_stderr, "stderr")?;
-    if let Some(size) = plan.pipe_size {
-        for (fd, which) in [(&host_stdin, "stdin"), (&host_stdout, "stdout")] {
-            fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).map_err(|errno| LaunchError::Pipe {
-                which,
-                source: errno.into(),
-            })?;
-        }
+/// The fds a posix_spawn child gets: each source is dup2'd onto its target
+/// number in the child, in order.
+#[derive(Debug, Default)]
+pub(crate) struct SpawnTargets<'a> {
+    entries: Vec<(BorrowedFd<'a>, i32)>,
+}
+
+impl<'a> SpawnTargets<'a> {
+    pub(crate) fn new() -> Self {
+        SpawnTargets::default()
     }
 
-    let region = plan.region_size.map(HostRegion::create).transpose()?;
+    pub(crate) fn push(&mut self, source: BorrowedFd<'a>, target: i32) {
+        self.entries.push((source, target));
+    }
+}
+
+/// posix_spawns `program` with `targets` as its only fds besides what it
+/// inherits without CLOEXEC (nothing, in sandpool), `argv` and exactly
+/// `envp`; an empty signal mask, every signal at its default disposition
+/// (the host may ignore SIGPIPE, a child must not inherit that), and its own
+/// process group (a terminal's Ctrl-C reaches the host, which then shuts its
+/// children down in order). Returns its pid and a pidfd. The one posix_spawn
+/// in sandpool: direct helper launches and the launcher process both start
+/// here.
+pub(crate) fn posix_spawn_with(
+    program: &CStr,
+    display: &str,
+    targets: &SpawnTargets<'_>,
+    argv: &[CString],
+    envp: &[CString],
+) -> Result<(u32, OwnedFd), LaunchError> {
     let setup = |what| {
         move |errno: Errno| LaunchError::SpawnSetup {
             what,
             source: errno.into(),
         }
     };
+    // A source numbered at or below the highest target could be overwritten
+    // by an earlier dup2 in the child: such sources go through a copy
+    // numbered above every target.
+    let top = targets.entries.iter().map(|&(_, target)| target).max();
+    let mut lifted = Vec::new();
     let mut actions = PosixSpawnFileActions::init().map_err(setup("file actions"))?;
-    for (fd, target) in [(&child_stdin, 0), (&child_stdout, 1), (&child_stderr, 2)] {
+    for &(source, target) in &targets.entries {
+        let mut raw = source.as_raw_fd();
+        if top.is_some_and(|top| raw <= top) {
+            let copy = rustix::io::fcntl_dupfd_cloexec(source, top.unwrap_or(0) + 1)
+                .map_err(|e| setup("file actions")(Errno::from_raw(e.raw_os_error())))?;
+            raw = copy.as_raw_fd();
+            lifted.push(copy);
+        }
         actions
-            .add_dup2(std::os::fd::AsRawFd::as_raw_fd(fd), target)
-            .map_err(setup("file actions"))?;
-    }
-    if let Some((memfd, _)) = &region {
-        // The region's memfd becomes the helper's fd 3; it maps it and then
-        // closes it with every other inherited fd.
-        actions
-            .add_dup2(std::os::fd::AsRawFd::as_raw_fd(memfd), 3)
+            .add_dup2(raw, target)
             .map_err(setup("file actions"))?;
     }
     let mut attr = PosixSpawnAttr::init().map_err(setup("attributes"))?;
@@ -227,23 +279,12 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
     attr.set_pgroup(Pid::from_raw(0))
         .map_err(setup("attributes"))?;
 
-    let pid = posix_spawn(
-        plan.program.as_c_str(),
-        &actions,
-        &attr,
-        &plan.argv,
-        &plan.envp,
-    )
-    .map_err(|errno| LaunchError::Spawn {
-        program: plan.program_display.clone(),
-        source: errno.into(),
-    })?;
-    // The child's ends now live in the child; close the host's copies so that
-    // EOF on stdout means the helper (and only it) is gone. The host keeps
-    // only its mapping of the region, not the memfd.
-    drop((child_stdin, child_stdout, child_stderr));
-    let region = region.map(|(_memfd, mapping)| mapping);
-
+    let pid =
+        posix_spawn(program, &actions, &attr, argv, envp).map_err(|errno| LaunchError::Spawn {
+            program: display.to_owned(),
+            source: errno.into(),
+        })?;
+    drop(lifted);
     let raw_pid = pid.as_raw();
     let pidfd = rustix::process::Pid::from_raw(raw_pid)
         .ok_or(Errno::ESRCH)
@@ -251,22 +292,108 @@ pub(crate) fn spawn(plan: &LaunchPlan) -> Result<Spawned, LaunchError> {
         .and_then(|rpid| {
             rustix::process::pidfd_open(rpid, PidfdFlags::empty()).map_err(std::io::Error::from)
         });
-    let pidfd = match pidfd {
-        Ok(pidfd) => pidfd,
+    match pidfd {
+        Ok(pidfd) => Ok((raw_pid as u32, pidfd)),
         Err(source) => {
             // No pidfd: the child is ours and not yet reaped (sandpool requires
             // that nothing else in the host reaps its children), so its pid
             // cannot have been reused; kill and reap it by pid.
             let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
             let _ = nix::sys::wait::waitpid(pid, None);
-            return Err(LaunchError::Pidfd {
+            Err(LaunchError::Pidfd {
                 pid: raw_pid as u32,
                 source,
-            });
+            })
+        }
+    }
+}
+
+/// Spawns one helper process per `plan`: directly (posix_spawn from the
+/// host) or through the launcher process, with the same fds, signals,
+/// process group and environment either way.
+///
+/// The child gets: the read end of the stdin pipe as fd 0, the write ends of
+/// the stdout and stderr pipes as fds 1 and 2, the region's memfd (if any)
+/// as fd 3; an empty signal mask; every signal at its default disposition;
+/// its own process group; the environment of the plan and nothing else.
+/// Every other fd it inherits, it closes itself at startup with one
+/// `close_range`. A launch that lost its launcher is retried once, with
+/// fresh pipes, on a new launcher.
+pub(crate) fn spawn(
+    plan: &LaunchPlan,
+    server: Option<&LaunchServer>,
+    deadline: Instant,
+) -> Result<Spawned, LaunchError> {
+    match spawn_once(plan, server, deadline) {
+        Err(LaunchError::LauncherLost { pid, reason, .. }) => {
+            tracing::warn!(
+                launcher = pid,
+                reason,
+                "the launcher was lost during a launch; retrying once"
+            );
+            spawn_once(plan, server, deadline)
+        }
+        result => result,
+    }
+}
+
+fn spawn_once(
+    plan: &LaunchPlan,
+    server: Option<&LaunchServer>,
+    deadline: Instant,
+) -> Result<Spawned, LaunchError> {
+    let (child_stdin, host_stdin) = pipe("stdin")?;
+    let (host_stdout, child_stdout) = pipe("stdout")?;
+    let (host_stderr, child_stderr) = pipe("stderr")?;
+    set_nonblocking(&host_stdin, "stdin")?;
+    set_nonblocking(&host_stdout, "stdout")?;
+    set_nonblocking(&host_stderr, "stderr")?;
+    if let Some(size) = plan.pipe_size {
+        for (fd, which) in [(&host_stdin, "stdin"), (&host_stdout, "stdout")] {
+            fcntl(fd, FcntlArg::F_SETPIPE_SZ(size)).map_err(|errno| LaunchError::Pipe {
+                which,
+                source: errno.into(),
+            })?;
+        }
+    }
+    let region = plan.region_size.map(HostRegion::create).transpose()?;
+
+    let (pid, pidfd) = match server {
+        None => {
+            let mut targets = SpawnTargets::new();
+            targets.push(child_stdin.as_fd(), 0);
+            targets.push(child_stdout.as_fd(), 1);
+            targets.push(child_stderr.as_fd(), 2);
+            if let Some((memfd, _)) = &region {
+                // The region's memfd becomes the helper's fd 3; it maps it
+                // and then closes it with every other inherited fd.
+                targets.push(memfd.as_fd(), 3);
+            }
+            posix_spawn_with(
+                &plan.program,
+                &plan.program_display,
+                &targets,
+                &plan.argv,
+                &plan.envp,
+            )?
+        }
+        Some(server) => {
+            let child = ChildEnds {
+                stdin: child_stdin.as_fd(),
+                stdout: child_stdout.as_fd(),
+                stderr: child_stderr.as_fd(),
+                region: region.as_ref().map(|(memfd, _)| memfd.as_fd()),
+            };
+            server.spawn(plan, &child, deadline)?
         }
     };
+    // The child's ends now live in the child; close the host's copies so that
+    // EOF on stdout means the helper (and only it) is gone. The host keeps
+    // only its mapping of the region, not the memfd.
+    drop((child_stdin, child_stdout, child_stderr));
+    let region = region.map(|(_memfd, mapping)| mapping);
     Ok(Spawned {
-        pid: raw_pid as u32,
+        pid,
         pidfd,
         stdin: host_stdin,
         stdout: host_stdout,
