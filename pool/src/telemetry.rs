@@ -54,6 +54,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "helpers closed by the pool, by cause (idle, max_requests, evicted, shutdown)",
     ),
     (
+        "sandpool_launcher_restarts_total",
+        "counter",
+        "launcher processes replaced after one was lost (killed, crashed, hung)",
+    ),
+    (
         "sandpool_helper_deaths_total",
         "counter",
         "helper failures by cause (exit, signal, seccomp, timeout, protocol, launch, io)",

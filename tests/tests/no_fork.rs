@@ -7,12 +7,14 @@
 //! fork-based spawn (std's `Command` with a uid set, which std implements with
 //! fork) must fail, and the sandpool launch must still succeed: it used
 //! `clone(CLONE_VM | CLONE_VFORK)`, i.e. posix_spawn, and never copied the host.
+//! The launcher process, started from the filtered thread, inherits the
+//! filters: its threads and its helper spawns pass them too.
 #![allow(clippy::disallowed_methods)] // the fork-path control spawns with std Command on purpose
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 
-use sandpool::Launcher;
+use sandpool::{LaunchMode, Launcher};
 use sandpool_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{config, deadline};
 use seccompiler::{
@@ -61,14 +63,33 @@ fn launch_uses_vfork_semantics_never_fork() {
         let err = forked.expect_err("a fork-based spawn must fail under the no-fork filter");
         assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
 
-        // The sandpool launch goes through.
-        let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
-        assert_eq!(
-            helper
-                .call(&request(OP_ECHO, b"no fork"), deadline(5.0))
-                .unwrap(),
-            b"no fork"
-        );
+        // The sandpool launch goes through, both ways. The launcher process
+        // is started from this thread, so it runs under the same filters
+        // (they are inherited across its exec): its own threads and its
+        // helper spawns are clone(CLONE_VM) too, or they would fail here.
+        for mode in [LaunchMode::Launcher, LaunchMode::Direct] {
+            let mut cfg = config(&[]);
+            cfg.launch_mode = mode;
+            let launcher = Launcher::new(cfg).unwrap();
+            assert_eq!(
+                launcher.launcher_pid().is_some(),
+                mode == LaunchMode::Launcher
+            );
+            for _ in 0..3 {
+                let helper = launcher.launch().unwrap();
+                assert_eq!(
+                    helper
+                        .call(&request(OP_ECHO, b"no fork"), deadline(5.0))
+                        .unwrap(),
+                    b"no fork"
+                );
+            }
+            assert_eq!(
+                launcher.launcher_restarts(),
+                0,
+                "{mode:?}: the launcher never died"
+            );
+        }
     })
     .join()
     .unwrap();

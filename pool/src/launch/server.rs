@@ -117,6 +117,9 @@ pub(crate) struct LaunchServer {
     state: Mutex<State>,
     room: Condvar,
     restarts: AtomicU64,
+    /// `sandpool_launcher_restarts_total`, registered at start so it reads
+    /// 0 until a restart.
+    restarts_metric: metrics::Counter,
 }
 
 /// Why a launch lost its launcher.
@@ -163,6 +166,7 @@ impl LaunchServer {
             state: Mutex::new(State::default()),
             room: Condvar::new(),
             restarts: AtomicU64::new(0),
+            restarts_metric: metrics::counter!("sandpool_launcher_restarts_total"),
         };
         {
             let mut state = server.state.lock();
@@ -284,7 +288,7 @@ impl LaunchServer {
         let (generation, channels) = self.launch_launcher(plan)?;
         if state.started > 0 {
             self.restarts.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("sandpool_launcher_restarts_total").increment(1);
+            self.restarts_metric.increment(1);
         }
         state.started += 1;
         info!(

@@ -82,6 +82,11 @@ pub struct Stats {
     pub calls_ok: u64,
     /// Calls that failed for any other reason.
     pub calls_failed: u64,
+    /// Launcher processes replaced after one was lost (killed, crashed or
+    /// hung); 0 with `launch_mode = "direct"`.
+    pub launcher_restarts: u64,
+    /// The running launcher process's pid, if any.
+    pub launcher_pid: Option<u32>,
 }
 
 /// Helper failures by cause.
@@ -307,6 +312,8 @@ impl Pool {
             busy: counts.busy,
             idle: counts.idle,
             launching: counts.launching,
+            launcher_restarts: self.shared.launcher.launcher_restarts(),
+            launcher_pid: self.shared.launcher.launcher_pid(),
             ..self.shared.telemetry.counters()
         }
     }
