@@ -1,8 +1,10 @@
 //! Builds the reference helper twice, dynamically and statically linked, so
-//! the benchmarks can launch both side by side.
+//! the benchmarks can launch both side by side; and the launch floor, a
+//! tiny static C program (`floor/first_byte.c`).
 
 include!("../helper/build_helper.rs");
 
+#[allow(clippy::disallowed_methods)] // runs the C compiler, not a helper
 fn main() {
     let dynamic = build_reference_helper(false);
     let static_ = build_reference_helper(true);
@@ -11,4 +13,17 @@ fn main() {
         "cargo:rustc-env=SANDPOOL_HELPER_STATIC_BIN={}",
         static_.display()
     );
+
+    let source = "floor/first_byte.c";
+    println!("cargo:rerun-if-changed={source}");
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
+        .join("first-byte");
+    let mut command = cc::Build::new().opt_level(2).get_compiler().to_command();
+    command.args(["-static", "-o"]).arg(&out).arg(source);
+    let status = command.status().expect("running the C compiler");
+    assert!(
+        status.success(),
+        "building {source} ({command:?}) failed: {status}"
+    );
+    println!("cargo:rustc-env=SANDPOOL_FLOOR_BIN={}", out.display());
 }

@@ -16,12 +16,13 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
-use sandpool::{Config, HelperConfig, Launcher, Pool};
+use sandpool::{Config, HelperConfig, LaunchMode, Launcher, Pool};
 use sandpool_benches::{Summary, summarize};
 use sandpool_helper::reference::{OP_ECHO, request};
 use serde_json::{Value, json};
 
 const HELPER: &str = env!("SANDPOOL_HELPER_STATIC_BIN");
+const FLOOR: &str = env!("SANDPOOL_FLOOR_BIN");
 
 struct Run {
     quick: bool,
@@ -70,12 +71,19 @@ impl Run {
 /// How one launch is made.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Spawner {
-    /// sandpool: posix_spawn, helper close_range + seccomp, verified Hello.
+    /// sandpool, `launch_mode = "launcher"` (the default): the launcher
+    /// process spawns the helper; close_range + seccomp in the helper,
+    /// Hello verified against /proc.
     Sandpool,
+    /// sandpool, `launch_mode = "direct"`: posix_spawn from the host.
+    SandpoolDirect,
     /// std `Command::spawn` with piped stdio (posix_spawn path), same binary
     /// doing the same startup (close_range, seccomp), but no host-side
     /// verification; ready when its Hello arrives.
     StdPosixSpawn,
+    /// The floor: std `Command::spawn` (posix_spawn) of a tiny static C
+    /// program that writes one byte.
+    Floor,
     /// std `Command` with an empty `pre_exec` (the fork path alone).
     StdForkEmpty,
     /// std `Command` with a `pre_exec` that marks every possible fd
@@ -85,19 +93,40 @@ enum Spawner {
 }
 
 impl Spawner {
-    const ALL: [Spawner; 4] = [
+    const ALL: [Spawner; 6] = [
         Spawner::Sandpool,
+        Spawner::SandpoolDirect,
         Spawner::StdPosixSpawn,
+        Spawner::Floor,
         Spawner::StdForkEmpty,
         Spawner::StdForkFcntlLoop,
     ];
 
     fn name(self) -> &'static str {
         match self {
-            Spawner::Sandpool => "sandpool launch",
+            Spawner::Sandpool => "sandpool launch (launcher process)",
+            Spawner::SandpoolDirect => "sandpool launch, launch_mode = direct",
             Spawner::StdPosixSpawn => "std Command::spawn (posix_spawn)",
+            Spawner::Floor => "floor: posix_spawn of a tiny static C program",
             Spawner::StdForkEmpty => "std Command + empty pre_exec (fork)",
             Spawner::StdForkFcntlLoop => "std Command + pre_exec fcntl loop (fork)",
+        }
+    }
+}
+
+/// The two sandpool launchers, one per launch mode.
+struct Launchers {
+    launcher: Launcher,
+    direct: Launcher,
+}
+
+impl Launchers {
+    fn new(config: HelperConfig) -> Launchers {
+        let mut direct = config.clone();
+        direct.launch_mode = LaunchMode::Direct;
+        Launchers {
+            launcher: Launcher::new(config).expect("launcher"),
+            direct: Launcher::new(direct).expect("direct launcher"),
         }
     }
 }
@@ -123,15 +152,24 @@ fn fcntl_loop_pre_exec() -> std::io::Result<()> {
 /// One launch to ready (the Hello has arrived), then the process is ended
 /// and reaped. Returns the launch-to-ready time.
 #[allow(clippy::disallowed_methods)] // the std baselines spawn with Command on purpose
-fn launch_once(spawner: Spawner, launcher: &Launcher) -> Duration {
-    if spawner == Spawner::Sandpool {
+fn launch_once(spawner: Spawner, launchers: &Launchers) -> Duration {
+    let sandpool = match spawner {
+        Spawner::Sandpool => Some(&launchers.launcher),
+        Spawner::SandpoolDirect => Some(&launchers.direct),
+        _ => None,
+    };
+    if let Some(launcher) = sandpool {
         let helper = launcher.launch().expect("sandpool launch");
         let took = helper.launch_time();
         helper.kill();
         return took;
     }
     let started = Instant::now();
-    let mut command = Command::new(HELPER);
+    let mut command = Command::new(if spawner == Spawner::Floor {
+        FLOOR
+    } else {
+        HELPER
+    });
     command
         .env_clear()
         .env(
@@ -216,7 +254,9 @@ fn launch_by_host_state(run: &mut Run) -> Value {
     };
     let mut config = HelperConfig::new(HELPER);
     config.sandbox.verify_with_proc = true;
-    let launcher = Launcher::new(config).expect("launcher");
+    // Made before the host grows: the fds and memory below come after the
+    // pool, as a server's do after start-up.
+    let launchers = Launchers::new(config);
     let mut rows = Vec::new();
     let mut results = Vec::new();
     for (mib, fds) in states {
@@ -225,7 +265,7 @@ fn launch_by_host_state(run: &mut Run) -> Value {
         let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); Spawner::ALL.len()];
         for _ in 0..reps {
             for (i, spawner) in Spawner::ALL.iter().enumerate() {
-                samples[i].push(launch_once(*spawner, &launcher));
+                samples[i].push(launch_once(*spawner, &launchers));
             }
         }
         let summaries: Vec<Summary> = samples.iter_mut().map(|s| summarize(s)).collect();
@@ -245,8 +285,65 @@ fn launch_by_host_state(run: &mut Run) -> Value {
         &["host state", "launch", "median", "p99", "vs sandpool"],
         rows,
     );
+    let median = |mib: usize, fds: usize, spawner: Spawner| {
+        results
+            .iter()
+            .find(|r| r["rss_mib"] == mib && r["fds"] == fds && r["spawner"] == spawner.name())
+            .and_then(|r| r["launch"]["median_us"].as_f64())
+    };
+    let idle = median(0, 0, Spawner::Sandpool);
+    let mut targets = Vec::new();
+    let mut checks = Vec::new();
+    let mut check = |what: &str, value: Option<f64>, unit: &str, goal: f64| {
+        if let Some(value) = value {
+            targets.push(vec![
+                what.to_owned(),
+                format!("{value:.2}{unit}"),
+                format!("<= {goal}{unit}"),
+                if value <= goal { "met" } else { "not met" }.to_owned(),
+            ]);
+            checks
+                .push(json!({ "what": what, "value": value, "goal": goal, "met": value <= goal }));
+        }
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b?);
+    check(
+        "launcher: 19,000 host fds / idle host",
+        ratio(median(0, 19_000, Spawner::Sandpool), idle),
+        "x",
+        1.2,
+    );
+    check(
+        "launcher: 4 GiB touched / idle host",
+        ratio(median(4096, 0, Spawner::Sandpool), idle),
+        "x",
+        1.1,
+    );
+    check(
+        "launcher, idle host / floor (tiny static C program)",
+        ratio(idle, median(0, 0, Spawner::Floor)),
+        "x",
+        1.5,
+    );
+    check(
+        "launcher minus direct, idle host (us)",
+        idle.zip(median(0, 0, Spawner::SandpoolDirect))
+            .map(|(a, b)| a - b),
+        "",
+        60.0,
+    );
+    check(
+        "direct: 19,000 host fds / idle host (for comparison)",
+        ratio(
+            median(0, 19_000, Spawner::SandpoolDirect),
+            median(0, 0, Spawner::SandpoolDirect),
+        ),
+        "x",
+        1.2,
+    );
+    run.table(&["target", "measured", "goal", ""], targets);
     plot_launch(run, &results);
-    Value::Array(results)
+    json!({ "rows": results, "targets": checks })
 }
 
 fn concurrent_launches(run: &mut Run) -> Value {
@@ -255,12 +352,41 @@ fn concurrent_launches(run: &mut Run) -> Value {
         "Makespan of 50 simultaneous sandpool launches, against the CPU bound (50 x a single launch / cores), \
          and the slowest single launch.",
     );
-    let launcher = Arc::new(Launcher::new(HelperConfig::new(HELPER)).expect("launcher"));
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
+    let mut rows = Vec::new();
+    let mut values = Vec::new();
+    for mode in [LaunchMode::Launcher, LaunchMode::Direct] {
+        let (row, value) = concurrent_launches_in(run, mode, cores);
+        rows.push(row);
+        values.push(value);
+    }
+    run.table(
+        &[
+            "launch mode",
+            "single launch (median)",
+            "CPU bound (50 x single / cores)",
+            "makespan (median)",
+            "makespan / bound",
+            "slowest single (median)",
+        ],
+        rows,
+    );
+    json!({ "cores": cores, "modes": values })
+}
+
+fn concurrent_launches_in(run: &Run, mode: LaunchMode, cores: usize) -> (Vec<String>, Value) {
+    let mut config = HelperConfig::new(HELPER);
+    config.launch_mode = mode;
+    let launcher = Arc::new(Launcher::new(config).expect("launcher"));
     let mut single: Vec<Duration> = (0..20)
-        .map(|_| launch_once(Spawner::Sandpool, &launcher))
+        .map(|_| {
+            let helper = launcher.launch().expect("launch");
+            let took = helper.launch_time();
+            helper.kill();
+            took
+        })
         .collect();
     let single = summarize(&mut single);
     let rounds = if run.quick { 1 } else { 5 };
@@ -299,23 +425,18 @@ fn concurrent_launches(run: &mut Run) -> Value {
     let worst = summarize(&mut worst);
     let bound = single.median * 50 / cores as u32;
     let ratio = makespan.median.as_secs_f64() / bound.as_secs_f64();
-    run.table(
-        &[
-            "single launch (median)",
-            "CPU bound (50 x single / cores)",
-            "makespan (median)",
-            "makespan / bound",
-            "slowest single (median)",
-        ],
-        vec![vec![
+    let mode_name = format!("{mode:?}").to_lowercase();
+    (
+        vec![
+            mode_name.clone(),
             fmt_us(single.median),
             fmt_us(bound),
             fmt_us(makespan.median),
             format!("{ratio:.2}x"),
             fmt_us(worst.median),
-        ]],
-    );
-    json!({ "cores": cores, "single": summary_json(&single), "makespan": summary_json(&makespan), "bound_us": us(bound), "makespan_over_bound": ratio, "slowest_single": summary_json(&worst) })
+        ],
+        json!({ "mode": mode_name, "single": summary_json(&single), "makespan": summary_json(&makespan), "bound_us": us(bound), "makespan_over_bound": ratio, "slowest_single": summary_json(&worst) }),
+    )
 }
 
 /// Pins a process (0: this thread) to CPU 0: both ends of a ping-pong on one

@@ -59,6 +59,12 @@ impl Write for StdioPipe {
 /// per process. Reading and writing them costs exactly one `read`/`write`
 /// syscall per call, on the only fds the seccomp policy lets the helper read
 /// (0) and write (1, 2).
+///
+/// Also sets SIGPIPE to ignored, so that a write to a host that has gone
+/// fails with `EPIPE` (and the helper exits with its protocol code) instead
+/// of killing the helper: std's runtime does this for a `fn main`, but a
+/// helper started without it (`#![no_main]`, or a C `main`) has the
+/// default disposition the host's spawn gave it.
 pub fn take_protocol_stdio() -> Result<(StdioPipe, StdioPipe), StdioError> {
     for fd in [0, 1] {
         check_open(fd)?;
@@ -66,6 +72,10 @@ pub fn take_protocol_stdio() -> Result<(StdioPipe, StdioPipe), StdioError> {
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Err(StdioError::AlreadyTaken);
     }
+    // SAFETY: SIG_IGN installs no handler, so no code of ours can run in
+    // signal context; `signal` only changes this process's disposition of
+    // SIGPIPE. It cannot fail for a valid signal number.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // SAFETY: fd 0 is open (checked above). The `File` is wrapped in
     // `ManuallyDrop` and never dropped, so it never closes fd 0: it acts as a
     // borrow of fd 0 for the rest of the process, which is how std's own
