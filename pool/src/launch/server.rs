@@ -52,7 +52,7 @@ use rustix::net::{
 use tracing::{info, warn};
 
 use super::process::{Process, poll_timeout};
-use super::spawn::{LaunchPlan, SpawnTargets, pipe, posix_spawn_with};
+use super::spawn::{LaunchPlan, SpawnTargets, pipe, posix_spawn_with, sealed_memfd};
 use crate::error::LaunchError;
 
 /// The launcher program, built by `build.rs`.
@@ -323,7 +323,12 @@ impl LaunchServer {
             host_ends.push(host);
             launcher_ends.push(launcher);
         }
-        let program = program_image().map_err(err("memfd"))?;
+        // Numbered above every target of the launcher's spawn (0 to
+        // 3 + threads), which it is exec'd by path past.
+        let program = sealed_memfd("sandpool-launcher", 4 + threads as i32, |mut file| {
+            std::io::Write::write_all(&mut file, LAUNCHER_PROGRAM)
+        })
+        .map_err(|(what, source)| LaunchError::LauncherStart { what, source })?;
         let devnull = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -392,26 +397,6 @@ impl LaunchServer {
 
 fn number(n: usize) -> CString {
     CString::new(n.to_string()).unwrap_or_default()
-}
-
-/// A sealed, close-on-exec memfd holding the launcher program, numbered
-/// clear of the launcher's spawn targets.
-fn program_image() -> std::io::Result<OwnedFd> {
-    let memfd = memfd::MemfdOptions::default()
-        .allow_sealing(true)
-        .close_on_exec(true)
-        .create("sandpool-launcher")
-        .map_err(std::io::Error::other)?;
-    std::io::Write::write_all(&mut memfd.as_file(), LAUNCHER_PROGRAM)?;
-    memfd
-        .add_seals(&[
-            memfd::FileSeal::SealShrink,
-            memfd::FileSeal::SealGrow,
-            memfd::FileSeal::SealWrite,
-            memfd::FileSeal::SealSeal,
-        ])
-        .map_err(std::io::Error::other)?;
-    Ok(memfd.into_file().into())
 }
 
 impl Channel {

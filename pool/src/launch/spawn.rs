@@ -54,27 +54,43 @@ fn pin_image(program: &std::path::Path) -> Result<(OwnedFd, CString), LaunchErro
         what,
         source,
     };
-    let image = memfd::MemfdOptions::default()
+    let mut source = std::fs::File::open(program).map_err(|e| err("open", e))?;
+    // Numbered above every fd the spawn's file actions write (0 to 3), so no
+    // dup2 in the child can replace the image before the exec reads it.
+    let image = sealed_memfd("sandpool-helper-image", 4, |mut file| {
+        std::io::copy(&mut source, &mut file).map(drop)
+    })
+    .map_err(|(what, e)| err(what, e))?;
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
+    let path = CString::new(path).map_err(|e| err("path", std::io::Error::other(e)))?;
+    Ok((image, path))
+}
+
+/// A close-on-exec memfd named `name`, filled by `fill`, then sealed
+/// against every change (no writes, no resizing, seals fixed) and numbered
+/// `min_fd` or above, so that a spawn's dup2 file actions onto lower
+/// numbers cannot replace it before an exec reads it by its
+/// `/proc/self/fd` path. On failure, the step that failed.
+pub(crate) fn sealed_memfd(
+    name: &str,
+    min_fd: i32,
+    fill: impl FnOnce(&std::fs::File) -> std::io::Result<()>,
+) -> Result<OwnedFd, (&'static str, std::io::Error)> {
+    let memfd = memfd::MemfdOptions::default()
         .allow_sealing(true)
         .close_on_exec(true)
-        .create("sandpool-helper-image")
-        .map_err(|e| err("memfd_create", std::io::Error::other(e)))?;
-    let mut source = std::fs::File::open(program).map_err(|e| err("open", e))?;
-    std::io::copy(&mut source, &mut image.as_file()).map_err(|e| err("copy", e))?;
-    image
+        .create(name)
+        .map_err(|e| ("memfd_create", std::io::Error::other(e)))?;
+    fill(memfd.as_file()).map_err(|e| ("copy", e))?;
+    memfd
         .add_seals(&[
             memfd::FileSeal::SealShrink,
             memfd::FileSeal::SealGrow,
             memfd::FileSeal::SealWrite,
             memfd::FileSeal::SealSeal,
         ])
-        .map_err(|e| err("seal", std::io::Error::other(e)))?;
-    // Numbered above every fd the spawn's file actions write (0 to 3), so no
-    // dup2 in the child can replace the image before the exec reads it.
-    let image = lift_above_spawn_targets(image.as_file()).map_err(|e| err("dup", e))?;
-    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&image));
-    let path = CString::new(path).map_err(|e| err("path", std::io::Error::other(e)))?;
-    Ok((image, path))
+        .map_err(|e| ("seal", std::io::Error::other(e)))?;
+    rustix::io::fcntl_dupfd_cloexec(memfd.as_file(), min_fd).map_err(|e| ("dup", e.into()))
 }
 
 /// A close-on-exec duplicate of `fd` numbered 4 or above: clear of the fds
