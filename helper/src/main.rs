@@ -8,7 +8,7 @@
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
-//!   `corpus:<case>`).
+//!   `output-before-bind`, `spin-when-idle`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
@@ -161,10 +161,30 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             std::io::stderr().write_all(body)?;
             out.extend_from_slice(body);
         }
+        OP_GROW => {
+            let mib: [u8; 4] = body
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or("grow needs a u32")?;
+            let size = usize::try_from(u32::from_le_bytes(mib))? << 20;
+            // Touched page by page, so it is resident, not just reserved;
+            // an allocation past the address-space limit aborts here.
+            let mut block = vec![0u8; size];
+            for page in block.chunks_mut(4096) {
+                page[0] = 1;
+            }
+            let mut kept = KEPT.lock().map_err(|_| "poisoned")?;
+            kept.push(block);
+            let total: usize = kept.iter().map(Vec::len).sum();
+            out.extend_from_slice(&u32::try_from(total >> 20)?.to_le_bytes());
+        }
         other => return Err(format!("unknown op {other:#04x}").into()),
     }
     Ok(())
 }
+
+/// What `OP_GROW` keeps.
+static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
 /// Startup for the misbehaviours that attack the Hello itself.
 fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, String> {
@@ -192,6 +212,15 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
+    if misbehave == "output-before-bind" {
+        // Says hello, then at once writes bytes nobody asked for (a spare
+        // that misbehaves before any tenant is bound to it).
+        let mut session = sandboxed.say_hello().map_err(|err| err.to_string())?;
+        session
+            .send_raw(b"unsolicited output from a spare\n")
+            .map_err(|e| e.to_string())?;
+        return Ok(session);
+    }
     if misbehave == "no-hello" {
         // Sandboxed, but never says hello: wait for the host to give up.
         loop {
@@ -218,7 +247,18 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             out
         };
         let bytes = match misbehave {
-            "skip-seccomp" | "lie-seccomp" => reply(Kind::Response, id, &payload),
+            "skip-seccomp" | "lie-seccomp" | "output-before-bind" => {
+                reply(Kind::Response, id, &payload)
+            }
+            "spin-when-idle" => {
+                // Answers, then burns the CPU with no call owed.
+                session
+                    .send_raw(&reply(Kind::Response, id, &payload))
+                    .map_err(|e| e.to_string())?;
+                loop {
+                    std::hint::spin_loop();
+                }
+            }
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },

@@ -28,6 +28,16 @@ pub const OP_EXEC: u8 = 0x17;
 /// Test op: asks to be traced (forbidden by seccomp: `ptrace`).
 pub const OP_PTRACE: u8 = 0x18;
 
+/// Test op: allocates and touches the little-endian `u32` MiB in the body,
+/// keeps it for the helper's life, and answers with the MiB kept in all
+/// (as a little-endian `u32`).
+pub const OP_GROW: u8 = 0x30;
+
+/// Builds an [`OP_GROW`] request: grow by `mib` MiB, touched and kept.
+pub fn grow_request(mib: u32) -> Vec<u8> {
+    request(OP_GROW, &mib.to_le_bytes())
+}
+
 /// Builds a request: the op byte, then the body.
 pub fn request(op: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + body.len());
@@ -60,5 +70,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "region-oob",
     "region-scribble",
     "region-other-window",
+    "output-before-bind",
+    "spin-when-idle",
     "corpus:<case name>",
 ];

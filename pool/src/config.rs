@@ -87,12 +87,173 @@ impl Default for SandboxConfig {
     }
 }
 
-/// Resource limits for the helper (soft and hard alike); unset means inherited.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The default `sandbox.rlimits.address_space`: 1 GiB of address space per
+/// helper (its stack, heap, mappings and any shared region together).
+pub const DEFAULT_ADDRESS_SPACE: ByteSize = ByteSize::gib(1);
+/// The default `max_helper_memory`: 512 MiB resident per helper.
+pub const DEFAULT_MAX_HELPER_MEMORY: ByteSize = ByteSize::mib(512);
+/// The default `max_idle_cpu`: CPU time an idle helper may use.
+pub const DEFAULT_MAX_IDLE_CPU: Duration = Duration::from_millis(500);
+
+/// A size limit: a size (`"1GiB"`, or a number of bytes), or `"unlimited"`,
+/// which must be written out: no limit is ever off by omission.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SizeLimit {
+    /// No limit.
+    Unlimited,
+    /// At most this many bytes.
+    Bytes(ByteSize),
+}
+
+impl SizeLimit {
+    /// The limit in bytes, `None` for unlimited.
+    pub fn bytes(self) -> Option<u64> {
+        match self {
+            SizeLimit::Unlimited => None,
+            SizeLimit::Bytes(size) => Some(size.as_u64()),
+        }
+    }
+}
+
+/// A CPU time limit: a duration (`"500ms"`) or `"unlimited"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TimeLimit {
+    /// No limit.
+    Unlimited,
+    /// At most this long.
+    Time(Duration),
+}
+
+impl TimeLimit {
+    /// The limit, `None` for unlimited.
+    pub fn time(self) -> Option<Duration> {
+        match self {
+            TimeLimit::Unlimited => None,
+            TimeLimit::Time(time) => Some(time),
+        }
+    }
+}
+
+/// The pool's memory budget (`memory_budget`): the resident memory of all
+/// its helpers together.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum MemoryBudget {
+    /// Half of the host's memory as the pool sees it at `Pool::new`: the
+    /// smaller of `MemTotal` (`/proc/meminfo`) and the `memory.max` of the
+    /// host's cgroup (v2), where one is set. The default.
+    #[default]
+    Auto,
+    /// No budget.
+    Unlimited,
+    /// At most this many bytes.
+    Bytes(ByteSize),
+}
+
+/// serde for the limit types: a word (`"unlimited"`, `"auto"`) or a value.
+mod limit_serde {
+    use bytesize::ByteSize;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error};
+
+    use super::{MemoryBudget, SizeLimit, TimeLimit};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Word(String),
+        Size(ByteSize),
+    }
+
+    fn size<E: Error>(text: &str) -> Result<ByteSize, E> {
+        text.parse::<ByteSize>().map_err(|err| {
+            E::custom(format!(
+                "{text:?} is neither \"unlimited\" nor a size ({err})"
+            ))
+        })
+    }
+
+    impl Serialize for SizeLimit {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self {
+                SizeLimit::Unlimited => Repr::Word("unlimited".into()),
+                SizeLimit::Bytes(size) => Repr::Size(*size),
+            }
+            .serialize(s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for SizeLimit {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(match Repr::deserialize(d)? {
+                Repr::Word(word) if word == "unlimited" => SizeLimit::Unlimited,
+                Repr::Word(text) => SizeLimit::Bytes(size(&text)?),
+                Repr::Size(size) => SizeLimit::Bytes(size),
+            })
+        }
+    }
+
+    impl Serialize for MemoryBudget {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self {
+                MemoryBudget::Auto => Repr::Word("auto".into()),
+                MemoryBudget::Unlimited => Repr::Word("unlimited".into()),
+                MemoryBudget::Bytes(size) => Repr::Size(*size),
+            }
+            .serialize(s)
+        }
+    }
+
+    impl<'de> Deserialize<'de> for MemoryBudget {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            Ok(match Repr::deserialize(d)? {
+                Repr::Word(word) if word == "auto" => MemoryBudget::Auto,
+                Repr::Word(word) if word == "unlimited" => MemoryBudget::Unlimited,
+                Repr::Word(text) => MemoryBudget::Bytes(size(&text)?),
+                Repr::Size(size) => MemoryBudget::Bytes(size),
+            })
+        }
+    }
+
+    impl Serialize for TimeLimit {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            match self {
+                TimeLimit::Unlimited => s.serialize_str("unlimited"),
+                TimeLimit::Time(time) => {
+                    s.serialize_str(&humantime::format_duration(*time).to_string())
+                }
+            }
+        }
+    }
+
+    impl<'de> Deserialize<'de> for TimeLimit {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let text = String::deserialize(d)?;
+            if text == "unlimited" {
+                return Ok(TimeLimit::Unlimited);
+            }
+            humantime::parse_duration(&text)
+                .map(TimeLimit::Time)
+                .map_err(|err| {
+                    D::Error::custom(format!(
+                        "{text:?} is neither \"unlimited\" nor a duration ({err})"
+                    ))
+                })
+        }
+    }
+}
+
+/// Resource limits for the helper (soft and hard alike); unset means
+/// inherited, except the address space, which is limited by default.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RlimitConfig {
-    /// `RLIMIT_AS`, e.g. `"1GiB"`.
-    pub address_space: Option<ByteSize>,
+    /// `RLIMIT_AS`: the helper's whole address space (stack, heap,
+    /// mappings, the shared region). Default [`DEFAULT_ADDRESS_SPACE`]
+    /// (1 GiB): an allocation past it fails in the helper, which then
+    /// aborts (the call fails with [`CallError::LimitExceeded`]
+    /// (crate::CallError::LimitExceeded) when the helper says so on stderr,
+    /// as Rust's allocator does, else with `Died`). `"unlimited"` keeps the
+    /// inherited limit.
+    pub address_space: SizeLimit,
     /// `RLIMIT_NOFILE`.
     pub open_files: Option<u64>,
     /// `RLIMIT_CPU`, in seconds of CPU time over the helper's life.
@@ -101,10 +262,21 @@ pub struct RlimitConfig {
     pub file_size: Option<ByteSize>,
 }
 
+impl Default for RlimitConfig {
+    fn default() -> Self {
+        RlimitConfig {
+            address_space: SizeLimit::Bytes(DEFAULT_ADDRESS_SPACE),
+            open_files: None,
+            cpu_seconds: None,
+            file_size: None,
+        }
+    }
+}
+
 impl RlimitConfig {
     fn spec(&self) -> RlimitSpec {
         RlimitSpec {
-            address_space: self.address_space.map(|size| size.as_u64()),
+            address_space: self.address_space.bytes(),
             open_files: self.open_files,
             cpu_seconds: self.cpu_seconds,
             file_size: self.file_size.map(|size| size.as_u64()),
@@ -170,9 +342,17 @@ pub struct HelperConfig {
     pub region_slots: usize,
     /// How helpers are started. Default [`LaunchMode::Launcher`].
     pub launch_mode: LaunchMode,
+    /// The scheduling niceness (0 to 19) the host gives each helper right
+    /// after its spawn, so helpers yield the CPU to the host; `None`
+    /// (default) leaves the host's.
+    pub nice: Option<i32>,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
+
+/// The smallest address-space limit a helper can start in (beside any
+/// shared region).
+pub const MIN_ADDRESS_SPACE: u64 = 16 << 20;
 
 impl HelperConfig {
     /// A configuration with every default and the given program.
@@ -191,6 +371,7 @@ impl HelperConfig {
             region_threshold: 64 * 1024,
             region_slots: 1,
             launch_mode: LaunchMode::Launcher,
+            nice: None,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -219,13 +400,12 @@ impl HelperConfig {
             ));
         }
         if let Some(size) = self.region_size {
-            if let Some(limit) = self.sandbox.rlimits.address_space {
-                if limit.as_u64() <= size {
+            if let Some(limit) = self.sandbox.rlimits.address_space.bytes() {
+                if limit <= size.saturating_add(MIN_ADDRESS_SPACE) {
                     return Err(ConfigError::new(
                         "sandbox.rlimits.address_space",
                         format!(
-                            "{} leaves no room beside the {size}-byte region",
-                            limit.as_u64()
+                            "{limit} leaves less than {MIN_ADDRESS_SPACE} bytes beside the {size}-byte region"
                         ),
                     ));
                 }
@@ -243,6 +423,26 @@ impl HelperConfig {
                     format!(
                         "{} is larger than a region slot ({slot} bytes: half of region_size over region_slots)",
                         self.region_threshold
+                    ),
+                ));
+            }
+        }
+        if let Some(limit) = self.sandbox.rlimits.address_space.bytes() {
+            if limit < MIN_ADDRESS_SPACE {
+                return Err(ConfigError::new(
+                    "sandbox.rlimits.address_space",
+                    format!(
+                        "{limit} is less than {MIN_ADDRESS_SPACE} bytes (16 MiB): no helper could start"
+                    ),
+                ));
+            }
+        }
+        if let Some(nice) = self.nice {
+            if !(0..=19).contains(&nice) {
+                return Err(ConfigError::new(
+                    "nice",
+                    format!(
+                        "{nice} is outside 0..=19 (a helper may only be made less favoured than the host)"
                     ),
                 ));
             }
@@ -428,6 +628,33 @@ pub struct Config {
     /// large the host grows; `"direct"`: posix_spawn from the host, whose
     /// whole fd table every launch then copies.
     pub launch_mode: LaunchMode,
+    /// Resident memory one helper may hold, sampled by the keeper every
+    /// `sample_interval` from `/proc/PID/stat`; over it the helper is
+    /// killed (busy or idle), its calls fail with
+    /// [`CallError::LimitExceeded`](crate::CallError::LimitExceeded), and it
+    /// counts toward its tenant's back-off. Default 512 MiB; `"unlimited"`
+    /// turns it off.
+    pub max_helper_memory: SizeLimit,
+    /// Resident memory of all the pool's helpers together. Over it, idle
+    /// helpers are evicted, least recently used first (at each sample and
+    /// before any launch), and no spare is launched; busy helpers are never
+    /// evicted for it. Default `"auto"`: half of the host's memory (the
+    /// smaller of `MemTotal` and the cgroup's `memory.max`); a size; or
+    /// `"unlimited"`.
+    pub memory_budget: MemoryBudget,
+    /// CPU time a helper with no call owed may use (measured from the first
+    /// sample after its last reply); over it the helper is killed (cause
+    /// `idle_cpu`) and counts toward its tenant's back-off. A helper that
+    /// spins after answering is killed within about two `sample_interval`s
+    /// plus this. Default 500 ms; `"unlimited"` turns it off.
+    pub max_idle_cpu: TimeLimit,
+    /// How often the keeper samples every helper's memory and CPU time
+    /// (one read of `/proc/PID/stat` each). 10 ms to 1 min; default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub sample_interval: Duration,
+    /// Scheduling niceness (0 to 19) for helpers, set by the host right
+    /// after each spawn. Default none (the host's own).
+    pub nice: Option<i32>,
     /// The sandbox.
     pub sandbox: SandboxConfig,
 }
@@ -460,6 +687,11 @@ impl Default for Config {
             stderr_max_bytes_per_helper: ByteSize::mib(1),
             metrics_tenant_label: false,
             launch_mode: LaunchMode::Launcher,
+            max_helper_memory: SizeLimit::Bytes(DEFAULT_MAX_HELPER_MEMORY),
+            memory_budget: MemoryBudget::Auto,
+            max_idle_cpu: TimeLimit::Time(DEFAULT_MAX_IDLE_CPU),
+            sample_interval: Duration::from_secs(1),
+            nice: None,
             sandbox: SandboxConfig::default(),
         }
     }
@@ -535,6 +767,7 @@ impl Config {
             region_threshold: usize::try_from(self.region_threshold.as_u64()).unwrap_or(usize::MAX),
             region_slots: self.region_slots,
             launch_mode: self.launch_mode,
+            nice: self.nice,
             sandbox: self.sandbox.clone(),
         }
     }
@@ -581,6 +814,36 @@ impl Config {
         ] {
             if value > MAX_DURATION {
                 return Err(ConfigError::new(field, "must be at most a day"));
+            }
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.sample_interval) {
+            return Err(ConfigError::new(
+                "sample_interval",
+                format!("{:?} is outside 10ms..=1min", self.sample_interval),
+            ));
+        }
+        if let Some(max) = self.max_idle_cpu.time() {
+            if max.is_zero() || max > MAX_DURATION {
+                return Err(ConfigError::new(
+                    "max_idle_cpu",
+                    "must be greater than zero and at most a day (or \"unlimited\")",
+                ));
+            }
+        }
+        if let Some(max) = self.max_helper_memory.bytes() {
+            if max < MIN_ADDRESS_SPACE {
+                return Err(ConfigError::new(
+                    "max_helper_memory",
+                    format!("{max} is less than 16 MiB: no helper could serve"),
+                ));
+            }
+        }
+        if let MemoryBudget::Bytes(size) = self.memory_budget {
+            if size.as_u64() < MIN_ADDRESS_SPACE {
+                return Err(ConfigError::new(
+                    "memory_budget",
+                    format!("{} is less than 16 MiB", size.as_u64()),
+                ));
             }
         }
         if self.crash_backoff.max < self.crash_backoff.initial {

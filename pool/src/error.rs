@@ -95,6 +95,10 @@ pub enum ProtocolViolation {
     /// It answered through the region a request that did not grant it.
     #[error("answered request id {0} through the shared region without being granted it")]
     RegionNotGranted(u64),
+    /// It wrote to its stdout (or closed it) while it waited as a spare,
+    /// with nothing asked of it; found when it was about to be bound.
+    #[error("wrote to its stdout before it was bound, with nothing asked")]
+    OutputBeforeBind,
     /// Its Error frame is not UTF-8.
     #[error("Error frame is not UTF-8")]
     ErrorNotUtf8,
@@ -317,6 +321,114 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// The host ran out of file descriptors (EMFILE, ENFILE) during the
+    /// launch: host pressure, never the helper's or the tenant's fault. The
+    /// pool evicts an idle helper and retries once before it reports this,
+    /// and never counts it toward a tenant's back-off.
+    #[error("the host is out of file descriptors")]
+    HostOutOfFds(#[source] Box<LaunchError>),
+}
+
+impl LaunchError {
+    /// Whether this is host pressure ([`LaunchError::HostOutOfFds`]).
+    pub fn is_host_pressure(&self) -> bool {
+        matches!(self, LaunchError::HostOutOfFds(_))
+    }
+
+    /// Wraps an error whose cause is the host's fd limit (EMFILE, ENFILE
+    /// anywhere in its chain: a pipe, a pidfd, the fds passed back by the
+    /// launcher, the `/proc` reads of the Hello check) as
+    /// [`LaunchError::HostOutOfFds`].
+    pub(crate) fn classify(self) -> LaunchError {
+        if !self.is_host_pressure() && chain_has_fd_exhaustion(&self) {
+            LaunchError::HostOutOfFds(Box::new(self))
+        } else {
+            self
+        }
+    }
+}
+
+fn chain_has_fd_exhaustion(err: &(dyn std::error::Error + 'static)) -> bool {
+    let exhausted = |io: &std::io::Error| matches!(io.raw_os_error(), Some(code) if code == nix::libc::EMFILE || code == nix::libc::ENFILE);
+    let mut next = Some(err);
+    while let Some(err) = next {
+        let io = err
+            .downcast_ref::<std::io::Error>()
+            .or_else(|| err.downcast_ref::<Arc<std::io::Error>>().map(|a| &**a));
+        if io.is_some_and(exhausted) {
+            return true;
+        }
+        // Errors this crate carries by value rather than as a source.
+        if let Some(LaunchError::HelloRefused {
+            refusal: HelloRefusal::ProcUnreadable { source, .. },
+            ..
+        }) = err.downcast_ref::<LaunchError>()
+        {
+            if exhausted(source) {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
+}
+
+/// A resource limit a helper went over (see [`CallError::LimitExceeded`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limit {
+    /// `max_helper_memory`: the keeper sampled this much resident memory.
+    Memory {
+        /// Resident bytes sampled.
+        resident: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// `sandbox.rlimits.address_space`: an allocation failed under the
+    /// address-space limit and the helper aborted, as it said on stderr
+    /// (reported by the helper: a hostile one may lie, which only changes
+    /// this label, not the kill or the back-off).
+    AddressSpace {
+        /// The limit.
+        max: u64,
+    },
+    /// `max_idle_cpu`: with no call owed, the helper used this much CPU
+    /// time since the first sample after its last reply.
+    IdleCpu {
+        /// CPU time used while idle.
+        used: Duration,
+        /// The limit.
+        max: Duration,
+    },
+}
+
+impl Limit {
+    /// The cause label of metrics and logs: `memory` or `idle_cpu`.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Limit::Memory { .. } | Limit::AddressSpace { .. } => "memory",
+            Limit::IdleCpu { .. } => "idle_cpu",
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Limit::Memory { resident, max } => write!(
+                f,
+                "{resident} bytes resident, over max_helper_memory of {max} bytes"
+            ),
+            Limit::AddressSpace { max } => write!(
+                f,
+                "an allocation failed under the {max}-byte address-space limit (as the helper reported)"
+            ),
+            Limit::IdleCpu { used, max } => write!(
+                f,
+                "used {used:?} of CPU with no call owed, over max_idle_cpu of {max:?}"
+            ),
+        }
+    }
 }
 
 /// Why a helper was retired while calls were in flight on it.
@@ -480,6 +592,17 @@ pub enum CallError {
         /// Why.
         reason: RetireReason,
     },
+    /// The helper went over a resource limit (memory, idle CPU) and was
+    /// killed; counts as a failure of its tenant for back-off.
+    #[error("helper pid {pid} killed: {limit}{}", stderr_suffix(.stderr))]
+    LimitExceeded {
+        /// The helper's pid.
+        pid: u32,
+        /// Which limit, and by how much.
+        limit: Limit,
+        /// The end of its stderr.
+        stderr: String,
+    },
 }
 
 impl CallError {
@@ -505,8 +628,8 @@ impl CallError {
                 | CallError::Died { .. }
                 | CallError::Protocol { .. }
                 | CallError::Io { .. }
-                | CallError::Launch(_)
-        )
+                | CallError::LimitExceeded { .. }
+        ) || matches!(self, CallError::Launch(err) if !err.is_host_pressure())
     }
 
     /// Whether this is a seccomp kill of the helper.

@@ -31,15 +31,16 @@ mod telemetry;
 /// Human-readable sizes as `Config` uses them (re-exported from `bytesize`).
 pub use bytesize::ByteSize;
 pub use config::{
-    BackoffConfig, Config, ConfigError, HelperConfig, LaunchMode, MAX_DURATION, RlimitConfig,
-    SandboxConfig,
+    BackoffConfig, Config, ConfigError, DEFAULT_ADDRESS_SPACE, DEFAULT_MAX_HELPER_MEMORY,
+    DEFAULT_MAX_IDLE_CPU, HelperConfig, LaunchMode, MAX_DURATION, MIN_ADDRESS_SPACE, MemoryBudget,
+    RlimitConfig, SandboxConfig, SizeLimit, TimeLimit,
 };
 pub use conn::Helper;
 pub use error::{
-    CallError, ExitStatus, HelloRefusal, LaunchError, ProtocolViolation, RetireReason,
+    CallError, ExitStatus, HelloRefusal, LaunchError, Limit, ProtocolViolation, RetireReason,
 };
 pub use launch::Launcher;
-pub use pool::{CloseCause, FailureStats, HelperInfo, Pool, PoolError, Stats};
+pub use pool::{CloseCause, FailureStats, HelperInfo, HelperMemory, Pool, PoolError, Stats};
 pub use sandpool_protocol::{
     DecodeError, FdCloseMethod, Hello, Kind, PayloadError, RegionError, RlimitSpec, SeccompMode,
 };

@@ -41,7 +41,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_launches_total",
         "counter",
-        "launches by outcome (ok, failed)",
+        "launches by outcome (ok, failed, host_fds: the host was out of fds, not counted against any tenant)",
     ),
     (
         "sandpool_spares_total",
@@ -51,7 +51,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_quiesced_total",
         "counter",
-        "helpers closed by the pool, by cause (idle, max_requests, evicted, shutdown)",
+        "helpers closed by the pool, by cause (idle, max_requests, evicted, memory_budget, shutdown)",
     ),
     (
         "sandpool_launcher_restarts_total",
@@ -61,12 +61,12 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_helper_deaths_total",
         "counter",
-        "helper failures by cause (exit, signal, seccomp, timeout, protocol, launch, io)",
+        "helper failures by cause (exit, signal, seccomp, timeout, protocol, launch, io, memory, idle_cpu)",
     ),
     (
         "sandpool_calls_total",
         "counter",
-        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, launch_wait, saturated, queue_timeout, shut_down, not_sent, retired, rejected, cancelled)",
+        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, launch_wait, saturated, queue_timeout, shut_down, not_sent, retired, rejected, cancelled, limit_exceeded, host_fds)",
     ),
     (
         "sandpool_backoff_engaged_total",
@@ -93,6 +93,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "calls in flight across the pool",
     ),
+    (
+        "sandpool_helper_memory_bytes",
+        "gauge",
+        "resident memory of live helpers at the keeper's last sample, by state (spare, idle, busy)",
+    ),
 ];
 
 /// The `outcome` labels of calls; [`outcome`] returns an index into it.
@@ -114,6 +119,8 @@ const OUTCOMES: &[&str] = &[
     "retired",
     "rejected",
     "cancelled",
+    "limit_exceeded",
+    "host_fds",
 ];
 const OK: usize = 0;
 const HELPER_ERROR: usize = 1;
@@ -130,6 +137,7 @@ fn outcome(result: &Result<Vec<u8>, CallError>) -> usize {
         Err(CallError::Died { .. }) => 3,
         Err(CallError::Protocol { .. }) => 4,
         Err(CallError::Io { .. }) => 5,
+        Err(CallError::Launch(err)) if err.is_host_pressure() => 18,
         Err(CallError::Launch(_)) => 6,
         Err(CallError::BackingOff { .. }) => BACKED_OFF,
         Err(CallError::PoolFull { .. }) => 8,
@@ -139,6 +147,7 @@ fn outcome(result: &Result<Vec<u8>, CallError>) -> usize {
         Err(CallError::ShutDown) => 12,
         Err(CallError::NotSent { .. }) => 13,
         Err(CallError::Retired { .. }) => 14,
+        Err(CallError::LimitExceeded { .. }) => 17,
         Err(
             CallError::RequestTooLarge { .. }
             | CallError::InvalidTenant(_)
@@ -196,6 +205,12 @@ pub(crate) struct Telemetry {
     died_protocol: Count,
     died_launch: Count,
     died_io: Count,
+    died_memory: Count,
+    died_idle_cpu: Count,
+    launches_host_fds: Count,
+    evicted_budget: Count,
+    memory: [AtomicU64; 3],
+    memory_gauges: [Gauge; 3],
     backoff_engaged: Count,
     pub(crate) stderr_lines: Counter,
     pub(crate) stderr_dropped: Counter,
@@ -257,6 +272,13 @@ impl Telemetry {
             died_protocol: death("protocol"),
             died_launch: death("launch"),
             died_io: death("io"),
+            died_memory: death("memory"),
+            died_idle_cpu: death("idle_cpu"),
+            launches_host_fds: Count::new("sandpool_launches_total", &[("outcome", "host_fds")]),
+            evicted_budget: quiesced("memory_budget"),
+            memory: Default::default(),
+            memory_gauges: ["spare", "idle", "busy"]
+                .map(|state| metrics::gauge!("sandpool_helper_memory_bytes", "state" => state)),
             backoff_engaged: Count::new("sandpool_backoff_engaged_total", &[]),
             stderr_lines: metrics::counter!("sandpool_helper_stderr_lines_total"),
             stderr_dropped: metrics::counter!("sandpool_helper_stderr_dropped_bytes_total"),
@@ -308,6 +330,23 @@ impl Telemetry {
         self.launches_failed.bump();
     }
 
+    /// A launch failed because the host was out of fds.
+    pub(crate) fn launch_host_pressure(&self) {
+        self.launches_host_fds.bump();
+    }
+
+    /// The resident memory of live helpers at the keeper's last sample.
+    pub(crate) fn set_memory(&self, memory: &crate::pool::HelperMemory) {
+        for ((value, gauge), bytes) in self.memory.iter().zip(&self.memory_gauges).zip([
+            memory.spare,
+            memory.idle,
+            memory.busy,
+        ]) {
+            value.store(bytes, Ordering::Relaxed);
+            gauge.set(bytes as f64);
+        }
+    }
+
     pub(crate) fn spare_hit(&self, queue_wait: Duration) {
         self.spare_hits.bump();
         self.queue_wait_seconds.record(queue_wait.as_secs_f64());
@@ -332,7 +371,10 @@ impl Telemetry {
             CloseCause::Idle => self.quiesced_idle.bump(),
             CloseCause::MaxRequests => self.quiesced_max_requests.bump(),
             CloseCause::Evicted => self.evicted.bump(),
+            CloseCause::MemoryBudget => self.evicted_budget.bump(),
             CloseCause::Shutdown => self.shut_down.bump(),
+            // Counted as a failure, by its cause.
+            CloseCause::Failed => {}
         }
     }
 
@@ -346,7 +388,12 @@ impl Telemetry {
             CallError::Died { .. } => self.died_exit.bump(),
             CallError::Timeout { .. } => self.died_timeout.bump(),
             CallError::Protocol { .. } => self.died_protocol.bump(),
+            CallError::Launch(err) if err.is_host_pressure() => {}
             CallError::Launch(_) => self.died_launch.bump(),
+            CallError::LimitExceeded { limit, .. } => match limit.cause() {
+                "idle_cpu" => self.died_idle_cpu.bump(),
+                _ => self.died_memory.bump(),
+            },
             CallError::Io { .. } => self.died_io.bump(),
             _ => {}
         }
@@ -426,6 +473,15 @@ impl Telemetry {
                 protocol: self.died_protocol.get(),
                 launch: self.died_launch.get(),
                 io: self.died_io.get(),
+                memory: self.died_memory.get(),
+                idle_cpu: self.died_idle_cpu.get(),
+            },
+            launch_host_pressure: self.launches_host_fds.get(),
+            evicted_memory_budget: self.evicted_budget.get(),
+            memory: crate::pool::HelperMemory {
+                spare: self.memory[0].load(Ordering::Relaxed),
+                idle: self.memory[1].load(Ordering::Relaxed),
+                busy: self.memory[2].load(Ordering::Relaxed),
             },
             backed_off_calls: self.calls[BACKED_OFF].get(),
             backoffs_engaged: self.backoff_engaged.get(),

@@ -139,3 +139,58 @@ pub fn rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// Tenants of a well-behaved pool calling it the whole time, beside a
+/// hostile case: their calls must all keep succeeding.
+#[derive(Debug)]
+pub struct Bystanders {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
+}
+
+impl Bystanders {
+    /// Starts `threads` threads, each calling tenant `good-N` of `pool`
+    /// with echoes until [`finish`](Self::finish).
+    pub fn start(pool: &std::sync::Arc<sandpool::Pool>, threads: usize) -> Bystanders {
+        use sandpool_helper::reference::{OP_ECHO, request};
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads = (0..threads)
+            .map(|t| {
+                let (pool, stop, ok) = (pool.clone(), stop.clone(), ok.clone());
+                std::thread::spawn(move || {
+                    let mut failures = Vec::new();
+                    let mut i = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let body = format!("bystander {t} call {i}");
+                        match pool.call(format!("good-{t}"), &request(OP_ECHO, body.as_bytes())) {
+                            Ok(reply) if reply == body.as_bytes() => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => failures.push(format!("{other:?}")),
+                        }
+                        i += 1;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        Bystanders { stop, ok, threads }
+    }
+
+    /// Calls answered so far.
+    pub fn calls(&self) -> u64 {
+        self.ok.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops the threads; returns every failed call.
+    pub fn finish(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|thread| thread.join().unwrap())
+            .collect()
+    }
+}

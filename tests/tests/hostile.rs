@@ -9,48 +9,17 @@
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViolation};
 use sandpool_helper::reference::*;
 use sandpool_protocol::DecodeError;
-use sandpool_tests::{children, open_fds, pool_config, process_exists, rss_kib, wait_for};
+use sandpool_tests::{
+    Bystanders, children, open_fds, pool_config, process_exists, rss_kib, wait_for,
+};
 
 /// The tests of this binary run one at a time: each counts the process's fds.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-struct Bystanders {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<Vec<String>>>,
-}
-
-fn bystanders(pool: &Arc<Pool>) -> Bystanders {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let threads = (0..3)
-        .map(|t| {
-            let (pool, stop, ok) = (pool.clone(), stop.clone(), ok.clone());
-            std::thread::spawn(move || {
-                let mut failures = Vec::new();
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let body = format!("bystander {t} call {i}");
-                    match pool.call(format!("good-{t}"), &request(OP_ECHO, body.as_bytes())) {
-                        Ok(reply) if reply == body.as_bytes() => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        other => failures.push(format!("{other:?}")),
-                    }
-                    i += 1;
-                }
-                failures
-            })
-        })
-        .collect();
-    Bystanders { stop, ok, threads }
-}
 
 /// Runs one hostile case and checks everything around it.
 fn case(
@@ -71,32 +40,24 @@ fn case(
     // launch arguments, so they get a pool of their own.
     let good = Arc::new(Pool::new(pool_config(&[])).unwrap());
     let evil = Pool::new(config).unwrap();
-    let bystanders = bystanders(&good);
-    assert!(wait_for(Duration::from_secs(10), || bystanders
-        .ok
-        .load(Ordering::Relaxed)
-        > 10));
-    let calls_before = bystanders.ok.load(Ordering::Relaxed);
+    let bystanders = Bystanders::start(&good, 3);
+    assert!(wait_for(Duration::from_secs(10), || bystanders.calls() > 10));
+    let calls_before = bystanders.calls();
 
     let err = attack(&evil);
     assert!(check(&err), "{name}: unexpected error {err:?}");
     let pids: Vec<u32> = children().into_iter().map(|(pid, _)| pid).collect();
     assert!(
-        wait_for(Duration::from_secs(10), || bystanders
-            .ok
-            .load(Ordering::Relaxed)
+        wait_for(Duration::from_secs(10), || bystanders.calls()
             > calls_before + 10),
         "{name}: bystanders kept going"
     );
 
-    bystanders.stop.store(true, Ordering::Relaxed);
-    for thread in bystanders.threads {
-        let failures = thread.join().unwrap();
-        assert!(
-            failures.is_empty(),
-            "{name}: bystander calls failed: {failures:?}"
-        );
-    }
+    let failures = bystanders.finish();
+    assert!(
+        failures.is_empty(),
+        "{name}: bystander calls failed: {failures:?}"
+    );
     drop(evil);
     drop(good);
     for pid in pids {

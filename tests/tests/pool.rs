@@ -332,7 +332,7 @@ fn config_from_toml_with_human_units() {
     assert_eq!(config.crash_backoff.max, Duration::from_secs(60));
     assert_eq!(config.sandbox.seccomp, sandpool::SeccompMode::Log);
     assert_eq!(
-        config.sandbox.rlimits.address_space.unwrap().as_u64(),
+        config.sandbox.rlimits.address_space.bytes().unwrap(),
         1 << 30
     );
     assert_eq!(config.warmup_request.as_deref(), Some(&b"\x01warm"[..]));

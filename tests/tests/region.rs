@@ -217,7 +217,7 @@ fn a_region_call_that_gives_up_in_the_queue_does_not_kill_the_helper() {
 #[test]
 fn a_region_leaving_no_room_for_the_address_space_limit_is_refused() {
     let mut cfg = region_config(&[]);
-    cfg.sandbox.rlimits.address_space = Some(bytesize::ByteSize::mib(16));
+    cfg.sandbox.rlimits.address_space = sandpool::SizeLimit::Bytes(bytesize::ByteSize::mib(16));
     match Launcher::new(cfg) {
         Err(sandpool::LaunchError::Config(err)) => {
             assert_eq!(err.field, "sandbox.rlimits.address_space")

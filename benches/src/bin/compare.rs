@@ -1443,7 +1443,83 @@ fn density(run: &mut Run) -> Value {
         ],
         rows,
     );
-    Value::Array(out)
+    let sampling = keeper_sampling(run);
+    json!({ "helpers": Value::Array(out), "keeper_sampling": sampling })
+}
+
+/// CPU time (ns) of this process's thread named `name` (the newest one),
+/// from `/proc/self/task/*/schedstat`.
+fn thread_cpu_ns(name: &str) -> Option<u64> {
+    let mut best: Option<(u64, u64)> = None;
+    for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let tid: u64 = entry.file_name().to_str()?.parse().ok()?;
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let sched = std::fs::read_to_string(entry.path().join("schedstat")).ok()?;
+        let ns = sched.split_whitespace().next()?.parse().ok()?;
+        if best.is_none_or(|(t, _)| tid > t) {
+            best = Some((tid, ns));
+        }
+    }
+    best.map(|(_, ns)| ns)
+}
+
+/// The keeper's resource sampling at many live helpers: its thread's CPU
+/// over a window with the limits on (sampling every 100 ms) and with every
+/// limit "unlimited" (no sampling), pools in turn.
+fn keeper_sampling(run: &mut Run) -> Value {
+    let n = if run.quick { 20 } else { 1000 };
+    let window = if run.quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(4)
+    };
+    let interval = Duration::from_millis(100);
+    let mut measured = Vec::new();
+    for on in [true, false] {
+        let mut config = Config::new(HELPER);
+        config.spares = 0;
+        config.max_helpers = n + 8;
+        config.sample_interval = interval;
+        if !on {
+            config.max_helper_memory = sandpool::SizeLimit::Unlimited;
+            config.memory_budget = sandpool::MemoryBudget::Unlimited;
+            config.max_idle_cpu = sandpool::TimeLimit::Unlimited;
+        }
+        let pool = Pool::new(config).expect("pool");
+        for t in 0..n {
+            pool.call(format!("t{t}"), &request(OP_ECHO, b"x"))
+                .expect("call");
+        }
+        std::thread::sleep(interval * 2);
+        let before = thread_cpu_ns("sandpool-keeper").unwrap_or(0);
+        std::thread::sleep(window);
+        let after = thread_cpu_ns("sandpool-keeper").unwrap_or(0);
+        drop(pool);
+        measured.push(after.saturating_sub(before));
+    }
+    let (on, off) = (measured[0], measured[1]);
+    let samples = window.as_secs_f64() / interval.as_secs_f64();
+    let per_helper_us = (on.saturating_sub(off)) as f64 / 1e3 / samples / n as f64;
+    let share = |ns: u64| ns as f64 / window.as_nanos() as f64 * 100.0;
+    run.md.push_str(&format!(
+        "Keeper thread CPU at {n} live idle helpers over {:.1} s: sampling every 100 ms (memory and idle-CPU limits on): {:.2} ms ({:.2}% of a core); every limit \"unlimited\" (no sampling): {:.2} ms ({:.3}% of a core); {:.1}x; {per_helper_us:.1} us per helper per sample (at the default 1 s interval: {:.3}% of a core).\n\n",
+        window.as_secs_f64(),
+        on as f64 / 1e6,
+        share(on),
+        off as f64 / 1e6,
+        share(off),
+        on as f64 / off.max(1) as f64,
+        per_helper_us * n as f64 / 1e4,
+    ));
+    println!(
+        "   keeper CPU at {n} helpers: sampling {:.2} ms, none {:.2} ms, {per_helper_us:.1} us/helper/sample",
+        on as f64 / 1e6,
+        off as f64 / 1e6
+    );
+    json!({ "helpers": n, "window_s": window.as_secs_f64(), "interval_ms": 100, "keeper_cpu_ms_sampling": on as f64 / 1e6, "keeper_cpu_ms_no_sampling": off as f64 / 1e6, "us_per_helper_per_sample": per_helper_us })
 }
 
 // ---------------------------------------------------------------- plots

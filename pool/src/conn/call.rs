@@ -18,7 +18,7 @@ use tracing::error;
 use super::completion::Completion;
 use super::frames::{FrameReader, IoFailure, wait_ready, write_now};
 use super::{CallResult, Conn, Done, Health, OutFrame, Reading, State};
-use crate::error::{CallError, RetireReason};
+use crate::error::{CallError, ExitStatus, ProtocolViolation, RetireReason};
 use crate::reactor::ReactorLink;
 
 /// At most this many frames (two slices each) in one `writev`, well within
@@ -661,6 +661,34 @@ impl Conn {
     }
 
     /// Queues a control frame (Bind): no table entry, no reply.
+    /// Whether a helper that owes nothing has written to its stdout or
+    /// exited (without blocking): the error to retire it with.
+    fn unbound_problem(&self) -> Option<CallError> {
+        use nix::poll::{PollFd, PollTimeout, poll};
+        let mut fds = [
+            PollFd::new(self.stdout.as_fd(), PollFlags::POLLIN),
+            PollFd::new(self.process.pidfd(), PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, PollTimeout::ZERO).is_err() {
+            return None;
+        }
+        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+        if ready(&fds[1]) {
+            return Some(CallError::Died {
+                pid: self.pid,
+                status: self.process.try_wait().unwrap_or(ExitStatus::Unknown),
+                stderr: self.stderr.tail(),
+            });
+        }
+        if ready(&fds[0]) {
+            return Some(CallError::Protocol {
+                pid: self.pid,
+                violation: ProtocolViolation::OutputBeforeBind,
+            });
+        }
+        None
+    }
+
     pub(super) fn send_control(&self, kind: Kind, payload: &[u8]) -> Result<(), CallError> {
         let mut st = self.state.lock();
         if !matches!(st.health, Health::Serving) {
@@ -669,6 +697,27 @@ impl Conn {
         if kind == Kind::Bind {
             if st.bound {
                 return Err(CallError::AlreadyBound { pid: self.pid });
+            }
+            // Nothing is owed, so nothing may be waiting on its stdout, and
+            // it must still be running: a spare that misbehaved while it
+            // waited is retired here, before any tenant is bound to it.
+            if st.reading == Reading::Idle && st.table.is_empty() {
+                // Bytes read with the Hello and kept count as well.
+                let buffered = st.frames.as_ref().is_some_and(|f| f.has_buffered());
+                let problem = if buffered {
+                    Some(CallError::Protocol {
+                        pid: self.pid,
+                        violation: ProtocolViolation::OutputBeforeBind,
+                    })
+                } else {
+                    self.unbound_problem()
+                };
+                if let Some(problem) = problem {
+                    self.retire(&mut st, problem.clone());
+                    drop(st);
+                    self.poke();
+                    return Err(problem);
+                }
             }
             st.bound = true;
         }

@@ -189,6 +189,7 @@ pub(crate) struct Conn {
     region_threshold: usize,
     max_frame: u32,
     spin: Duration,
+    address_space: Option<u64>,
     state: Mutex<State>,
     /// Notified when room frees up in the table or the region, and when
     /// the helper stops serving.
@@ -211,6 +212,8 @@ pub(crate) struct Parts {
     pub(crate) max_frame: u32,
     pub(crate) max_in_flight: usize,
     pub(crate) spin: Duration,
+    /// The helper's address-space limit, to name an allocation failure.
+    pub(crate) address_space: Option<u64>,
 }
 
 impl Conn {
@@ -325,6 +328,35 @@ pub struct Helper {
     users: AtomicUsize,
     /// The pool has counted this helper's failure (once in its life).
     failure_counted: AtomicBool,
+    /// What the keeper's last sample of the process saw.
+    pub(crate) usage: Usage,
+}
+
+/// The keeper's samples of one helper's memory and CPU time (atomics: the
+/// keeper writes them, `stats()` and eviction read them).
+#[derive(Debug)]
+pub(crate) struct Usage {
+    /// Resident bytes at the last sample (0 before the first).
+    pub(crate) resident: AtomicU64,
+    /// CPU time (ns) at the first sample of the current idle stretch, or
+    /// `NO_BASE` while a call is owed or no idle sample was taken yet.
+    pub(crate) idle_base: AtomicU64,
+    /// `calls()` when `idle_base` was taken: a call answered since then
+    /// starts a new idle stretch.
+    pub(crate) calls_at_base: AtomicU64,
+}
+
+/// `Usage::idle_base` when there is none.
+pub(crate) const NO_BASE: u64 = u64::MAX;
+
+impl Usage {
+    fn new() -> Usage {
+        Usage {
+            resident: AtomicU64::new(0),
+            idle_base: AtomicU64::new(NO_BASE),
+            calls_at_base: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Helper {
@@ -358,6 +390,7 @@ impl Helper {
             region_threshold: parts.region_threshold,
             max_frame: parts.max_frame,
             spin: parts.spin,
+            address_space: parts.address_space,
             state: Mutex::new(State {
                 table: CallTable::new(parts.max_in_flight),
                 ids: RequestIds::new(),
@@ -388,6 +421,7 @@ impl Helper {
             tenant_success: AtomicBool::new(false),
             users: AtomicUsize::new(0),
             failure_counted: AtomicBool::new(false),
+            usage: Usage::new(),
         })
     }
 
@@ -583,6 +617,31 @@ impl Helper {
     /// [`CallError::Retired`].
     pub fn kill(&self) -> ExitStatus {
         self.conn.kill(RetireReason::Killed)
+    }
+
+    /// Something that tells when the helper's fds are all closed (its
+    /// connection dropped by every holder, the reactor included).
+    pub(crate) fn fds_closed_probe(&self) -> impl Fn() -> bool + use<> {
+        let conn = Arc::downgrade(&self.conn);
+        move || conn.strong_count() == 0
+    }
+
+    /// Retires the helper with `error` (a resource limit the keeper saw it
+    /// go over) and kills it; calls in flight fail with `error` once the
+    /// reactor has reaped it. Returns false if it was no longer serving.
+    pub(crate) fn kill_for(&self, error: CallError) -> bool {
+        let killed = {
+            let mut st = self.conn.state.lock();
+            let serving = matches!(st.health, Health::Serving);
+            if serving {
+                self.conn.retire(&mut st, error);
+            }
+            serving
+        };
+        if killed {
+            self.conn.poke();
+        }
+        killed
     }
 
     /// If the process has exited (e.g. while idle), retires the helper and

@@ -357,10 +357,18 @@ impl Conn {
                 if status.is_seccomp_kill() {
                     debug!(pid = self.pid, "helper killed by seccomp");
                 }
-                CallError::Died {
-                    pid: self.pid,
-                    status,
-                    stderr: self.stderr.tail(),
+                let stderr = self.stderr.tail();
+                match self.address_space {
+                    Some(max) if is_allocation_abort(status, &stderr) => CallError::LimitExceeded {
+                        pid: self.pid,
+                        limit: crate::error::Limit::AddressSpace { max },
+                        stderr,
+                    },
+                    _ => CallError::Died {
+                        pid: self.pid,
+                        status,
+                        stderr,
+                    },
                 }
             }
         };
@@ -375,5 +383,36 @@ impl Conn {
         if !done.is_empty() {
             debug!(pid = self.pid, %error, calls = done.len(), "helper failed with calls in flight");
         }
+    }
+}
+
+/// Whether a helper that ended with `status` aborted because an allocation
+/// failed, as its stderr says: Rust's allocator prints `memory allocation of
+/// N bytes failed` and aborts (SIGABRT). The helper's own account: a
+/// hostile helper could fake it, which changes only the error's label.
+fn is_allocation_abort(status: ExitStatus, stderr: &str) -> bool {
+    status == ExitStatus::Signaled(nix::sys::signal::Signal::SIGABRT as i32)
+        && stderr
+            .lines()
+            .rev()
+            .take(4)
+            .any(|line| line.starts_with("memory allocation of ") && line.ends_with(" failed"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_abort_after_an_allocation_failure_is_named_a_memory_limit() {
+        let abort = ExitStatus::Signaled(nix::sys::signal::Signal::SIGABRT as i32);
+        let said = "memory allocation of 3221225472 bytes failed\n";
+        assert!(is_allocation_abort(abort, said));
+        assert!(!is_allocation_abort(ExitStatus::Exited(1), said));
+        assert!(!is_allocation_abort(abort, "thread panicked\n"));
+        assert!(!is_allocation_abort(
+            ExitStatus::Signaled(nix::sys::signal::Signal::SIGKILL as i32),
+            said
+        ));
     }
 }

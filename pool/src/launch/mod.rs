@@ -105,6 +105,10 @@ impl Launcher {
     /// Like [`launch`](Self::launch), but gives up at `deadline` if that
     /// comes before `spawn_timeout` does.
     pub fn launch_until(&self, deadline: Instant) -> Result<Helper, LaunchError> {
+        self.launch_inner(deadline).map_err(LaunchError::classify)
+    }
+
+    fn launch_inner(&self, deadline: Instant) -> Result<Helper, LaunchError> {
         let started = Instant::now();
         let deadline = deadline.min(started + self.config.spawn_timeout);
         // The launcher gets the whole spawn_timeout to answer, whatever the
@@ -117,6 +121,16 @@ impl Launcher {
         )?;
         let pid = spawned.pid;
         let process = Process::new(pid, spawned.pidfd);
+        if let Some(nice) = self.config.nice {
+            // The host's own child, so raising its niceness is always
+            // allowed; a failure (it is already gone) shows at its Hello.
+            let target = i32::try_from(pid)
+                .ok()
+                .and_then(rustix::process::Pid::from_raw);
+            if let Err(err) = rustix::process::setpriority_process(target, nice) {
+                debug!(pid, %err, "setting the helper's niceness failed");
+            }
+        }
         let mut frames = FrameReader::new(self.config.spin_wait);
         let first = frames.read_frame(&spawned.stdout, deadline, self.config.max_frame);
         let refuse = |process: &Process, violation| {
@@ -190,6 +204,7 @@ impl Launcher {
             max_frame: self.config.max_frame,
             max_in_flight: self.config.max_in_flight,
             spin: self.config.spin_wait,
+            address_space: self.config.sandbox.rlimits.address_space.bytes(),
         };
         // Registration fails only if epoll cannot take the fds (ENOMEM,
         // ENOSPC): the helper is dropped, which kills and reaps it.

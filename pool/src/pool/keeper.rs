@@ -10,6 +10,7 @@ use tracing::{debug, warn};
 
 use super::CloseCause;
 use super::tenants::{Shared, guarded};
+use super::usage::{Sampler, Scratch};
 use crate::conn::{Helper, deadline_after};
 use crate::error::{CallError, LaunchError};
 
@@ -32,6 +33,11 @@ impl Shared {
         // stdin closed, waiting for the exit until the deadline.
         let mut reaping: Vec<(Arc<Helper>, Instant)> = Vec::new();
         let mut next_scan = Instant::now() + tick;
+        let sampling = self.limits.any();
+        let sample_every = self.config.sample_interval;
+        let mut next_sample = Instant::now() + sample_every;
+        let mut sampler = Sampler::new();
+        let mut scratch = Scratch::default();
         let mut refill_after = Instant::now();
         // Scratch buffers, reused: a steady pool's keeper allocates nothing.
         let mut messages = Vec::with_capacity(16);
@@ -39,10 +45,15 @@ impl Shared {
         let mut still_pending = Vec::new();
         loop {
             let busy = !pending.is_empty() || !reaping.is_empty();
-            let wake = if busy {
-                next_scan.min(Instant::now() + Duration::from_millis(2))
+            let next = if sampling {
+                next_scan.min(next_sample)
             } else {
                 next_scan
+            };
+            let wake = if busy {
+                next.min(Instant::now() + Duration::from_millis(2))
+            } else {
+                next
             };
             messages.clear();
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
@@ -63,6 +74,10 @@ impl Shared {
                 let mut left: Vec<_> = pending.into_iter().map(|(helper, _)| helper).collect();
                 left.extend(reaping.into_iter().map(|(helper, _)| helper));
                 return left;
+            }
+            if sampling && Instant::now() >= next_sample {
+                self.sample(&mut sampler, &mut scratch, &mut pending);
+                next_sample = Instant::now() + sample_every;
             }
             if Instant::now() >= refill_after && !self.refill_spares() {
                 // Launches are failing: retry on a later tick, not in a loop.
@@ -128,19 +143,22 @@ impl Shared {
                 // idle helper makes room: it would be the next one evicted by
                 // a cold tenant anyway, and this way the eviction and the
                 // launch happen here, off the call path.
+                // Over the memory budget, a spare is launched only in the
+                // place of an idle helper.
                 if state.shut
                     || state.spares.len() >= self.config.spares
                     || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
+                    || self.over_budget()
+                        && self
+                            .evict_lru(&mut state, CloseCause::MemoryBudget)
+                            .is_none()
                 {
                     return true;
                 }
                 state.launching += 1;
             }
             let warmed = guarded(|| {
-                let helper = self
-                    .launcher
-                    .launch()
-                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                let helper = self.launch_relieved(deadline_after(self.config.spawn_timeout))?;
                 self.warm_up(helper)
                     .map_err(|err| CallError::Launch(Arc::new(err)))
             });
@@ -157,6 +175,9 @@ impl Shared {
                 Ok(_) => return true,
                 Err(err) => {
                     self.telemetry.launch_failed();
+                    if matches!(&err, CallError::Launch(e) if e.is_host_pressure()) {
+                        self.telemetry.launch_host_pressure();
+                    }
                     self.telemetry.failure(&err);
                     warn!(%err, "launching a spare helper failed");
                     return false;

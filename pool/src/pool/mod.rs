@@ -12,6 +12,7 @@
 
 mod keeper;
 mod tenants;
+mod usage;
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -38,8 +39,33 @@ pub enum CloseCause {
     MaxRequests,
     /// Evicted (least recently used) to make room under `max_helpers`.
     Evicted,
+    /// Evicted (idle, least recently used) to bring the helpers' memory
+    /// under `memory_budget`.
+    MemoryBudget,
+    /// Killed for going over a resource limit (counted among the failures).
+    Failed,
     /// The pool shut down.
     Shutdown,
+}
+
+/// Resident memory of the live helpers by state, in bytes, as the keeper
+/// last sampled it (every `sample_interval`; all 0 while no limit needs
+/// sampling).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HelperMemory {
+    /// Spare helpers.
+    pub spare: u64,
+    /// Bound helpers with no call in flight.
+    pub idle: u64,
+    /// Bound helpers with a call in flight.
+    pub busy: u64,
+}
+
+impl HelperMemory {
+    /// All live helpers together.
+    pub fn total(&self) -> u64 {
+        self.spare + self.idle + self.busy
+    }
 }
 
 /// A snapshot of the pool. Counters count since the pool was created.
@@ -70,6 +96,16 @@ pub struct Stats {
     pub quiesced_max_requests: u64,
     /// Helpers evicted to make room.
     pub evicted: u64,
+    /// Idle helpers evicted to keep under `memory_budget`.
+    pub evicted_memory_budget: u64,
+    /// Resident memory of live helpers at the last sample.
+    pub memory: HelperMemory,
+    /// The memory budget in force (`memory_budget` resolved at
+    /// `Pool::new`), if any.
+    pub memory_budget: Option<u64>,
+    /// Launches that failed because the host was out of fds (after the
+    /// pool's one eviction and retry); never counted against a tenant.
+    pub launch_host_pressure: u64,
     /// Helpers closed by shutdown.
     pub shut_down: u64,
     /// Helper failures by cause.
@@ -106,6 +142,11 @@ pub struct FailureStats {
     pub launch: u64,
     /// Pipe I/O errors.
     pub io: u64,
+    /// Killed over `max_helper_memory`, or aborted on an allocation that
+    /// failed under the address-space limit.
+    pub memory: u64,
+    /// Killed for using more than `max_idle_cpu` with no call owed.
+    pub idle_cpu: u64,
 }
 
 /// What the pool knows about one tenant's helper (for introspection).
@@ -164,6 +205,8 @@ impl Pool {
     /// launches the spares in the background) and the launch workers.
     pub fn new(config: Config) -> Result<Pool, PoolError> {
         config.validate()?;
+        usage::ensure_fd_budget(config.max_helpers)?;
+        let limits = usage::Limits::resolve(&config)?;
         let telemetry = Telemetry::new(config.metrics_tenant_label, config.slow_launch_threshold);
         let budget = Budget {
             bytes_per_second: config.stderr_bytes_per_second.as_u64(),
@@ -178,7 +221,7 @@ impl Pool {
         let (keeper_tx, keeper_rx) = crossbeam_channel::unbounded();
         let (launch_tx, launch_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(
-            config, launcher, keeper_tx, launch_tx, telemetry,
+            config, launcher, keeper_tx, launch_tx, telemetry, limits,
         ));
         let keeper_shared = shared.clone();
         // A long-lived thread: helpers it spawns must not depend on the
@@ -314,6 +357,7 @@ impl Pool {
             launching: counts.launching,
             launcher_restarts: self.shared.launcher.launcher_restarts(),
             launcher_pid: self.shared.launcher.launcher_pid(),
+            memory_budget: self.shared.limits.budget,
             ..self.shared.telemetry.counters()
         }
     }

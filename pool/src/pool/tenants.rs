@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use tracing::{debug, warn};
 
 use super::keeper::KeeperMsg;
+use super::usage::Limits;
 use super::{CloseCause, HelperInfo};
 use crate::config::Config;
 use crate::conn::completion::Completion;
@@ -34,6 +35,10 @@ pub(super) struct Tenant {
     pub(super) launching: bool,
     /// Helper failures in a row.
     pub(super) failures: u32,
+    /// Of those, resource-limit kills (memory, idle CPU): a helper that
+    /// answers and then goes over a limit succeeded first, so a success
+    /// does not clear these, only a quiet spell (see `after_call`).
+    pub(super) limit_kills: u32,
     pub(super) last_failure: Option<Instant>,
     pub(super) backoff_until: Option<Instant>,
     /// A helper taken from the tenant while it was still dying (its
@@ -111,6 +116,11 @@ pub(super) struct Shared {
     pub(super) keeper: Sender<KeeperMsg>,
     launches: Mutex<Option<Sender<LaunchJob>>>,
     pub(super) telemetry: Telemetry,
+    /// The resource limits the keeper enforces.
+    pub(super) limits: Limits,
+    /// Resident bytes of all live helpers at the last sample, less what
+    /// was evicted since.
+    pub(super) resident_total: AtomicU64,
 }
 
 /// Counts of helpers by state, from one pass over the tenants.
@@ -225,6 +235,7 @@ impl Shared {
         keeper: Sender<KeeperMsg>,
         launches: Sender<LaunchJob>,
         telemetry: Telemetry,
+        limits: Limits,
     ) -> Shared {
         Shared {
             config,
@@ -235,6 +246,8 @@ impl Shared {
             keeper,
             launches: Mutex::new(Some(launches)),
             telemetry,
+            limits,
+            resident_total: AtomicU64::new(0),
         }
     }
 
@@ -504,6 +517,11 @@ impl Shared {
             if state.live() >= self.config.max_helpers && !self.evict_one(&mut state) {
                 return Ok(Step::Wait(self.changed.listen(), WaitFor::Room));
             }
+            if self.over_budget() {
+                // The budget wins: an idle helper makes room before any
+                // launch (a launch goes ahead even if none is idle).
+                self.evict_lru(&mut state, CloseCause::MemoryBudget);
+            }
             self.telemetry.spare_miss(self.config.spares);
             tenant_mut(&mut state, tenant).launching = true;
             state.launching += 1;
@@ -544,10 +562,7 @@ impl Shared {
         started: Instant,
     ) -> Result<InUse, CallError> {
         let launched = guarded(|| {
-            let helper = self
-                .launcher
-                .launch_until(deadline)
-                .map_err(|err| CallError::Launch(Arc::new(err)))?;
+            let helper = self.launch_relieved(deadline)?;
             helper.bind(tenant)?;
             Ok(helper)
         });
@@ -562,6 +577,13 @@ impl Shared {
                     .launched(helper.launch_time(), helper.hello(), helper.pid());
                 self.install(&mut state, tenant, Arc::new(helper))
             }
+            Err(CallError::Launch(err)) if err.is_host_pressure() => {
+                // Host pressure is never the tenant's failure.
+                self.telemetry.launch_failed();
+                self.telemetry.launch_host_pressure();
+                warn!(%err, "launch failed: the host is out of fds");
+                Err(CallError::Launch(err))
+            }
             Err(err) => {
                 if matches!(err, CallError::Launch(_)) {
                     self.telemetry.launch_failed();
@@ -570,6 +592,35 @@ impl Shared {
                 Err(err)
             }
         }
+    }
+
+    /// Launches a helper; if the host is out of fds, evicts the least
+    /// recently used idle helper (its fds are closed once the keeper has
+    /// reaped it) and tries once more.
+    pub(super) fn launch_relieved(&self, deadline: Instant) -> Result<Helper, CallError> {
+        match self.launcher.launch_until(deadline) {
+            Err(err) if err.is_host_pressure() => {
+                let victim = self.take_lru(&mut self.state.lock(), CloseCause::Evicted);
+                debug!(%err, evicted = victim.is_some(), "host out of fds at launch: retrying once");
+                if let Some(victim) = victim {
+                    // Here rather than through the keeper: its fds must be
+                    // closed before the retry. It is idle, so nothing waits
+                    // on it; it is reaped at once after SIGKILL, and its
+                    // fds close once the reactor lets go of it too.
+                    let closed = victim.fds_closed_probe();
+                    victim.kill();
+                    drop(victim);
+                    self.notify_changed();
+                    let until = Instant::now() + Duration::from_millis(100);
+                    while !closed() && Instant::now() < until {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+                self.launcher.launch_until(deadline)
+            }
+            other => other,
+        }
+        .map_err(|err| CallError::Launch(Arc::new(err)))
     }
 
     /// A launch that was never started ends (shutdown).
@@ -621,6 +672,23 @@ impl Shared {
     /// Evicts the least recently used idle helper of any tenant. Returns
     /// whether one was evicted.
     pub(super) fn evict_one(&self, state: &mut State) -> bool {
+        self.evict_lru(state, CloseCause::Evicted).is_some()
+    }
+
+    /// Evicts the least recently used idle helper of any tenant, for
+    /// `cause`; returns its resident bytes at the last sample.
+    pub(super) fn evict_lru(&self, state: &mut State, cause: CloseCause) -> Option<u64> {
+        let helper = self.take_lru(state, cause)?;
+        let freed = helper.usage.resident.load(Ordering::Relaxed);
+        state.closing += 1;
+        self.send_close(state, helper, cause);
+        Some(freed)
+    }
+
+    /// Takes the least recently used idle helper from its tenant, for
+    /// `cause` (counted, and its memory taken off the pool's total), for
+    /// the caller to close.
+    fn take_lru(&self, state: &mut State, cause: CloseCause) -> Option<Arc<Helper>> {
         let victim = state
             .tenants
             .iter()
@@ -632,18 +700,22 @@ impl Shared {
             })
             .min_by_key(|(last_used, _)| *last_used)
             .map(|(_, key)| key);
-        let Some(key) = victim else {
-            return false;
-        };
-        let Some(helper) = state.tenants.get_mut(&key).and_then(|t| t.helper.take()) else {
-            return false;
-        };
+        let key = victim?;
+        let helper = state.tenants.get_mut(&key).and_then(|t| t.helper.take())?;
         state.bound -= 1;
-        state.closing += 1;
-        self.telemetry.closed(CloseCause::Evicted);
-        debug!(pid = helper.pid(), "evicting least recently used helper");
-        self.send_close(state, helper, CloseCause::Evicted);
-        true
+        self.telemetry.closed(cause);
+        let freed = helper.usage.resident.load(Ordering::Relaxed);
+        let _ = self
+            .resident_total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+                Some(total.saturating_sub(freed))
+            });
+        debug!(
+            pid = helper.pid(),
+            ?cause,
+            "evicting least recently used helper"
+        );
+        Some(helper)
     }
 
     /// Hands a helper (already counted in `closing`) to the keeper.
@@ -666,9 +738,15 @@ impl Shared {
                 if first || recycle {
                     let mut state = self.state.lock();
                     if first {
-                        // The tenant's helper works: forget earlier failures.
+                        // The tenant's helper works: forget earlier failures,
+                        // but resource-limit kills only after a quiet spell
+                        // (twice the longest back-off).
+                        let quiet = self.config.crash_backoff.max.saturating_mul(2);
                         if let Some(entry) = state.tenants.get_mut(tenant) {
-                            entry.failures = 0;
+                            if entry.last_failure.is_none_or(|at| at.elapsed() >= quiet) {
+                                entry.limit_kills = 0;
+                            }
+                            entry.failures = entry.limit_kills;
                             entry.backoff_until = None;
                         }
                     }
@@ -757,6 +835,9 @@ impl Shared {
             return;
         };
         let now = Instant::now();
+        if matches!(err, CallError::LimitExceeded { .. }) {
+            entry.limit_kills = entry.limit_kills.saturating_add(1);
+        }
         entry.failures = entry.failures.saturating_add(1);
         entry.last_failure = Some(now);
         if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
