@@ -1,5 +1,6 @@
 //! The Linux implementation.
 
+mod bpf;
 mod fds;
 mod limits;
 mod region;
