@@ -134,6 +134,9 @@ fn the_memory_budget_holds_under_50_growing_tenants_by_evicting_idle_ones() {
     cfg.sample_interval = Duration::from_millis(20);
     let pool = Arc::new(Pool::new(cfg).unwrap());
     assert_eq!(pool.stats().memory_budget, Some(budget.as_u64()));
+    // Bystanders on the same pool: their helpers may be evicted while idle
+    // like anyone's, but none of their calls fails.
+    let bystanders = bystanders(Some(&pool));
     // Five threads, ten tenants each, each tenant growing to 8 MiB in two
     // calls: helpers are busy while the budget is enforced around them.
     let threads: Vec<_> = (0..5)
@@ -173,6 +176,8 @@ fn the_memory_budget_holds_under_50_growing_tenants_by_evicting_idle_ones() {
         stats.evicted_memory_budget >= 20,
         "50 tenants of about 9 MiB each cannot fit 160 MiB: {stats:?}"
     );
+    finish(bystanders);
+    let stats = pool.stats();
     assert_eq!(stats.failures, Default::default(), "nobody failed");
     assert_eq!(stats.calls_failed, 0);
     // Least recently used first: a first tenant lost its helper, a last one kept it.

@@ -1444,7 +1444,44 @@ fn density(run: &mut Run) -> Value {
         rows,
     );
     let sampling = keeper_sampling(run);
-    json!({ "helpers": Value::Array(out), "keeper_sampling": sampling })
+    let spin = idle_spin_to_kill(run);
+    json!({ "helpers": Value::Array(out), "keeper_sampling": sampling, "idle_spin_to_kill": spin })
+}
+
+/// With the default limits (`max_idle_cpu` 500 ms, `sample_interval` 1 s):
+/// the time from a helper's reply, after which it spins, to its kill.
+fn idle_spin_to_kill(run: &mut Run) -> Value {
+    let rounds = if run.quick { 1 } else { 4 };
+    let mut config = Config::new(HELPER);
+    config.args = vec!["--misbehave".into(), "spin-when-idle".into()];
+    config.spares = 0;
+    let pool = Pool::new(config).expect("pool");
+    let mut times = Vec::new();
+    for round in 0..rounds {
+        // A tenant of its own each round: back-off never delays the next.
+        let tenant = format!("spinner-{round}");
+        let before = pool.stats().failures.idle_cpu;
+        pool.call(&tenant, &request(OP_ECHO, b"x")).expect("call");
+        let answered = Instant::now();
+        while pool.stats().failures.idle_cpu == before {
+            if answered.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        times.push(answered.elapsed());
+    }
+    let summary = summarize(&mut times.clone());
+    run.md.push_str(&format!(
+        "A helper that spins after its reply, default limits (`max_idle_cpu` 500 ms, `sample_interval` 1 s): killed {} after its reply (median of {rounds}; slowest {}).\n\n",
+        fmt_us(summary.median),
+        fmt_us(*times.iter().max().unwrap_or(&Duration::ZERO)),
+    ));
+    println!(
+        "   idle spin to kill (defaults): {}",
+        fmt_us(summary.median)
+    );
+    json!({ "rounds": rounds, "median_ms": summary.median.as_secs_f64() * 1e3 })
 }
 
 /// CPU time (ns) of this process's thread named `name` (the newest one),
