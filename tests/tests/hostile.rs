@@ -256,6 +256,55 @@ fn hostile_helper_matrix() {
     }
 }
 
+/// The matrix's rows of resource abuse: no forbidden syscall, only memory.
+/// (A helper that spins after its reply is in `containment.rs`: its kill
+/// comes with no call in flight.)
+#[test]
+fn hostile_resource_matrix() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    case(
+        "allocates 3 GiB (default address-space limit)",
+        &[],
+        |_| {},
+        |pool| pool.call("evil", &grow_request(3 * 1024)).unwrap_err(),
+        |e| {
+            matches!(
+                e,
+                CallError::LimitExceeded {
+                    limit: sandpool::Limit::AddressSpace { .. },
+                    ..
+                }
+            )
+        },
+    );
+    case(
+        "grows past max_helper_memory in a call",
+        &[],
+        |c| {
+            c.max_helper_memory = sandpool::SizeLimit::Bytes(sandpool::ByteSize::mib(64));
+            c.sample_interval = Duration::from_millis(10);
+        },
+        |pool| {
+            // Each call touches 200 MiB; the keeper's next sample (10 ms)
+            // kills the helper in the middle of one.
+            (0..20)
+                .find_map(|_| pool.call("evil", &grow_request(200)).err())
+                .unwrap()
+        },
+        |e| {
+            matches!(
+                e,
+                CallError::LimitExceeded {
+                    limit: sandpool::Limit::Memory { .. },
+                    ..
+                }
+            )
+        },
+    );
+}
+
 /// The pipe inode behind each of a process's fds.
 fn pipes_of(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
