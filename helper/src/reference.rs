@@ -28,6 +28,17 @@ pub const OP_EXEC: u8 = 0x17;
 /// Test op: asks to be traced (forbidden by seccomp: `ptrace`).
 pub const OP_PTRACE: u8 = 0x18;
 
+/// Test op: maps 64 KiB with `mmap(MAP_LOCKED | MAP_POPULATE)` (forbidden by
+/// seccomp: `mmap` with `MAP_LOCKED`).
+pub const OP_MMAP_LOCKED: u8 = 0x20;
+/// Test op: `madvise(MADV_HWPOISON)` on a page of its own (forbidden by
+/// seccomp: `madvise` with an advice outside the allowlist; and the helper
+/// has no `CAP_SYS_ADMIN` left to do it anyway).
+pub const OP_MADVISE_HWPOISON: u8 = 0x21;
+/// Test op: `madvise(MADV_DONTNEED)` on a page of its own, then echoes
+/// (allowed: the control for [`OP_MADVISE_HWPOISON`]).
+pub const OP_MADVISE_DONTNEED: u8 = 0x22;
+
 /// Builds a request: the op byte, then the body.
 pub fn request(op: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(1 + body.len());
@@ -60,5 +71,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "region-oob",
     "region-scribble",
     "region-other-window",
+    "keep-caps",
     "corpus:<case name>",
 ];
