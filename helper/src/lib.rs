@@ -213,6 +213,11 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
     }
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
+    // Read before the filter, which does not allow getuid/getgid.
+    let (uid, gid) = (
+        sandpool_sandbox::current_uid(),
+        sandpool_sandbox::current_gid(),
+    );
     std::panic::set_hook(Box::new(sandboxed_panic_hook));
     let seccomp = filter.install()?;
     let hello = Hello {
@@ -224,8 +229,8 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
         seccomp,
         caps_cleared: options.drop_capabilities,
         bounding_cleared,
-        uid: sandpool_sandbox::current_uid(),
-        gid: sandpool_sandbox::current_gid(),
+        uid,
+        gid,
         build_id: options.build_id.clone(),
     };
     Ok(Sandboxed {
