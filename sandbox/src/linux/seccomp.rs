@@ -233,6 +233,21 @@ impl SeccompPolicy {
     /// `enforce` kills the whole process on a syscall outside the policy;
     /// `log` allows and logs it (for writing a policy); `off` produces no
     /// program at all and must have been asked for explicitly.
+    ///
+    /// Why `SECCOMP_RET_KILL_PROCESS` and not `SECCOMP_RET_TRAP` with a
+    /// SIGSYS handler that names the syscall on stderr: with TRAP the
+    /// kernel only *delivers* SIGSYS, and a hostile helper can make that
+    /// delivery fail. Blocking or ignoring SIGSYS does not help it
+    /// (`force_sig_info_to_task` resets a blocked or ignored forced signal
+    /// to `SIG_DFL` and unblocks it), but a forbidden syscall made with the
+    /// stack pointer on unmapped memory makes the signal frame unwritable,
+    /// and `signal_setup_done` then calls `force_sigsegv`, which sends a
+    /// plain SIGSEGV that the helper's own SIGSEGV handler on an alternate
+    /// stack (`rt_sigaction` and `sigaltstack` are allowed, for `abort`)
+    /// catches: the helper lives on after a forbidden syscall (which did
+    /// not run) and can probe the policy. KILL_PROCESS ends the process in
+    /// the kernel, whatever the helper set up, so every forbidden syscall
+    /// ends it by SIGSYS.
     pub fn compile(&self, mode: SeccompMode) -> Result<Filter, PolicyError> {
         if self.rules.is_empty() {
             return Err(PolicyError::Empty);
