@@ -8,9 +8,17 @@
 //!    the seccomp filter (compiling allocates; installing later does not);
 //! 2. take fds 0 and 1 as the protocol pipes;
 //! 3. close every other inherited fd (`close_range(3, ~0, 0)`), measured;
-//! 4. set no_new_privs; 5. apply rlimits (core dumps always off);
-//! 6. install the seccomp filter;
-//! 7. write the Hello frame that reports all of the above.
+//! 4. drop capabilities: the bounding set (when the helper holds
+//!    `CAP_SETPCAP`, as a root helper does) and the ambient set first, then
+//!    switch to the spec's `uid`/`gid` if any (`setgroups([])`, `setresgid`,
+//!    `setresuid`), then empty the effective, inheritable and permitted
+//!    sets;
+//! 5. set no_new_privs; 6. apply rlimits (core dumps always off);
+//! 7. install a panic hook that writes the message and location to stderr
+//!    without capturing a backtrace (std's default hook would, with
+//!    `RUST_BACKTRACE` set, and its `getcwd` is outside the policy); then
+//!    install the seccomp filter;
+//! 8. write the Hello frame that reports all of the above.
 //!
 //! Then [`Session::serve`] loops: read a frame, run the handler on a request,
 //! write a Response (or an Error frame if the handler failed or panicked).
@@ -34,8 +42,8 @@ use sandpool_protocol::{
     decode_bind, encode_frame,
 };
 use sandpool_sandbox::{
-    CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError, SharedRegion,
-    StdioError, StdioPipe,
+    CapabilityError, CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError,
+    SharedRegion, StdioError, StdioPipe, SwitchUserError,
 };
 pub use sandpool_sandbox::{FdCloseStrategy, SeccompPolicy};
 use thiserror::Error;
@@ -50,6 +58,10 @@ pub struct Options {
     pub fd_close: FdCloseStrategy,
     /// Reported in the Hello, so the host can tell which build it launched.
     pub build_id: String,
+    /// Drop every capability at startup (default `true`). `false` exists
+    /// only to test the host's check: the Hello then says the capabilities
+    /// were kept, and a sandpool host refuses such a helper.
+    pub drop_capabilities: bool,
 }
 
 impl Options {
@@ -60,6 +72,7 @@ impl Options {
             policy: SeccompPolicy::helper_default().map_err(StartupError::Policy)?,
             fd_close: FdCloseStrategy::Auto,
             build_id: build_id.into(),
+            drop_capabilities: true,
         })
     }
 }
@@ -85,6 +98,12 @@ pub enum StartupError {
     /// Inherited fds could not be closed.
     #[error(transparent)]
     CloseFds(#[from] CloseFdsError),
+    /// A capability set could not be cleared.
+    #[error(transparent)]
+    Capabilities(#[from] CapabilityError),
+    /// The spec's uid or gid could not be switched to.
+    #[error(transparent)]
+    SwitchUser(#[from] SwitchUserError),
     /// no_new_privs could not be set.
     #[error(transparent)]
     NoNewPrivs(#[from] NoNewPrivsError),
@@ -160,7 +179,7 @@ pub struct Sandboxed {
     region: Option<SharedRegion>,
 }
 
-/// Runs the startup sequence (steps 1 to 6) with the spec from the environment.
+/// Runs the startup sequence (steps 1 to 7) with the spec from the environment.
 pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
     let text = std::env::var(SPEC_ENV).map_err(|_| StartupError::MissingSpec)?;
     let spec = SandboxSpec::decode(&text)?;
@@ -183,8 +202,23 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
     if let Some(program) = std::env::args_os().next() {
         let _ = sandpool_sandbox::set_process_name(program.as_encoded_bytes());
     }
+    let bounding_cleared = if options.drop_capabilities {
+        sandpool_sandbox::drop_bounding_and_ambient()?.bounding_cleared
+    } else {
+        false
+    };
+    sandpool_sandbox::switch_user(spec.uid, spec.gid)?;
+    if options.drop_capabilities {
+        sandpool_sandbox::clear_capabilities()?;
+    }
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
+    // Read before the filter, which does not allow getuid/getgid.
+    let (uid, gid) = (
+        sandpool_sandbox::current_uid(),
+        sandpool_sandbox::current_gid(),
+    );
+    std::panic::set_hook(Box::new(sandboxed_panic_hook));
     let seccomp = filter.install()?;
     let hello = Hello {
         pid: std::process::id(),
@@ -193,6 +227,10 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
         fd_close_nanos: u64::try_from(closed.elapsed.as_nanos()).unwrap_or(u64::MAX),
         no_new_privs: true,
         seccomp,
+        caps_cleared: options.drop_capabilities,
+        bounding_cleared,
+        uid,
+        gid,
         build_id: options.build_id.clone(),
     };
     Ok(Sandboxed {
@@ -205,7 +243,7 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
 }
 
 impl Sandboxed {
-    /// Step 7: writes the Hello and returns the session that serves requests.
+    /// Step 8: writes the Hello and returns the session that serves requests.
     pub fn say_hello(mut self) -> Result<Session, StartupError> {
         let mut frame = Vec::new();
         let payload = self.hello.encode();
@@ -566,6 +604,27 @@ fn read_full(input: &mut StdioPipe, buf: &mut [u8]) -> Result<usize, ServeError>
         }
     }
     Ok(got)
+}
+
+/// The panic hook the runtime installs before its seccomp filter (replacing
+/// any earlier hook): one line on stderr, `sandpool-helper: panicked at
+/// FILE:LINE:COL: MESSAGE`, and no backtrace whatever `RUST_BACKTRACE`
+/// says. std's default hook captures a backtrace when that variable is set,
+/// and resolving it calls `getcwd`, which the policy forbids: every handler
+/// panic would then be a seccomp kill instead of an Error frame. Formatting
+/// allocates and writes fd 2, both allowed.
+fn sandboxed_panic_hook(info: &std::panic::PanicHookInfo<'_>) {
+    let message = panic_message(info.payload());
+    let line = match info.location() {
+        Some(at) => format!(
+            "sandpool-helper: panicked at {}:{}:{}: {message}\n",
+            at.file(),
+            at.line(),
+            at.column()
+        ),
+        None => format!("sandpool-helper: panicked: {message}\n"),
+    };
+    let _ = io::stderr().write_all(line.as_bytes());
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {

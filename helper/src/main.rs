@@ -8,7 +8,7 @@
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
-//!   `output-before-bind`, `spin-when-idle`, `corpus:<case>`).
+//!   `output-before-bind`, `spin-when-idle`, `keep-caps`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
@@ -147,6 +147,18 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             nix::sys::ptrace::traceme()?;
             out.extend_from_slice(b"traced");
         }
+        OP_MMAP_LOCKED => {
+            memory_probe(MemoryProbe::MmapLocked)?;
+            out.extend_from_slice(b"mapped locked");
+        }
+        OP_MADVISE_HWPOISON => {
+            memory_probe(MemoryProbe::MadviseHwpoison)?;
+            out.extend_from_slice(b"poisoned");
+        }
+        OP_MADVISE_DONTNEED => {
+            memory_probe(MemoryProbe::MadviseDontneed)?;
+            out.extend_from_slice(body);
+        }
         OP_PANIC => panic!("{}", String::from_utf8_lossy(body)),
         OP_FAIL => return Err(String::from_utf8_lossy(body).into_owned().into()),
         OP_SLEEP => {
@@ -186,6 +198,54 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
 /// What `OP_GROW` keeps.
 static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
+#[derive(Clone, Copy)]
+enum MemoryProbe {
+    MmapLocked,
+    MadviseHwpoison,
+    MadviseDontneed,
+}
+
+/// The memory test ops: raw `mmap`/`madvise` calls with the arguments the
+/// seccomp policy's argument rules are about. They live here rather than in
+/// the sandbox crate because they are hostile probes of the reference
+/// binary, not something a helper should be offered as API.
+fn memory_probe(probe: MemoryProbe) -> Result<(), HandlerError> {
+    use nix::sys::mman::{MapFlags, MmapAdvise, ProtFlags, madvise, mmap_anonymous, munmap};
+    let len = std::num::NonZeroUsize::new(64 * 1024).ok_or("zero length")?;
+    let mut flags = MapFlags::MAP_PRIVATE;
+    if let MemoryProbe::MmapLocked = probe {
+        flags |= MapFlags::MAP_LOCKED | MapFlags::MAP_POPULATE;
+    }
+    // SAFETY: a new anonymous private mapping at an address the kernel
+    // picks: it cannot overlap or alias any memory Rust code owns.
+    #[allow(unsafe_code)]
+    let map = unsafe {
+        mmap_anonymous(
+            None,
+            len,
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+            flags,
+        )
+    }?;
+    let advice = match probe {
+        MemoryProbe::MmapLocked => None,
+        MemoryProbe::MadviseHwpoison => Some(MmapAdvise::MADV_HWPOISON),
+        MemoryProbe::MadviseDontneed => Some(MmapAdvise::MADV_DONTNEED),
+    };
+    if let Some(advice) = advice {
+        // SAFETY: `map` is the mapping made just above, `len` bytes, which
+        // no reference points into; discarding or poisoning its pages can
+        // affect only this mapping.
+        #[allow(unsafe_code)]
+        unsafe { madvise(map, len.get(), advice) }?;
+    }
+    // SAFETY: `map`/`len` are exactly the mapping made above, unmapped once;
+    // nothing refers to it.
+    #[allow(unsafe_code)]
+    unsafe { munmap(map, len.get()) }?;
+    Ok(())
+}
+
 /// Startup for the misbehaviours that attack the Hello itself.
 fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, String> {
     let text = std::env::var(SPEC_ENV).map_err(|_| format!("{SPEC_ENV} not set"))?;
@@ -193,8 +253,17 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
     if matches!(misbehave, "skip-seccomp" | "lie-seccomp") {
         spec.seccomp = SeccompMode::Off;
     }
+    let mut options = options.clone();
+    if misbehave == "keep-caps" {
+        // Keeps every capability, then claims to have dropped them all.
+        options.drop_capabilities = false;
+    }
     let mut sandboxed =
-        sandpool_helper::sandbox_with_spec(options, spec).map_err(|e| e.to_string())?;
+        sandpool_helper::sandbox_with_spec(&options, spec).map_err(|e| e.to_string())?;
+    if misbehave == "keep-caps" {
+        sandboxed.hello.caps_cleared = true;
+        sandboxed.hello.bounding_cleared = true;
+    }
     if misbehave == "lie-seccomp" {
         sandboxed.hello.seccomp = SeccompMode::Enforce;
     }
@@ -247,7 +316,7 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             out
         };
         let bytes = match misbehave {
-            "skip-seccomp" | "lie-seccomp" | "output-before-bind" => {
+            "skip-seccomp" | "lie-seccomp" | "output-before-bind" | "keep-caps" => {
                 reply(Kind::Response, id, &payload)
             }
             "spin-when-idle" => {

@@ -28,6 +28,17 @@ pub const OP_EXEC: u8 = 0x17;
 /// Test op: asks to be traced (forbidden by seccomp: `ptrace`).
 pub const OP_PTRACE: u8 = 0x18;
 
+/// Test op: maps 64 KiB with `mmap(MAP_LOCKED | MAP_POPULATE)` (forbidden by
+/// seccomp: `mmap` with `MAP_LOCKED`).
+pub const OP_MMAP_LOCKED: u8 = 0x20;
+/// Test op: `madvise(MADV_HWPOISON)` on a page of its own (forbidden by
+/// seccomp: `madvise` with an advice outside the allowlist; and the helper
+/// has no `CAP_SYS_ADMIN` left to do it anyway).
+pub const OP_MADVISE_HWPOISON: u8 = 0x21;
+/// Test op: `madvise(MADV_DONTNEED)` on a page of its own, then echoes
+/// (allowed: the control for [`OP_MADVISE_HWPOISON`]).
+pub const OP_MADVISE_DONTNEED: u8 = 0x22;
+
 /// Test op: allocates and touches the little-endian `u32` MiB in the body,
 /// keeps it for the helper's life, and answers with the MiB kept in all
 /// (as a little-endian `u32`).
@@ -72,5 +83,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "region-other-window",
     "output-before-bind",
     "spin-when-idle",
+    "keep-caps",
     "corpus:<case name>",
 ];

@@ -64,15 +64,27 @@ pub struct SandboxConfig {
     /// limits, with core dumps always off.
     pub rlimits: RlimitConfig,
     /// Syscall names allowed on top of the helper's own policy. Default none.
-    /// A syscall the policy allows only with argument rules is refused.
+    /// Validation refuses a name this architecture does not have and a
+    /// syscall the default policy allows only with argument rules (`read`,
+    /// `mmap`, `madvise`, ...), as the helper would at startup.
     pub extra_syscalls: Vec<String>,
     /// Accept a helper that closed its inherited fds by the slow
     /// `/proc/self/fd` walk instead of `close_range`. Default `false`.
     pub allow_fd_walk_fallback: bool,
     /// Cross-check every Hello against the kernel: `/proc/PID/status`
-    /// (`Seccomp`, `NoNewPrivs`) and `/proc/PID/fd` (only 0, 1, 2 open).
+    /// (`Seccomp`, `NoNewPrivs`, the capability sets, `Uid`, `Gid`) and
+    /// `/proc/PID/fd` (only 0, 1, 2 open).
     /// Default `true`.
     pub verify_with_proc: bool,
+    /// The user the helper switches to at startup (`setresuid`), by name or
+    /// number, e.g. `"nobody"` or `"65534"`. Only a root host may set it;
+    /// the host resolves it to a uid at validation time. Default none: the
+    /// helper keeps the host's uid (and drops every capability either way).
+    pub user: Option<String>,
+    /// The group the helper switches to (`setgroups([])`, `setresgid`), by
+    /// name or number. Default: `user`'s primary group when `user` is set,
+    /// else none. Only a root host may set it.
+    pub group: Option<String>,
 }
 
 impl Default for SandboxConfig {
@@ -83,7 +95,89 @@ impl Default for SandboxConfig {
             extra_syscalls: Vec::new(),
             allow_fd_walk_fallback: false,
             verify_with_proc: true,
+            user: None,
+            group: None,
         }
+    }
+}
+
+impl SandboxConfig {
+    /// Resolves `user` and `group` to the uid and gid the helper switches
+    /// to: names through the host's user database, numbers as they are; an
+    /// unset `group` with a `user` is that user's primary group. Errors name
+    /// `sandbox.user` or `sandbox.group`: an unknown name, a numeric user
+    /// with no passwd entry and no `group`, or either set on a host that is
+    /// not root (only root can switch its helpers' ids).
+    pub(crate) fn resolve_ids(&self) -> Result<(Option<u32>, Option<u32>), ConfigError> {
+        use nix::unistd::{Group, Uid, User};
+        if self.user.is_none() && self.group.is_none() {
+            return Ok((None, None));
+        }
+        let field = if self.user.is_some() {
+            "sandbox.user"
+        } else {
+            "sandbox.group"
+        };
+        let euid = nix::unistd::geteuid();
+        if !euid.is_root() {
+            return Err(ConfigError::new(
+                field,
+                format!(
+                    "is set, but the host runs as uid {euid}, not root: only a root host can switch its helpers' user and group"
+                ),
+            ));
+        }
+        let mut primary_gid = None;
+        let uid = match &self.user {
+            None => None,
+            Some(name) => {
+                let lookup_err = |err: nix::Error| {
+                    ConfigError::new("sandbox.user", format!("looking up {name:?} failed: {err}"))
+                };
+                let (uid, entry) = match name.parse::<u32>() {
+                    Ok(uid) => (uid, User::from_uid(Uid::from_raw(uid)).map_err(lookup_err)?),
+                    Err(_) => {
+                        let entry =
+                            User::from_name(name).map_err(lookup_err)?.ok_or_else(|| {
+                                ConfigError::new("sandbox.user", format!("no user named {name:?}"))
+                            })?;
+                        (entry.uid.as_raw(), Some(entry))
+                    }
+                };
+                primary_gid = entry.map(|entry| entry.gid.as_raw());
+                Some(uid)
+            }
+        };
+        let gid = match &self.group {
+            Some(name) => Some(match name.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => Group::from_name(name)
+                    .map_err(|err| {
+                        ConfigError::new(
+                            "sandbox.group",
+                            format!("looking up {name:?} failed: {err}"),
+                        )
+                    })?
+                    .ok_or_else(|| {
+                        ConfigError::new("sandbox.group", format!("no group named {name:?}"))
+                    })?
+                    .gid
+                    .as_raw(),
+            }),
+            None => match (uid, primary_gid) {
+                (None, _) => None,
+                (Some(_), Some(gid)) => Some(gid),
+                (Some(uid), None) => {
+                    return Err(ConfigError::new(
+                        "sandbox.group",
+                        format!(
+                            "must be set: user {uid} has no passwd entry to take a primary group from"
+                        ),
+                    ));
+                }
+            },
+        };
+        Ok((uid, gid))
     }
 }
 
@@ -477,6 +571,22 @@ impl HelperConfig {
                 format!("{name:?} is not a syscall name"),
             ));
         }
+        // Refuse what the helper would refuse at startup (and exit 70 for):
+        // a name this architecture does not have, or a syscall the default
+        // policy allows only with argument rules. (A helper built with a
+        // policy of its own may refuse more; its startup error says so.)
+        let mut policy = sandpool_sandbox::SeccompPolicy::helper_default().map_err(|err| {
+            ConfigError::new(
+                "sandbox.extra_syscalls",
+                format!("the default seccomp policy could not be built: {err}"),
+            )
+        })?;
+        for name in &self.sandbox.extra_syscalls {
+            policy.allow_name(name).map_err(|err| {
+                ConfigError::new("sandbox.extra_syscalls", format!("{name:?}: {err}"))
+            })?;
+        }
+        self.sandbox.resolve_ids()?;
         if let Some(name) = self
             .env_allowlist
             .iter()
@@ -496,15 +606,20 @@ impl HelperConfig {
         Ok(())
     }
 
-    /// The spec the helper receives in `SANDPOOL_SANDBOX`.
-    pub fn sandbox_spec(&self) -> SandboxSpec {
-        SandboxSpec {
+    /// The spec the helper receives in `SANDPOOL_SANDBOX`, with
+    /// `sandbox.user` and `sandbox.group` resolved to numeric ids (which is
+    /// why it can fail: see [`validate`](Self::validate)).
+    pub fn sandbox_spec(&self) -> Result<SandboxSpec, ConfigError> {
+        let (uid, gid) = self.sandbox.resolve_ids()?;
+        Ok(SandboxSpec {
             seccomp: self.sandbox.seccomp,
             max_frame: self.max_frame,
             rlimits: self.sandbox.rlimits.spec(),
             extra_syscalls: self.sandbox.extra_syscalls.clone(),
             region: self.region_size,
-        }
+            uid,
+            gid,
+        })
     }
 }
 

@@ -136,10 +136,36 @@ pub enum HelloRefusal {
     KernelDisagrees {
         /// The helper's pid.
         pid: u32,
-        /// The status field (`Seccomp` or `NoNewPrivs`).
+        /// The status field (`Seccomp`, `NoNewPrivs`, `CapEff`, `CapPrm`,
+        /// `CapInh`, `CapAmb`, `CapBnd`, `Uid` or `Gid`).
         field: &'static str,
         /// The kernel's value.
         kernel: String,
+    },
+    /// The helper reports that it kept capabilities (its effective,
+    /// permitted, inheritable or ambient set is not empty).
+    #[error("helper reports its capabilities not dropped")]
+    CapabilitiesKept,
+    /// The helper reports its bounding set not emptied, though it could
+    /// have (the host holds `CAP_SETPCAP` and its helpers inherit it).
+    #[error("helper reports its bounding capability set not emptied, though it holds CAP_SETPCAP")]
+    BoundingSetKept,
+    /// The helper reports a uid other than the configured `sandbox.user`.
+    #[error("helper reports uid {reported}, configuration requires {configured} (sandbox.user)")]
+    WrongUser {
+        /// Reported.
+        reported: u32,
+        /// Configured (resolved).
+        configured: u32,
+    },
+    /// The helper reports a gid other than the configured `sandbox.group`
+    /// (or `sandbox.user`'s primary group).
+    #[error("helper reports gid {reported}, configuration requires {configured} (sandbox.group)")]
+    WrongGroup {
+        /// Reported.
+        reported: u32,
+        /// Configured (resolved).
+        configured: u32,
     },
     /// The helper still has fds open beyond 0, 1 and 2.
     #[error("helper still has fds {fds:?} open beyond stdin, stdout and stderr")]

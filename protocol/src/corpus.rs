@@ -69,6 +69,10 @@ pub fn sample_hello() -> Hello {
         fd_close_nanos: 1_000,
         no_new_privs: true,
         seccomp: SeccompMode::Enforce,
+        caps_cleared: true,
+        bounding_cleared: true,
+        uid: 0,
+        gid: 0,
         build_id: "corpus".into(),
     }
 }

@@ -69,6 +69,16 @@ pub struct Hello {
     pub no_new_privs: bool,
     /// The seccomp mode installed.
     pub seccomp: SeccompMode,
+    /// The effective, permitted, inheritable and ambient capability sets are
+    /// empty (flag bit 0).
+    pub caps_cleared: bool,
+    /// The bounding capability set is empty (flag bit 1). A helper without
+    /// `CAP_SETPCAP` (started by a non-root host) cannot empty it.
+    pub bounding_cleared: bool,
+    /// The uid the helper runs as (real, effective, saved and filesystem).
+    pub uid: u32,
+    /// The gid the helper runs as (real, effective, saved and filesystem).
+    pub gid: u32,
     /// An identifier of the helper build (free-form, at most [`MAX_BUILD_ID`] bytes).
     pub build_id: String,
 }
@@ -129,6 +139,12 @@ pub enum PayloadError {
 }
 
 const HELLO_FIXED: usize = 30;
+/// Flag bit 0 of Hello byte 3: [`Hello::caps_cleared`].
+const FLAG_CAPS_CLEARED: u8 = 1 << 0;
+/// Flag bit 1 of Hello byte 3: [`Hello::bounding_cleared`].
+const FLAG_BOUNDING_CLEARED: u8 = 1 << 1;
+/// Every flag bit this version knows; any other bit set is refused.
+const KNOWN_FLAGS: u8 = FLAG_CAPS_CLEARED | FLAG_BOUNDING_CLEARED;
 /// The longest Hello payload: the fixed part and the longest build id.
 pub const MAX_HELLO_LEN: usize = HELLO_FIXED + MAX_BUILD_ID;
 
@@ -136,10 +152,17 @@ impl Hello {
     /// Encodes the Hello payload.
     ///
     /// ```text
-    /// 0 u8 fd_close_method | 1 u8 no_new_privs | 2 u8 seccomp | 3 u8 reserved (0)
-    /// 4 u32 pid | 8 u32 fds_closed | 12 u64 fd_close_nanos | 20 u64 reserved (0)
+    /// 0 u8 fd_close_method | 1 u8 no_new_privs | 2 u8 seccomp | 3 u8 flags
+    /// 4 u32 pid | 8 u32 fds_closed | 12 u64 fd_close_nanos
+    /// 20 u32 uid | 24 u32 gid
     /// 28 u16 build id length | 30.. build id (UTF-8)
     /// ```
+    ///
+    /// Flags (byte 3): bit 0 [`caps_cleared`](Self::caps_cleared), bit 1
+    /// [`bounding_cleared`](Self::bounding_cleared); the other bits are 0 and
+    /// a Hello with any of them set is refused. (Bytes 3 and 20..28 were
+    /// reserved zeros before; an old helper's Hello decodes as "no
+    /// capability dropped, uid 0, gid 0", which a host refuses.)
     ///
     /// A build id longer than [`MAX_BUILD_ID`] is cut at a character boundary.
     pub fn encode(&self) -> Vec<u8> {
@@ -151,11 +174,19 @@ impl Hello {
         out.push(self.fd_close_method as u8);
         out.push(u8::from(self.no_new_privs));
         out.push(self.seccomp as u8);
-        out.push(0);
+        let mut flags = 0;
+        if self.caps_cleared {
+            flags |= FLAG_CAPS_CLEARED;
+        }
+        if self.bounding_cleared {
+            flags |= FLAG_BOUNDING_CLEARED;
+        }
+        out.push(flags);
         out.extend_from_slice(&self.pid.to_le_bytes());
         out.extend_from_slice(&self.fds_closed.to_le_bytes());
         out.extend_from_slice(&self.fd_close_nanos.to_le_bytes());
-        out.extend_from_slice(&0u64.to_le_bytes());
+        out.extend_from_slice(&self.uid.to_le_bytes());
+        out.extend_from_slice(&self.gid.to_le_bytes());
         out.extend_from_slice(&(id_len as u16).to_le_bytes());
         out.extend_from_slice(&self.build_id.as_bytes()[..id_len]);
         out
@@ -192,17 +223,14 @@ impl Hello {
             2 => SeccompMode::Enforce,
             other => return Err(invalid("seccomp", other.into())),
         };
-        if bytes[3] != 0 {
-            return Err(invalid("reserved", bytes[3].into()));
+        let flags = bytes[3];
+        if flags & !KNOWN_FLAGS != 0 {
+            return Err(invalid("flags", flags.into()));
         }
         let u32_at = |at: usize| {
             u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
         };
         let u64_at = |at: usize| u64::from(u32_at(at)) | (u64::from(u32_at(at + 4)) << 32);
-        let reserved = u64_at(20);
-        if reserved != 0 {
-            return Err(invalid("reserved", reserved));
-        }
         let id_len = usize::from(u16::from_le_bytes([bytes[28], bytes[29]]));
         if id_len > MAX_BUILD_ID {
             return Err(PayloadError::BadLength {
@@ -238,6 +266,10 @@ impl Hello {
             fd_close_nanos: u64_at(12),
             no_new_privs,
             seccomp,
+            caps_cleared: flags & FLAG_CAPS_CLEARED != 0,
+            bounding_cleared: flags & FLAG_BOUNDING_CLEARED != 0,
+            uid: u32_at(20),
+            gid: u32_at(24),
             build_id,
         })
     }
@@ -269,6 +301,10 @@ mod tests {
             fd_close_nanos: 123_456,
             no_new_privs: true,
             seccomp: SeccompMode::Enforce,
+            caps_cleared: true,
+            bounding_cleared: false,
+            uid: 65534,
+            gid: 65533,
             build_id: "sandpool-helper 0.1.0".into(),
         }
     }
@@ -302,6 +338,35 @@ mod tests {
             Hello::decode(&bytes[..bytes.len() - 1]),
             Err(PayloadError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn hello_flags_and_ids_are_where_the_layout_says() {
+        let hello = sample();
+        let bytes = hello.encode();
+        assert_eq!(bytes[3], FLAG_CAPS_CLEARED);
+        assert_eq!(bytes[20..24], 65534u32.to_le_bytes());
+        assert_eq!(bytes[24..28], 65533u32.to_le_bytes());
+        for (caps_cleared, bounding_cleared) in [(false, false), (true, true), (false, true)] {
+            let hello = Hello {
+                caps_cleared,
+                bounding_cleared,
+                ..sample()
+            };
+            assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
+        }
+        for unknown in [1u8 << 2, 1 << 7] {
+            let mut bytes = sample().encode();
+            bytes[3] |= unknown;
+            assert_eq!(
+                Hello::decode(&bytes),
+                Err(PayloadError::InvalidField {
+                    what: "Hello",
+                    field: "flags",
+                    value: u64::from(FLAG_CAPS_CLEARED | unknown)
+                })
+            );
+        }
     }
 
     #[test]

@@ -40,6 +40,11 @@ pub struct SandboxSpec {
     pub extra_syscalls: Vec<String>,
     /// Size of the shared memory region passed as fd 3, if any.
     pub region: Option<u64>,
+    /// The uid to switch to (`setresuid`), if any. The host resolved it from
+    /// its configuration's user name or number.
+    pub uid: Option<u32>,
+    /// The gid to switch to (`setgroups([])`, `setresgid`), if any.
+    pub gid: Option<u32>,
 }
 
 impl Default for SandboxSpec {
@@ -50,6 +55,8 @@ impl Default for SandboxSpec {
             rlimits: RlimitSpec::default(),
             extra_syscalls: Vec::new(),
             region: None,
+            uid: None,
+            gid: None,
         }
     }
 }
@@ -93,6 +100,8 @@ impl SandboxSpec {
             ("cpu", self.rlimits.cpu_seconds),
             ("fsize", self.rlimits.file_size),
             ("region", self.region),
+            ("uid", self.uid.map(u64::from)),
+            ("gid", self.gid.map(u64::from)),
         ];
         for (key, value) in limits {
             if let Some(value) = value {
@@ -145,6 +154,8 @@ impl SandboxSpec {
                         .filter(|size| *size >= 2)
                         .map_or_else(|| Err(invalid()), |size| Ok(Some(size)))?
                 }
+                "uid" => spec.uid = Some(value.parse::<u32>().map_err(|_| invalid())?),
+                "gid" => spec.gid = Some(value.parse::<u32>().map_err(|_| invalid())?),
                 "allow" => {
                     spec.extra_syscalls = value.split(',').map(str::to_owned).collect();
                     let well_formed = |name: &String| {
@@ -189,8 +200,20 @@ mod tests {
             },
             extra_syscalls: vec!["getcwd".into(), "uname".into()],
             region: Some(1 << 20),
+            uid: Some(65534),
+            gid: Some(0),
         };
+        assert!(
+            spec.encode().contains(";uid=65534;gid=0"),
+            "{}",
+            spec.encode()
+        );
         assert_eq!(SandboxSpec::decode(&spec.encode()), Ok(spec));
+        let only_gid = SandboxSpec {
+            gid: Some(u32::MAX),
+            ..SandboxSpec::default()
+        };
+        assert_eq!(SandboxSpec::decode(&only_gid.encode()), Ok(only_gid));
         let plain = SandboxSpec::default();
         assert_eq!(SandboxSpec::decode(&plain.encode()), Ok(plain));
     }
@@ -217,6 +240,15 @@ mod tests {
             SandboxSpec::decode("v=1;seccomp=enforce;max_frame=0"),
             Err(SpecError::InvalidValue { .. })
         ));
+        for bad in ["uid=-1", "uid=4294967296", "gid=root", "uid="] {
+            assert!(
+                matches!(
+                    SandboxSpec::decode(&format!("v=1;seccomp=enforce;{bad}")),
+                    Err(SpecError::InvalidValue { .. })
+                ),
+                "{bad}"
+            );
+        }
         assert!(matches!(
             SandboxSpec::decode("v=1;seccomp=enforce;allow=open;at"),
             Err(SpecError::NotKeyValue(_))

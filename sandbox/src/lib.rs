@@ -4,10 +4,13 @@
 //!
 //! 1. map what the helper needs (e.g. a shared memory region);
 //! 2. [`close_inherited_fds`]: one `close_range(3, ~0, 0)`, or a reported fallback;
-//! 3. [`set_no_new_privs`];
-//! 4. [`apply_rlimits`];
-//! 5. [`Filter::install`]: the seccomp filter compiled from a [`SeccompPolicy`];
-//! 6. say hello.
+//! 3. [`drop_bounding_and_ambient`], then [`switch_user`] (optional), then
+//!    [`clear_capabilities`] (in this order: each step needs a capability
+//!    the next removes);
+//! 4. [`set_no_new_privs`];
+//! 5. [`apply_rlimits`];
+//! 6. [`Filter::install`]: the seccomp filter compiled from a [`SeccompPolicy`];
+//! 7. say hello.
 //!
 //! This crate knows nothing about pools or frames beyond the shared enums of
 //! `sandpool-protocol`. It is Linux-only; on any other OS every entry point

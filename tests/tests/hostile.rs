@@ -184,6 +184,13 @@ fn hostile_helper_matrix() {
         |e| matches!(e, CallError::Launch(l) if matches!(**l, LaunchError::HelloRefused { refusal: HelloRefusal::KernelDisagrees { .. }, .. })),
     );
     case(
+        "Hello that lies about its capabilities",
+        &["--misbehave", "keep-caps"],
+        |_| {},
+        echo_call,
+        |e| matches!(e, CallError::Launch(l) if matches!(**l, LaunchError::HelloRefused { refusal: HelloRefusal::KernelDisagrees { field: "CapEff", .. }, .. })),
+    );
+    case(
         "writes stderr without end",
         &["--misbehave", "stderr-flood"],
         |_| {},
@@ -245,6 +252,8 @@ fn hostile_helper_matrix() {
         ("creates a socket", OP_SOCKET, b""),
         ("calls ptrace", OP_PTRACE, b""),
         ("calls execve", OP_EXEC, b""),
+        ("maps locked memory", OP_MMAP_LOCKED, b""),
+        ("poisons a page with madvise", OP_MADVISE_HWPOISON, b""),
     ] {
         case(
             what,

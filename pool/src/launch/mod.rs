@@ -25,7 +25,7 @@ use crate::reactor::stderr::StderrHub;
 use process::Process;
 use server::LaunchServer;
 use spawn::{LaunchPlan, spawn};
-use verify::verify_hello;
+use verify::{Expected, verify_hello};
 
 /// How long a helper whose stdout closed before its Hello gets to become
 /// reapable.
@@ -40,6 +40,7 @@ const EXIT_GRACE: std::time::Duration = std::time::Duration::from_millis(100);
 pub struct Launcher {
     config: HelperConfig,
     plan: LaunchPlan,
+    expected: Expected,
     server: Option<LaunchServer>,
     reactor: Reactor,
 }
@@ -59,6 +60,8 @@ impl Launcher {
         hub: Option<Arc<StderrHub>>,
     ) -> Result<Launcher, LaunchError> {
         let plan = LaunchPlan::new(&config)?;
+        let (uid, gid) = plan.ids();
+        let expected = Expected::new(uid, gid);
         let server = match config.launch_mode {
             LaunchMode::Launcher => Some(LaunchServer::start(&plan)?),
             LaunchMode::Direct => None,
@@ -67,6 +70,7 @@ impl Launcher {
         Ok(Launcher {
             config,
             plan,
+            expected,
             server,
             reactor,
         })
@@ -178,7 +182,7 @@ impl Launcher {
             Ok(hello) => hello,
             Err(err) => return Err(refuse(&process, ProtocolViolation::Hello(err))),
         };
-        if let Err(refusal) = verify_hello(&hello, pid, &self.config.sandbox) {
+        if let Err(refusal) = verify_hello(&hello, pid, &self.config.sandbox, &self.expected) {
             process.kill_and_reap();
             warn!(pid, %refusal, "helper refused");
             return Err(LaunchError::HelloRefused { pid, refusal });

@@ -41,6 +41,8 @@ pub(crate) struct LaunchPlan {
     region_size: Option<u64>,
     /// The sealed copy of the program that every launch executes, if pinned.
     image: Option<OwnedFd>,
+    /// The uid and gid the spec asks the helper to switch to.
+    ids: (Option<u32>, Option<u32>),
 }
 
 /// Copies the helper binary into a sealed memfd (no writes, no resizing,
@@ -127,9 +129,10 @@ impl LaunchPlan {
         for arg in &config.args {
             argv.push(cstring("args", arg.as_bytes())?);
         }
+        let spec = config.sandbox_spec()?;
         let mut envp = vec![cstring(
             "sandbox",
-            format!("{SPEC_ENV}={}", config.sandbox_spec().encode()).as_bytes(),
+            format!("{SPEC_ENV}={}", spec.encode()).as_bytes(),
         )?];
         for name in &config.env_allowlist {
             if let Some(value) = std::env::var_os(name) {
@@ -166,7 +169,14 @@ impl LaunchPlan {
                 .map(|size| size.min(i32::MAX as u32) as i32),
             region_size: config.region_size,
             image,
+            ids: (spec.uid, spec.gid),
         })
+    }
+
+    /// The uid and gid the helper was asked to switch to (resolved once,
+    /// here, from `sandbox.user` / `sandbox.group`).
+    pub(crate) fn ids(&self) -> (Option<u32>, Option<u32>) {
+        self.ids
     }
 
     /// What a direct launch executes: the program, or its pinned image's

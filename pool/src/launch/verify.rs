@@ -4,17 +4,83 @@
 //! so unless configured otherwise the host also asks the kernel: the seccomp
 //! and no_new_privs state in `/proc/PID/status`, and the open fds in
 //! `/proc/PID/fd`. A helper that lies in its Hello is refused.
+//!
+//! Privileges: every helper must report its effective, permitted,
+//! inheritable and ambient capability sets cleared, and `/proc/PID/status`
+//! must show all four as 0. The bounding set can only be emptied by a
+//! process holding `CAP_SETPCAP`; a helper has it when the host does and
+//! keeps it across the exec, i.e. the host has `CAP_SETPCAP` in its
+//! effective set and either runs as root (root's exec gets the bounding
+//! set as its permitted set) or has `CAP_SETPCAP` in its ambient set. Only
+//! then is `CapBnd: 0` required ([`Expected::new`]); a helper of a non-root
+//! host without it keeps a bounding set it cannot use (its permitted set is
+//! empty, and no_new_privs stops an exec from gaining anything). The
+//! `Uid:` and `Gid:` lines (real, effective, saved, filesystem) must all be
+//! the ids the Hello reports, and those the configured ones, if any.
 
 use sandpool_protocol::{FdCloseMethod, Hello, SeccompMode};
 
 use crate::config::SandboxConfig;
 use crate::error::HelloRefusal;
 
+/// `CAP_SETPCAP`'s bit in a `/proc/PID/status` capability mask.
+const CAP_SETPCAP_BIT: u64 = 1 << 8;
+
+/// What the host requires of a helper's privileges, fixed at
+/// `Launcher::new`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Expected {
+    /// The configured uid (resolved from `sandbox.user`), if any.
+    pub(crate) uid: Option<u32>,
+    /// The configured gid (resolved from `sandbox.group`), if any.
+    pub(crate) gid: Option<u32>,
+    /// The helper can empty its bounding set, so it must.
+    pub(crate) bounding_required: bool,
+}
+
+impl Expected {
+    /// The expectations for helpers of this host, with the configured ids.
+    /// The bounding set is required empty when this host could drop it in
+    /// its helpers (module doc); if the host's own status cannot be read,
+    /// it is required (fail closed).
+    pub(crate) fn new(uid: Option<u32>, gid: Option<u32>) -> Expected {
+        let bounding_required = match std::fs::read_to_string("/proc/self/status") {
+            Ok(status) => {
+                let mask = |name| cap_mask(status_field(&status, name)).unwrap_or(u64::MAX);
+                let root = nix::unistd::geteuid().is_root() || nix::unistd::getuid().is_root();
+                mask("CapEff") & CAP_SETPCAP_BIT != 0
+                    && (root || mask("CapAmb") & CAP_SETPCAP_BIT != 0)
+            }
+            Err(_) => true,
+        };
+        Expected {
+            uid,
+            gid,
+            bounding_required,
+        }
+    }
+}
+
+/// The value of `name:` in a `/proc/PID/status` text, trimmed; "" if absent.
+fn status_field<'a>(status: &'a str, name: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .map(str::trim)
+        .unwrap_or("")
+}
+
+/// A capability mask of `/proc/PID/status` (16 hex digits).
+fn cap_mask(value: &str) -> Option<u64> {
+    u64::from_str_radix(value, 16).ok()
+}
+
 /// Checks `hello` from the helper spawned as `pid`.
 pub(crate) fn verify_hello(
     hello: &Hello,
     pid: u32,
     config: &SandboxConfig,
+    expected: &Expected,
 ) -> Result<(), HelloRefusal> {
     if hello.pid != pid {
         return Err(HelloRefusal::Pid {
@@ -34,26 +100,37 @@ pub(crate) fn verify_hello(
     if hello.fd_close_method != FdCloseMethod::CloseRange && !config.allow_fd_walk_fallback {
         return Err(HelloRefusal::FdCloseMethod(hello.fd_close_method));
     }
+    if !hello.caps_cleared {
+        return Err(HelloRefusal::CapabilitiesKept);
+    }
+    if expected.bounding_required && !hello.bounding_cleared {
+        return Err(HelloRefusal::BoundingSetKept);
+    }
+    if let Some(configured) = expected.uid.filter(|uid| *uid != hello.uid) {
+        return Err(HelloRefusal::WrongUser {
+            reported: hello.uid,
+            configured,
+        });
+    }
+    if let Some(configured) = expected.gid.filter(|gid| *gid != hello.gid) {
+        return Err(HelloRefusal::WrongGroup {
+            reported: hello.gid,
+            configured,
+        });
+    }
     if config.verify_with_proc {
-        verify_with_proc(hello, pid)?;
+        verify_with_proc(hello, pid, expected)?;
     }
     Ok(())
 }
 
-fn verify_with_proc(hello: &Hello, pid: u32) -> Result<(), HelloRefusal> {
+fn verify_with_proc(hello: &Hello, pid: u32, expected: &Expected) -> Result<(), HelloRefusal> {
     let unreadable = |error: std::io::Error| HelloRefusal::ProcUnreadable {
         pid,
         source: std::sync::Arc::new(error),
     };
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(unreadable)?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .map(str::trim)
-            .unwrap_or("")
-            .to_owned()
-    };
+    let field = |name: &str| status_field(&status, name).to_owned();
     // The kernel reports 2 (filter) for both an enforcing and a logging filter.
     let want_seccomp = if hello.seccomp == SeccompMode::Off {
         "0"
@@ -75,6 +152,29 @@ fn verify_with_proc(hello: &Hello, pid: u32) -> Result<(), HelloRefusal> {
             field: "NoNewPrivs",
             kernel: nnp,
         });
+    }
+    let disagrees = |field: &'static str, kernel: &str| HelloRefusal::KernelDisagrees {
+        pid,
+        field,
+        kernel: kernel.to_owned(),
+    };
+    let mut empty_sets = vec!["CapEff", "CapPrm", "CapInh", "CapAmb"];
+    if expected.bounding_required || hello.bounding_cleared {
+        empty_sets.push("CapBnd");
+    }
+    for name in empty_sets {
+        let value = status_field(&status, name);
+        if cap_mask(value) != Some(0) {
+            return Err(disagrees(name, value));
+        }
+    }
+    for (name, id) in [("Uid", hello.uid), ("Gid", hello.gid)] {
+        // Real, effective, saved and filesystem id, in that order.
+        let value = status_field(&status, name);
+        let ids: Vec<Option<u32>> = value.split_whitespace().map(|v| v.parse().ok()).collect();
+        if ids.len() != 4 || ids.iter().any(|got| *got != Some(id)) {
+            return Err(disagrees(name, value));
+        }
     }
     let mut extra = Vec::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(unreadable)? {

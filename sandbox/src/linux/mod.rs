@@ -3,14 +3,21 @@
 mod bpf;
 mod fds;
 mod limits;
+mod privs;
 mod region;
 mod seccomp;
 mod stdio;
 
 pub use fds::{CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds};
 pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs, set_process_name};
+pub use privs::{
+    BoundingReport, CapabilityError, SwitchUserError, clear_capabilities, current_gid, current_uid,
+    drop_bounding_and_ambient, switch_user,
+};
 pub use region::{REGION_FD, RegionError, SharedRegion};
-pub use seccomp::{Filter, InstallError, PolicyError, SeccompPolicy};
+pub use seccomp::{
+    Filter, InstallError, MADVISE_ALLOWED, MMAP_REFUSED_FLAGS, PolicyError, SeccompPolicy,
+};
 pub use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 pub use stdio::{StdioError, StdioPipe, take_protocol_stdio};
 pub use syscalls::Sysno;

@@ -66,6 +66,31 @@ pub struct SeccompPolicy {
     rules: BTreeMap<i64, Vec<SeccompRule>>,
 }
 
+/// The `madvise` advice values (arg 2) the default policy allows:
+/// `MADV_NORMAL`, `RANDOM`, `SEQUENTIAL`, `WILLNEED`, `DONTNEED`, `FREE`,
+/// `HUGEPAGE`, `NOHUGEPAGE`, `DONTDUMP`, `DODUMP`.
+///
+/// glibc's malloc calls `madvise` with `MADV_DONTNEED` (trimming a heap or
+/// an arena) and `MADV_HUGEPAGE` (with its `hugetlb` tunable); glibc's
+/// thread stacks with `MADV_DONTNEED`; Rust's std with none; jemalloc and
+/// mimalloc with `FREE`, `DONTNEED`, `DONTDUMP`/`DODUMP` and the huge-page
+/// pair. The four access-pattern hints are harmless.
+pub const MADVISE_ALLOWED: [i32; 10] = [
+    libc::MADV_NORMAL,
+    libc::MADV_RANDOM,
+    libc::MADV_SEQUENTIAL,
+    libc::MADV_WILLNEED,
+    libc::MADV_DONTNEED,
+    libc::MADV_FREE,
+    libc::MADV_HUGEPAGE,
+    libc::MADV_NOHUGEPAGE,
+    libc::MADV_DONTDUMP,
+    libc::MADV_DODUMP,
+];
+
+/// The `mmap` flags (arg 3) the default policy refuses.
+pub const MMAP_REFUSED_FLAGS: i32 = libc::MAP_LOCKED | libc::MAP_HUGETLB;
+
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, PolicyError> {
     Ok(SeccompCondition::new(
         arg,
@@ -92,8 +117,17 @@ impl SeccompPolicy {
     ///
     /// - `read` on fd 0 only; `write`/`writev` on fds 1 and 2 only; `close`;
     ///   `fcntl` with `F_GETFD`/`F_GETFL` only (read-only queries);
-    /// - memory: `brk`, `munmap`, `mremap`, `madvise`, and `mmap`/`mprotect`
-    ///   only without `PROT_EXEC` (no new executable memory);
+    /// - memory: `brk`, `munmap`, `mremap`; `mprotect` only without
+    ///   `PROT_EXEC` (no new executable memory); `mmap` only without
+    ///   `PROT_EXEC` (arg 2) and without `MAP_LOCKED` or `MAP_HUGETLB` (arg 3)
+    ///   (one rule: its conditions must all hold), so a helper can neither
+    ///   pin memory out of the host's reach of reclaim nor draw on the
+    ///   machine's huge-page pool; `madvise` only with an advice (arg 2) in
+    ///   [`MADVISE_ALLOWED`], what glibc's malloc and free, Rust's std and
+    ///   common allocators use (`DONTNEED`/`FREE` to return memory,
+    ///   `HUGEPAGE`/`NOHUGEPAGE` for transparent huge pages, `DONTDUMP`);
+    ///   `MADV_HWPOISON`, `SOFT_OFFLINE`, `MERGEABLE`, `REMOVE`, `COLLAPSE`,
+    ///   `PAGEOUT` and every other advice kill the helper;
     /// - `futex`, `sched_yield`, `getrandom` (seeding hash maps), the clocks and
     ///   sleeps;
     /// - leaving: `exit`, `exit_group`, and for `abort()` the signal calls
@@ -118,7 +152,19 @@ impl SeccompPolicy {
                 ],
             );
         }
-        policy.allow_if(Sysno::mmap, vec![rule(vec![no_exec()?])?]);
+        let refused_flags = MMAP_REFUSED_FLAGS as u64;
+        policy.allow_if(
+            Sysno::mmap,
+            vec![rule(vec![
+                no_exec()?,
+                cond(3, SeccompCmpOp::MaskedEq(refused_flags), 0)?,
+            ])?],
+        );
+        let advice = MADVISE_ALLOWED
+            .iter()
+            .map(|advice| rule(vec![cond(2, SeccompCmpOp::Eq, *advice as u64)?]))
+            .collect::<Result<Vec<_>, _>>()?;
+        policy.allow_if(Sysno::madvise, advice);
         policy.allow_if(Sysno::mprotect, vec![rule(vec![no_exec()?])?]);
         // Read-only fd queries (std checks its stdio this way on exit).
         policy.allow_if(
@@ -138,7 +184,6 @@ impl SeccompPolicy {
             Sysno::brk,
             Sysno::munmap,
             Sysno::mremap,
-            Sysno::madvise,
             Sysno::futex,
             Sysno::sched_yield,
             Sysno::getrandom,
@@ -211,6 +256,21 @@ impl SeccompPolicy {
     /// `enforce` kills the whole process on a syscall outside the policy;
     /// `log` allows and logs it (for writing a policy); `off` produces no
     /// program at all and must have been asked for explicitly.
+    ///
+    /// Why `SECCOMP_RET_KILL_PROCESS` and not `SECCOMP_RET_TRAP` with a
+    /// SIGSYS handler that names the syscall on stderr: with TRAP the
+    /// kernel only *delivers* SIGSYS, and a hostile helper can make that
+    /// delivery fail. Blocking or ignoring SIGSYS does not help it
+    /// (`force_sig_info_to_task` resets a blocked or ignored forced signal
+    /// to `SIG_DFL` and unblocks it), but a forbidden syscall made with the
+    /// stack pointer on unmapped memory makes the signal frame unwritable,
+    /// and `signal_setup_done` then calls `force_sigsegv`, which sends a
+    /// plain SIGSEGV that the helper's own SIGSEGV handler on an alternate
+    /// stack (`rt_sigaction` and `sigaltstack` are allowed, for `abort`)
+    /// catches: the helper lives on after a forbidden syscall (which did
+    /// not run) and can probe the policy. KILL_PROCESS ends the process in
+    /// the kernel, whatever the helper set up, so every forbidden syscall
+    /// ends it by SIGSYS.
     pub fn compile(&self, mode: SeccompMode) -> Result<Filter, PolicyError> {
         if self.rules.is_empty() {
             return Err(PolicyError::Empty);
@@ -294,6 +354,79 @@ mod tests {
         assert!(!policy.allows(Sysno::socket));
         assert!(!policy.allows(Sysno::clone));
         assert!(!policy.allows(Sysno::execve));
+    }
+
+    /// The rules of `sysno`, as one `Debug` string per rule (seccompiler's
+    /// rules and conditions have no accessors but `Debug`).
+    fn rules_of(policy: &SeccompPolicy, sysno: Sysno) -> Vec<String> {
+        policy
+            .rules
+            .get(&i64::from(sysno.id()))
+            .expect("allowed in some form")
+            .iter()
+            .map(|rule| format!("{rule:?}"))
+            .collect()
+    }
+
+    #[test]
+    fn mmap_needs_no_exec_and_no_locked_or_hugetlb_in_one_rule() {
+        let policy = SeccompPolicy::helper_default().expect("default policy");
+        let expected = format!(
+            "{:?}",
+            rule(vec![
+                cond(2, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0).expect("cond"),
+                cond(
+                    3,
+                    SeccompCmpOp::MaskedEq((libc::MAP_LOCKED | libc::MAP_HUGETLB) as u64),
+                    0
+                )
+                .expect("cond"),
+            ])
+            .expect("rule")
+        );
+        assert_eq!(rules_of(&policy, Sysno::mmap), vec![expected]);
+        // mprotect keeps its single PROT_EXEC rule.
+        assert_eq!(rules_of(&policy, Sysno::mprotect).len(), 1);
+    }
+
+    #[test]
+    fn madvise_allows_only_the_listed_advice() {
+        let policy = SeccompPolicy::helper_default().expect("default policy");
+        let rules = rules_of(&policy, Sysno::madvise);
+        let one = |advice: i32| {
+            format!(
+                "{:?}",
+                rule(vec![
+                    cond(2, SeccompCmpOp::Eq, advice as u64).expect("cond")
+                ])
+                .expect("rule")
+            )
+        };
+        assert_eq!(rules.len(), MADVISE_ALLOWED.len());
+        for advice in [
+            libc::MADV_NORMAL,
+            libc::MADV_DONTNEED,
+            libc::MADV_FREE,
+            libc::MADV_HUGEPAGE,
+            libc::MADV_DONTDUMP,
+        ] {
+            assert!(rules.contains(&one(advice)), "advice {advice} allowed");
+        }
+        for advice in [
+            libc::MADV_HWPOISON,
+            libc::MADV_SOFT_OFFLINE,
+            libc::MADV_MERGEABLE,
+            libc::MADV_REMOVE,
+            libc::MADV_DONTFORK,
+            libc::MADV_WIPEONFORK,
+        ] {
+            assert!(!rules.contains(&one(advice)), "advice {advice} refused");
+        }
+        let mut policy = policy;
+        assert!(matches!(
+            policy.allow_name("madvise"),
+            Err(PolicyError::WouldWiden(_))
+        ));
     }
 
     #[test]

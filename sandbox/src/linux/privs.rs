@@ -1,0 +1,155 @@
+//! Capabilities and the user and group the helper runs as.
+//!
+//! The order matters, because each step needs a capability a later one
+//! removes: dropping the bounding set needs `CAP_SETPCAP`, `setgroups`,
+//! `setgid` and `setuid` need `CAP_SETGID` and `CAP_SETUID`. So:
+//!
+//! 1. [`drop_bounding_and_ambient`]: the ambient set always, the bounding set
+//!    when this process holds `CAP_SETPCAP` in its effective set;
+//! 2. [`switch_user`] (optional): `setgroups([])`, `setresgid`, `setresuid`;
+//! 3. [`clear_capabilities`]: effective, inheritable and permitted emptied.
+//!
+//! Then no_new_privs, rlimits and the seccomp filter, as before.
+
+use caps::errors::CapsError;
+use caps::{CapSet, Capability};
+use nix::errno::Errno;
+use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
+use thiserror::Error;
+
+/// A capability set could not be changed.
+#[derive(Debug, Error)]
+#[error("clearing the {set} capability set failed: {source}")]
+pub struct CapabilityError {
+    /// Which set (`ambient`, `bounding`, `effective`, ...).
+    pub set: &'static str,
+    /// The error from the `caps` crate.
+    #[source]
+    pub source: CapsError,
+}
+
+/// The helper could not switch to the configured user or group.
+#[derive(Debug, Error)]
+#[error("{call}({id}) failed: {source}")]
+pub struct SwitchUserError {
+    /// The call that failed (`setgroups`, `setresgid`, `setresuid`).
+    pub call: &'static str,
+    /// The id it was asked to set (0 for `setgroups([])`).
+    pub id: u32,
+    /// The error.
+    #[source]
+    pub source: Errno,
+}
+
+/// What [`drop_bounding_and_ambient`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BoundingReport {
+    /// The bounding set is now empty (checked with `PR_CAPBSET_READ` after
+    /// the drop). `false` when the process lacked `CAP_SETPCAP` to drop it.
+    pub bounding_cleared: bool,
+}
+
+/// Clears the ambient capability set and, if this process holds
+/// `CAP_SETPCAP` in its effective set (a root helper does), empties the
+/// bounding set, so no later exec could ever regain a capability.
+///
+/// A process without `CAP_SETPCAP` (a helper started by a non-root host)
+/// cannot shrink its bounding set; that is not an error: the report says
+/// so, the Hello carries it, and the host requires an empty bounding set
+/// only when its helpers can drop it. Such a helper has no permitted
+/// capabilities anyway, and no_new_privs keeps an exec from gaining any.
+///
+/// # References
+/// - <https://man7.org/linux/man-pages/man7/capabilities.7.html>
+/// - <https://man7.org/linux/man-pages/man2/pr_capbset_drop.2const.html>
+pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
+    caps::clear(None, CapSet::Ambient).map_err(|source| CapabilityError {
+        set: "ambient",
+        source,
+    })?;
+    let can_drop =
+        caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(|source| {
+            CapabilityError {
+                set: "effective",
+                source,
+            }
+        })?;
+    if can_drop {
+        caps::clear(None, CapSet::Bounding).map_err(|source| CapabilityError {
+            set: "bounding",
+            source,
+        })?;
+    }
+    let left = caps::read(None, CapSet::Bounding).map_err(|source| CapabilityError {
+        set: "bounding",
+        source,
+    })?;
+    Ok(BoundingReport {
+        bounding_cleared: left.is_empty(),
+    })
+}
+
+/// Switches the process to `uid` and `gid` (real, effective, saved, and with
+/// them the filesystem ids), with no supplementary groups. `None` leaves
+/// that id as it is; with a `gid` the supplementary groups are cleared too.
+/// Needs `CAP_SETGID` / `CAP_SETUID`: call it after
+/// [`drop_bounding_and_ambient`] and before [`clear_capabilities`].
+///
+/// Changing the uid away from 0 also empties the permitted and effective
+/// sets (the kernel's rule without `SECBIT_KEEP_CAPS`);
+/// [`clear_capabilities`] makes that explicit whatever the ids.
+///
+/// # References
+/// - <https://man7.org/linux/man-pages/man2/setresuid.2.html>
+/// - <https://man7.org/linux/man-pages/man2/setgroups.2.html>
+pub fn switch_user(uid: Option<u32>, gid: Option<u32>) -> Result<(), SwitchUserError> {
+    if let Some(gid) = gid {
+        setgroups(&[]).map_err(|source| SwitchUserError {
+            call: "setgroups",
+            id: 0,
+            source,
+        })?;
+        let id = Gid::from_raw(gid);
+        setresgid(id, id, id).map_err(|source| SwitchUserError {
+            call: "setresgid",
+            id: gid,
+            source,
+        })?;
+    }
+    if let Some(uid) = uid {
+        let id = Uid::from_raw(uid);
+        setresuid(id, id, id).map_err(|source| SwitchUserError {
+            call: "setresuid",
+            id: uid,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// Empties the effective, inheritable and permitted capability sets (in
+/// that order: the effective set must stay within the permitted one). The
+/// ambient set was cleared by [`drop_bounding_and_ambient`]; with all four
+/// empty, the process holds no capability at all.
+pub fn clear_capabilities() -> Result<(), CapabilityError> {
+    for (set, name) in [
+        (CapSet::Effective, "effective"),
+        (CapSet::Inheritable, "inheritable"),
+        (CapSet::Permitted, "permitted"),
+    ] {
+        caps::clear(None, set).map_err(|source| CapabilityError { set: name, source })?;
+    }
+    Ok(())
+}
+
+/// The real uid of this process (after [`switch_user`], all four uids are
+/// this one). The helper reports it in its Hello.
+pub fn current_uid() -> u32 {
+    nix::unistd::getuid().as_raw()
+}
+
+/// The real gid of this process (after [`switch_user`], all four gids are
+/// this one). The helper reports it in its Hello.
+pub fn current_gid() -> u32 {
+    nix::unistd::getgid().as_raw()
+}
