@@ -8,7 +8,7 @@
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
-//!   `output-before-bind`, `spin-when-idle`, `keep-caps`, `corpus:<case>`).
+//!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
@@ -318,6 +318,19 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
         let bytes = match misbehave {
             "skip-seccomp" | "lie-seccomp" | "output-before-bind" | "keep-caps" => {
                 reply(Kind::Response, id, &payload)
+            }
+            "spin-after-reply" => {
+                // Answers, then burns 350 ms of CPU before it reads the
+                // next request: idle CPU that a caller calling every
+                // 400 ms never sees as a hang.
+                session
+                    .send_raw(&reply(Kind::Response, id, &payload))
+                    .map_err(|e| e.to_string())?;
+                let until = std::time::Instant::now() + Duration::from_millis(350);
+                while std::time::Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+                continue;
             }
             "spin-when-idle" => {
                 // Answers, then burns the CPU with no call owed.

@@ -83,6 +83,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "region-other-window",
     "output-before-bind",
     "spin-when-idle",
+    "spin-after-reply",
     "keep-caps",
     "corpus:<case name>",
 ];

@@ -753,15 +753,18 @@ pub struct Config {
     /// Resident memory of all the pool's helpers together. Over it, idle
     /// helpers are evicted, least recently used first (at each sample and
     /// before any launch), and no spare is launched; busy helpers are never
-    /// evicted for it. Default `"auto"`: half of the host's memory (the
+    /// evicted for it, and while the busy ones alone exceed it nothing is
+    /// evicted for it (that could not reach it). Default `"auto"`: half of the host's memory (the
     /// smaller of `MemTotal` and the cgroup's `memory.max`); a size; or
     /// `"unlimited"`.
     pub memory_budget: MemoryBudget,
-    /// CPU time a helper with no call owed may use (measured from the first
-    /// sample after its last reply); over it the helper is killed (cause
-    /// `idle_cpu`) and counts toward its tenant's back-off. A helper that
-    /// spins after answering is killed within about two `sample_interval`s
-    /// plus this. Default 500 ms; `"unlimited"` turns it off.
+    /// CPU time a helper may use beyond the wall time it owed replies
+    /// (idle CPU: what it burns with no call to work on), summed from the
+    /// keeper's sample interval of its last reply on; over it the helper is
+    /// killed (cause `idle_cpu`) and counts toward its tenant's back-off. A
+    /// helper that spins after answering is killed within about one or two
+    /// `sample_interval`s plus this, however often it is called. Default
+    /// 500 ms; `"unlimited"` turns it off.
     pub max_idle_cpu: TimeLimit,
     /// How often the keeper samples every helper's memory and CPU time
     /// (one read of `/proc/PID/stat` each). 10 ms to 1 min; default 1 s.

@@ -418,8 +418,9 @@ pub enum Limit {
         /// The limit.
         max: u64,
     },
-    /// `max_idle_cpu`: with no call owed, the helper used this much CPU
-    /// time since the first sample after its last reply.
+    /// `max_idle_cpu`: the helper used this much CPU time beyond the wall
+    /// time it owed replies, summed from the keeper's sample interval of
+    /// its last reply on.
     IdleCpu {
         /// CPU time used while idle.
         used: Duration,

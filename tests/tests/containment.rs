@@ -35,7 +35,10 @@ fn bystanders(pool: Option<&Arc<Pool>>) -> (Bystanders, Arc<Pool>) {
 }
 
 fn finish((bystanders, _pool): (Bystanders, Arc<Pool>)) {
-    assert!(bystanders.calls() > 0, "bystanders made calls");
+    assert!(
+        wait_for(Duration::from_secs(10), || bystanders.calls() > 0),
+        "bystanders made calls"
+    );
     let failures = bystanders.finish();
     assert!(failures.is_empty(), "bystander calls failed: {failures:?}");
 }
@@ -230,6 +233,107 @@ fn a_helper_that_spins_after_replying_is_killed_and_backed_off_on_repetition() {
     drop(pool);
     finish(bystanders);
     assert!(wait_for(Duration::from_secs(5), || children().len() == before));
+}
+
+#[test]
+fn a_helper_that_spins_after_every_reply_is_caught_however_often_it_is_called() {
+    let _serial = serial();
+    let mut cfg = pool_config(&["--misbehave", "spin-after-reply"]);
+    cfg.spares = 0;
+    cfg.max_idle_cpu = TimeLimit::Time(Duration::from_millis(200));
+    // Calls come more often than samples: no two samples ever see the same
+    // call count, yet the CPU it burns between calls is idle CPU.
+    cfg.sample_interval = Duration::from_millis(500);
+    let pool = Pool::new(cfg).unwrap();
+    let started = Instant::now();
+    let mut killed = false;
+    while started.elapsed() < Duration::from_secs(20) {
+        match pool.call("spinner", &request(OP_ECHO, b"x")) {
+            Ok(_) => {}
+            Err(CallError::LimitExceeded {
+                limit: Limit::IdleCpu { used, max },
+                ..
+            }) => {
+                assert!(used > max);
+                killed = true;
+            }
+            Err(CallError::NotSent { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+        if pool.stats().failures.idle_cpu > 0 {
+            killed = true;
+        }
+        if killed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    assert!(killed, "never judged: {:?}", pool.stats());
+}
+
+#[test]
+fn a_busy_tenant_over_the_budget_does_not_churn_the_others() {
+    let _serial = serial();
+    let mut cfg = pool_config(&["--test-ops"]);
+    cfg.spares = 0;
+    cfg.memory_budget = MemoryBudget::Bytes(ByteSize::mib(64));
+    cfg.sample_interval = Duration::from_millis(50);
+    let pool = Arc::new(Pool::new(cfg).unwrap());
+    pool.call("hog", &grow_request(80)).unwrap();
+    // Kept busy: nothing can evict it, and evicting the others would not
+    // bring the pool under the budget.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..2)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    pool.call("hog", &sleep_request(300, b"z")).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in 0..4 {
+        pool.call(format!("small-{t}"), &request(OP_ECHO, b"x"))
+            .unwrap();
+    }
+    let pids: Vec<u32> = (0..4)
+        .map(|t| pid_of(&pool, &format!("small-{t}")))
+        .collect();
+    for _ in 0..20 {
+        for t in 0..4 {
+            pool.call(format!("small-{t}"), &request(OP_ECHO, b"x"))
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let after: Vec<u32> = (0..4)
+        .map(|t| pid_of(&pool, &format!("small-{t}")))
+        .collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().unwrap();
+    }
+    assert_eq!(pids, after, "the small tenants kept their helpers");
+    assert_eq!(pool.stats().evicted_memory_budget, 0, "{:?}", pool.stats());
+}
+
+#[test]
+fn spares_killed_for_their_limits_are_counted_and_refills_back_off() {
+    let _serial = serial();
+    let mut cfg = pool_config(&["--misbehave", "spin-when-idle"]);
+    cfg.spares = 1;
+    cfg.warmup_request = Some(request(OP_ECHO, b"warm"));
+    cfg.max_idle_cpu = TimeLimit::Time(Duration::from_millis(100));
+    cfg.sample_interval = Duration::from_millis(50);
+    let pool = Pool::new(cfg).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let stats = pool.stats();
+    assert!(stats.failures.idle_cpu >= 2, "{stats:?}");
+    // Refills wait 100 ms, 200 ms, 400 ms, ... after each kill: in 3 s,
+    // without the back-off, one launch every two samples (about 30).
+    assert!(stats.launches <= 10, "{stats:?}");
+    assert_eq!(stats.backoffs_engaged, 0, "no tenant was charged");
 }
 
 #[test]

@@ -660,7 +660,6 @@ impl Conn {
         Err(err)
     }
 
-    /// Queues a control frame (Bind): no table entry, no reply.
     /// Whether a helper that owes nothing has written to its stdout or
     /// exited (without blocking): the error to retire it with.
     fn unbound_problem(&self) -> Option<CallError> {
@@ -689,6 +688,7 @@ impl Conn {
         None
     }
 
+    /// Queues a control frame (Bind): no table entry, no reply.
     pub(super) fn send_control(&self, kind: Kind, payload: &[u8]) -> Result<(), CallError> {
         let mut st = self.state.lock();
         if !matches!(st.health, Health::Serving) {

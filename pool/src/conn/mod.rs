@@ -338,23 +338,27 @@ pub struct Helper {
 pub(crate) struct Usage {
     /// Resident bytes at the last sample (0 before the first).
     pub(crate) resident: AtomicU64,
-    /// CPU time (ns) at the first sample of the current idle stretch, or
-    /// `NO_BASE` while a call is owed or no idle sample was taken yet.
-    pub(crate) idle_base: AtomicU64,
-    /// `calls()` when `idle_base` was taken: a call answered since then
-    /// starts a new idle stretch.
-    pub(crate) calls_at_base: AtomicU64,
+    /// CPU time (ns) at the last sample, or `NO_BASE` before the first.
+    pub(crate) last_cpu: AtomicU64,
+    /// Owed time (ns, see [`Helper::owed_time`]) at the last sample.
+    pub(crate) last_owed: AtomicU64,
+    /// Idle CPU (ns) summed since the first sample after the last reply.
+    pub(crate) idle_cpu: AtomicU64,
+    /// `calls()` at the last sample: a reply since starts a new stretch.
+    pub(crate) last_calls: AtomicU64,
 }
 
-/// `Usage::idle_base` when there is none.
+/// `Usage::last_cpu` before the first sample.
 pub(crate) const NO_BASE: u64 = u64::MAX;
 
 impl Usage {
     fn new() -> Usage {
         Usage {
             resident: AtomicU64::new(0),
-            idle_base: AtomicU64::new(NO_BASE),
-            calls_at_base: AtomicU64::new(0),
+            last_cpu: AtomicU64::new(NO_BASE),
+            last_owed: AtomicU64::new(0),
+            idle_cpu: AtomicU64::new(0),
+            last_calls: AtomicU64::new(0),
         }
     }
 }
@@ -624,6 +628,12 @@ impl Helper {
     pub(crate) fn fds_closed_probe(&self) -> impl Fn() -> bool + use<> {
         let conn = Arc::downgrade(&self.conn);
         move || conn.strong_count() == 0
+    }
+
+    /// Wall time during which at least one reply was owed by this helper,
+    /// over its life.
+    pub(crate) fn owed_time(&self) -> Duration {
+        self.conn.state.lock().table.owed_time(Instant::now())
     }
 
     /// Retires the helper with `error` (a resource limit the keeper saw it

@@ -56,6 +56,11 @@ pub(crate) struct CallTable<C> {
     entries: VecDeque<Entry<C>>,
     capacity: usize,
     abandoned: usize,
+    /// Since when something has been owed (the table is not empty).
+    owed_since: Option<Instant>,
+    /// Time something was owed, summed over the table's life up to
+    /// `owed_since`: the wall time the helper may have spent on calls.
+    owed_total: std::time::Duration,
 }
 
 impl<C> CallTable<C> {
@@ -64,7 +69,19 @@ impl<C> CallTable<C> {
             entries: VecDeque::with_capacity(capacity),
             capacity,
             abandoned: 0,
+            owed_since: None,
+            owed_total: std::time::Duration::ZERO,
         }
+    }
+
+    /// Wall time during which at least one reply was owed, up to `now`: a
+    /// single-threaded helper can have spent at most this much CPU time on
+    /// calls (the keeper counts the rest as idle CPU).
+    pub(crate) fn owed_time(&self, now: Instant) -> std::time::Duration {
+        self.owed_total
+            + self.owed_since.map_or(std::time::Duration::ZERO, |since| {
+                now.saturating_duration_since(since)
+            })
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -102,9 +119,14 @@ impl<C> CallTable<C> {
         }
     }
 
-    fn left(&mut self, entry: &Entry<C>) {
+    fn left(&mut self, entry: &Entry<C>, now: Instant) {
         if entry.abandoned {
             self.abandoned -= 1;
+        }
+        if self.entries.is_empty() {
+            if let Some(since) = self.owed_since.take() {
+                self.owed_total += now.saturating_duration_since(since);
+            }
         }
     }
 
@@ -129,6 +151,7 @@ impl<C> CallTable<C> {
         completion: C,
     ) {
         let turn = self.entries.is_empty().then_some(now);
+        self.owed_since.get_or_insert(now);
         self.entries.push_back(Entry {
             id,
             deadline,
@@ -144,7 +167,7 @@ impl<C> CallTable<C> {
     /// table and the next request's turn begins.
     pub(crate) fn pop_front(&mut self, now: Instant) -> Option<Entry<C>> {
         let entry = self.entries.pop_front()?;
-        self.left(&entry);
+        self.left(&entry, now);
         if let Some(next) = self.entries.front_mut() {
             next.turn.get_or_insert(now);
         }
@@ -157,7 +180,7 @@ impl<C> CallTable<C> {
     pub(crate) fn remove(&mut self, id: u64, now: Instant) -> Option<Entry<C>> {
         let at = self.entries.iter().position(|entry| entry.id == id)?;
         let entry = self.entries.remove(at)?;
-        self.left(&entry);
+        self.left(&entry, now);
         if at == 0 {
             if let Some(next) = self.entries.front_mut() {
                 next.turn.get_or_insert(now);
@@ -184,6 +207,9 @@ impl<C> CallTable<C> {
     /// Empties the table (the helper failed or closed), oldest first.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = Entry<C>> + '_ {
         self.abandoned = 0;
+        if let Some(since) = self.owed_since.take() {
+            self.owed_total += since.elapsed();
+        }
         self.entries.drain(..)
     }
 }
@@ -224,6 +250,25 @@ mod tests {
     use std::time::Duration;
 
     use proptest::prelude::*;
+
+    #[test]
+    fn owed_time_counts_the_wall_time_anything_was_owed() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut table: CallTable<()> = CallTable::new(4);
+        assert_eq!(table.owed_time(at(5)), Duration::ZERO);
+        table.push(1, at(1000), at(10), None, ());
+        table.push(2, at(1000), at(15), None, ());
+        assert_eq!(table.owed_time(at(20)), Duration::from_millis(10));
+        table.pop_front(at(30));
+        // Still owed: the second reply.
+        assert_eq!(table.owed_time(at(40)), Duration::from_millis(30));
+        table.pop_front(at(50));
+        assert_eq!(table.owed_time(at(90)), Duration::from_millis(40));
+        table.push(3, at(1000), at(100), None, ());
+        table.remove(3, at(105));
+        assert_eq!(table.owed_time(at(200)), Duration::from_millis(45));
+    }
 
     use super::*;
 

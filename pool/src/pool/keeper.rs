@@ -143,22 +143,26 @@ impl Shared {
                 // idle helper makes room: it would be the next one evicted by
                 // a cold tenant anyway, and this way the eviction and the
                 // launch happen here, off the call path.
-                // Over the memory budget, a spare is launched only in the
-                // place of an idle helper.
+                // Over the memory budget no spare is launched (an idle
+                // tenant's helper is worth more than a spare), and after
+                // spares were killed for their limits refills wait.
                 if state.shut
                     || state.spares.len() >= self.config.spares
-                    || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
                     || self.over_budget()
-                        && self
-                            .evict_lru(&mut state, CloseCause::MemoryBudget)
-                            .is_none()
+                    || self.spare_refills_wait()
+                    || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
                 {
                     return true;
                 }
                 state.launching += 1;
             }
             let warmed = guarded(|| {
-                let helper = self.launch_relieved(deadline_after(self.config.spawn_timeout))?;
+                // Never relieved by an eviction: a spare is not worth a
+                // tenant's helper; under host pressure the refill waits.
+                let helper = self
+                    .launcher
+                    .launch()
+                    .map_err(|err| CallError::Launch(Arc::new(err)))?;
                 self.warm_up(helper)
                     .map_err(|err| CallError::Launch(Arc::new(err)))
             });

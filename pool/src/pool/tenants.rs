@@ -8,7 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -121,6 +121,13 @@ pub(super) struct Shared {
     /// Resident bytes of all live helpers at the last sample, less what
     /// was evicted since.
     pub(super) resident_total: AtomicU64,
+    /// Whether the busy helpers alone fit the memory budget at the last
+    /// sample (else evicting idle ones cannot reach it).
+    pub(super) budget_reachable: AtomicBool,
+    /// Spares killed for a resource limit in a row, and until when spare
+    /// refills wait (crash_backoff, doubling); cleared when a spare is
+    /// bound.
+    pub(super) spare_strikes: Mutex<(u32, Option<Instant>)>,
 }
 
 /// Counts of helpers by state, from one pass over the tenants.
@@ -248,6 +255,8 @@ impl Shared {
             telemetry,
             limits,
             resident_total: AtomicU64::new(0),
+            budget_reachable: AtomicBool::new(true),
+            spare_strikes: Mutex::new((0, None)),
         }
     }
 
@@ -542,6 +551,7 @@ impl Shared {
     ) -> Option<InUse> {
         match spare.bind(tenant) {
             Ok(()) => {
+                *self.spare_strikes.lock() = (0, None);
                 self.telemetry.spare_hit(started.elapsed());
                 self.install(state, tenant, spare).ok()
             }

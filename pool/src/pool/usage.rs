@@ -69,13 +69,36 @@ fn host_memory() -> Result<u64, ConfigError> {
     Ok(cgroup_memory_max().map_or(total, |max| max.min(total)))
 }
 
-/// `memory.max` of this process's cgroup (v2), if there is one and it is a
-/// number (not `max`).
+/// The smallest memory limit on this process's cgroup or any ancestor:
+/// cgroup v2 `memory.max` (from the unified hierarchy's path up to its
+/// root), or cgroup v1 `memory.limit_in_bytes` of the memory controller.
+/// `None` where no limit is set or none can be read.
 fn cgroup_memory_max() -> Option<u64> {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").ok()?;
-    let path = cgroups.lines().find_map(|line| line.strip_prefix("0::"))?;
-    let max = std::fs::read_to_string(format!("/sys/fs/cgroup{path}/memory.max")).ok()?;
-    max.trim().parse().ok()
+    let read =
+        |path: &str| -> Option<u64> { std::fs::read_to_string(path).ok()?.trim().parse().ok() };
+    let mut limits = Vec::new();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (root, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(path);
+        loop {
+            let at = format!("{root}{}/{file}", dir.display());
+            limits.extend(read(&at));
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+    // cgroup v1 reports "no limit" as a huge page-rounded number.
+    limits.into_iter().filter(|limit| *limit < (1 << 60)).min()
 }
 
 /// Host fds each live helper holds: its stdin, stdout and stderr pipe ends
@@ -87,8 +110,8 @@ pub(super) const HOST_FDS_PER_HELPER: u64 = 4;
 pub(super) const HOST_FD_HEADROOM: u64 = 256;
 
 /// Checks that `max_helpers` helpers fit under `RLIMIT_NOFILE`: raises the
-/// soft limit to the hard one if that is enough (and logs it), else refuses
-/// the configuration, naming `max_helpers` and the numbers.
+/// soft limit to the hard one if that is enough (and logs it),
+/// else refuses the configuration, naming `max_helpers` and the numbers.
 pub(super) fn ensure_fd_budget(max_helpers: usize) -> Result<(), ConfigError> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let need = (max_helpers as u64)
@@ -109,6 +132,11 @@ pub(super) fn ensure_fd_budget(max_helpers: usize) -> Result<(), ConfigError> {
             ),
         ));
     }
+    // To the hard limit, not just to `need`: a helper's fds close a moment
+    // after it is reaped (when the reactor lets go of it), so under churn
+    // more are open than the live count says; and the host's own code
+    // grows too. (Children inherit the raised soft limit; `select()` breaks
+    // past fd 1024 whatever the limit, once that many are open.)
     let raised = rustix::process::Rlimit {
         current: limit.maximum,
         maximum: limit.maximum,
@@ -205,11 +233,13 @@ pub(super) struct Scratch {
 
 impl Shared {
     /// Whether the helpers' memory at the last sample is at or over the
-    /// budget.
+    /// budget, and evicting idle helpers can bring it under.
     pub(super) fn over_budget(&self) -> bool {
-        self.limits
-            .budget
-            .is_some_and(|budget| self.resident_total.load(Ordering::Relaxed) >= budget)
+        self.budget_reachable.load(Ordering::Relaxed)
+            && self
+                .limits
+                .budget
+                .is_some_and(|budget| self.resident_total.load(Ordering::Relaxed) >= budget)
     }
 
     /// Samples every live helper, kills those over a limit, and evicts idle
@@ -240,11 +270,20 @@ impl Shared {
             if helper.is_retired() {
                 continue;
             }
+            let busy = !helper.is_unused();
             let Some(stat) = sampler.read(helper.pid()) else {
+                // Unreadable (e.g. the host is out of fds): its last sample
+                // still counts toward the budget, so the limits do not go
+                // blind under host pressure.
+                let resident = helper.usage.resident.load(Ordering::Relaxed);
+                match (spare, busy) {
+                    (true, _) => memory.spare += resident,
+                    (false, true) => memory.busy += resident,
+                    (false, false) => memory.idle += resident,
+                }
                 continue;
             };
-            let busy = !helper.is_unused();
-            if let Some(limit) = self.judge(helper, stat, busy) {
+            if let Some(limit) = self.judge(helper, stat, sampler.tick_ns) {
                 let error = CallError::LimitExceeded {
                     pid: helper.pid(),
                     limit,
@@ -267,7 +306,16 @@ impl Shared {
             }
         }
         let mut total = memory.total();
-        let over = self.limits.budget.is_some_and(|budget| total > budget);
+        // Evictions help only if the busy helpers alone fit the budget:
+        // past that, evicting every idle helper would not get under it (a
+        // busy hog is max_helper_memory's to judge), and the pool keeps
+        // its idle helpers rather than churn them.
+        let reachable = self
+            .limits
+            .budget
+            .is_some_and(|budget| memory.busy <= budget);
+        self.budget_reachable.store(reachable, Ordering::Relaxed);
+        let over = reachable && self.limits.budget.is_some_and(|budget| total > budget);
         if !scratch.killed.is_empty() || over {
             let mut state = self.state.lock();
             for helper in scratch.killed.drain(..) {
@@ -289,8 +337,17 @@ impl Shared {
     }
 
     /// The limit `helper` is over at this sample, if any; keeps its idle
-    /// CPU baseline.
-    fn judge(&self, helper: &Helper, stat: ProcStat, busy: bool) -> Option<Limit> {
+    /// CPU account.
+    ///
+    /// Idle CPU is measured, not guessed from samples that happen to fall
+    /// between calls: over each interval it is the helper's CPU time less
+    /// the wall time during which a reply was owed (a single-threaded
+    /// helper cannot spend more CPU than that on calls), less one clock
+    /// tick of rounding. It is summed over the intervals since the last
+    /// reply (a reply halves the sum), so a helper that spins after every
+    /// reply is caught however often it is called, and one that spins
+    /// slowly over several intervals.
+    fn judge(&self, helper: &Helper, stat: ProcStat, tick_ns: u64) -> Option<Limit> {
         if let Some(max) = self.limits.max_memory {
             if stat.resident > max {
                 return Some(Limit::Memory {
@@ -300,20 +357,33 @@ impl Shared {
             }
         }
         let usage = &helper.usage;
-        if busy {
-            usage.idle_base.store(NO_BASE, Ordering::Relaxed);
-            return None;
-        }
+        let owed = u64::try_from(helper.owed_time().as_nanos()).unwrap_or(u64::MAX);
         let calls = helper.calls();
-        let base = usage.idle_base.load(Ordering::Relaxed);
-        if base == NO_BASE || usage.calls_at_base.load(Ordering::Relaxed) != calls {
-            // A new idle stretch: it starts at this sample.
-            usage.idle_base.store(stat.cpu_ns, Ordering::Relaxed);
-            usage.calls_at_base.store(calls, Ordering::Relaxed);
+        let last_cpu = usage.last_cpu.swap(stat.cpu_ns, Ordering::Relaxed);
+        let last_owed = usage.last_owed.swap(owed, Ordering::Relaxed);
+        let last_calls = usage.last_calls.swap(calls, Ordering::Relaxed);
+        if last_cpu == NO_BASE {
             return None;
         }
+        let idle = stat
+            .cpu_ns
+            .saturating_sub(last_cpu)
+            .saturating_sub(owed.saturating_sub(last_owed))
+            .saturating_sub(tick_ns);
+        // Within a stretch with no reply the idle CPU adds up; a reply
+        // halves what came before, so a helper that burns a steady share of
+        // a core between frequent replies converges to twice its burn per
+        // interval and is caught once that passes the limit (a quarter of a
+        // core at the defaults), while a quiet helper stays at zero.
+        let before = usage.idle_cpu.load(Ordering::Relaxed);
+        let total = if calls == last_calls {
+            before.saturating_add(idle)
+        } else {
+            (before / 2).saturating_add(idle)
+        };
+        usage.idle_cpu.store(total, Ordering::Relaxed);
         let max = self.limits.max_idle_cpu?;
-        let used = Duration::from_nanos(stat.cpu_ns.saturating_sub(base));
+        let used = Duration::from_nanos(total);
         (used > max).then_some(Limit::IdleCpu { used, max })
     }
 
@@ -327,7 +397,14 @@ impl Shared {
         pending: &mut Vec<(Arc<Helper>, CloseCause)>,
     ) {
         if let Some(at) = state.spares.iter().position(|h| Arc::ptr_eq(h, &helper)) {
+            // Charged to no tenant, but counted, and spare refills back off
+            // (a program that misbehaves before any bind would otherwise be
+            // relaunched at every sample).
             state.spares.remove(at);
+            if let Some(err) = helper.failure() {
+                self.telemetry.failure(&err);
+            }
+            self.spare_killed();
         } else {
             let tenant = state
                 .tenants
@@ -346,6 +423,27 @@ impl Shared {
         state.closing += 1;
         pending.push((helper, CloseCause::Failed));
         self.notify_changed();
+    }
+
+    /// A spare was killed for a limit: spare refills wait, doubling from
+    /// `crash_backoff.initial` up to its `max`.
+    fn spare_killed(&self) {
+        let mut strikes = self.spare_strikes.lock();
+        strikes.0 = strikes.0.saturating_add(1);
+        let delay = self
+            .config
+            .crash_backoff
+            .delay(strikes.0.saturating_add(1))
+            .unwrap_or(self.config.crash_backoff.initial);
+        strikes.1 = Some(std::time::Instant::now() + delay);
+    }
+
+    /// Whether spare refills wait, after spares were killed.
+    pub(super) fn spare_refills_wait(&self) -> bool {
+        self.spare_strikes
+            .lock()
+            .1
+            .is_some_and(|until| std::time::Instant::now() < until)
     }
 
     /// Evicts the least recently used idle helper (or else the oldest
