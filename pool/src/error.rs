@@ -507,7 +507,7 @@ pub enum CallError {
         after: Duration,
     },
     /// The helper died during the call.
-    #[error("helper pid {pid} {status}{}", stderr_suffix(.stderr))]
+    #[error("helper pid {pid} {status}{}{}", .syscall.as_ref().map(|name| format!(" (the kernel logged: {name})")).unwrap_or_default(), stderr_suffix(.stderr))]
     Died {
         /// The helper's pid.
         pid: u32,
@@ -515,6 +515,11 @@ pub enum CallError {
         status: ExitStatus,
         /// The end of its stderr.
         stderr: String,
+        /// For a seccomp kill, the syscall it was killed for, as the
+        /// kernel's audit record in the kernel log names it (read from
+        /// `/dev/kmsg`, which needs root or CAP_SYSLOG; `None` where that
+        /// cannot be read). The kernel's word, not the helper's.
+        syscall: Option<String>,
     },
     /// The helper broke the protocol; it was killed.
     #[error("helper pid {pid} broke the protocol: {violation}; helper killed")]

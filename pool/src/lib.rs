@@ -22,6 +22,7 @@
 mod config;
 mod conn;
 mod error;
+mod kernel_log;
 mod launch;
 mod pool;
 mod reactor;

@@ -314,6 +314,48 @@ fn hostile_resource_matrix() {
     );
 }
 
+/// A seccomp kill names the syscall, from the kernel's audit record (read
+/// from /dev/kmsg: where this process cannot read it, the name is absent).
+#[test]
+fn a_seccomp_kill_names_the_syscall_from_the_kernel_log() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let readable = std::fs::File::open("/dev/kmsg").is_ok();
+    let mut config = pool_config(&["--test-ops"]);
+    config.spares = 0;
+    let pool = Pool::new(config).unwrap();
+    for (op, body, names) in [
+        (OP_OPEN, &b"/etc/passwd"[..], &["openat"][..]),
+        (OP_SOCKET, b"", &["socket"]),
+        (OP_PTRACE, b"", &["ptrace"]),
+        (OP_EXEC, b"", &["execve"]),
+        (OP_SPAWN, b"", &["clone3", "clone", "vfork"]),
+    ] {
+        // A tenant each: two kills in a row would back one off.
+        let err = pool
+            .call(format!("evil-{op}"), &request(op, body))
+            .unwrap_err();
+        let CallError::Died {
+            status, syscall, ..
+        } = &err
+        else {
+            panic!("op {op:#x}: {err:?}");
+        };
+        assert!(status.is_seccomp_kill(), "op {op:#x}: {err:?}");
+        if readable {
+            let name = syscall.as_deref().unwrap_or("none");
+            assert!(
+                names.contains(&name),
+                "op {op:#x}: named {name}, expected {names:?}"
+            );
+            assert!(err.to_string().contains(name), "{err}");
+        } else {
+            assert_eq!(syscall, &None);
+        }
+    }
+}
+
 /// The pipe inode behind each of a process's fds.
 fn pipes_of(pid: u32) -> Vec<String> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

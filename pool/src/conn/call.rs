@@ -673,10 +673,15 @@ impl Conn {
         }
         let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
         if ready(&fds[1]) {
+            let status = self.process.try_wait().unwrap_or(ExitStatus::Unknown);
             return Some(CallError::Died {
                 pid: self.pid,
-                status: self.process.try_wait().unwrap_or(ExitStatus::Unknown),
+                status,
                 stderr: self.stderr.tail(),
+                syscall: status
+                    .is_seccomp_kill()
+                    .then(|| crate::kernel_log::seccomp_kill_syscall(self.pid))
+                    .flatten(),
             });
         }
         if ready(&fds[0]) {

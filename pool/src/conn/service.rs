@@ -354,8 +354,12 @@ impl Conn {
         let error = match cause {
             Dying::Failed(error) => error,
             Dying::Exiting { .. } => {
+                let syscall = status
+                    .is_seccomp_kill()
+                    .then(|| crate::kernel_log::seccomp_kill_syscall(self.pid))
+                    .flatten();
                 if status.is_seccomp_kill() {
-                    debug!(pid = self.pid, "helper killed by seccomp");
+                    debug!(pid = self.pid, ?syscall, "helper killed by seccomp");
                 }
                 let stderr = self.stderr.tail();
                 match self.address_space {
@@ -368,6 +372,7 @@ impl Conn {
                         pid: self.pid,
                         status,
                         stderr,
+                        syscall,
                     },
                 }
             }
