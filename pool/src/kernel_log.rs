@@ -11,92 +11,56 @@
 //! audit: type=1326 ... pid=22906 comm="sandpool-helper" ... sig=31 arch=c000003e syscall=257 compat=0 ...
 //! ```
 //!
-//! The host reads `/dev/kmsg` (which needs root or CAP_SYSLOG, or
-//! `kernel.dmesg_restrict = 0`; where it cannot be opened, kills go unnamed)
-//! from where it stood when the first pool started, and keeps the last few
-//! hundred records of seccomp kills. The name comes from the kernel, not
-//! from the helper, so a hostile helper cannot forge it.
+//! The host reads `/dev/kmsg` when a helper was killed by SIGSYS (which
+//! needs root or CAP_SYSLOG, or `kernel.dmesg_restrict = 0`; where it cannot
+//! be opened, or the record has left the ring, the kill goes unnamed). The
+//! name comes from the kernel, not from the helper, so a hostile helper
+//! cannot forge it.
 
-use std::collections::VecDeque;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::sync::OnceLock;
-
-use parking_lot::Mutex;
-
-/// Seccomp kills kept, newest last.
-const KEPT: usize = 512;
-
-struct Reader {
-    file: std::fs::File,
-    /// (pid, syscall number) of recent native-architecture seccomp kills.
-    kills: VecDeque<(u32, u32)>,
-    buf: Box<[u8; 8192]>,
-}
-
-static READER: OnceLock<Option<Mutex<Reader>>> = OnceLock::new();
-
-/// Opens the kernel log at its end, once per process (`Pool::new` calls
-/// this so that only kills after it are read). Without access, nothing.
-pub(crate) fn start() {
-    READER.get_or_init(|| {
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
-            .open("/dev/kmsg")
-            .ok()?;
-        file.seek(SeekFrom::End(0)).ok()?;
-        Some(Mutex::new(Reader {
-            file,
-            kills: VecDeque::with_capacity(KEPT),
-            buf: Box::new([0; 8192]),
-        }))
-    });
-}
 
 /// The name of the syscall the kernel logged killing `pid` for, if the log
-/// is readable and has the record. Reads what is new in the log first.
+/// is readable and still holds the record.
+///
+/// Opens `/dev/kmsg` for this lookup alone (no fd is held between kills;
+/// a kill is rare and its caller is failing anyway), reads the ring from
+/// its oldest record to its newest, and takes the newest seccomp record of
+/// `pid`: the kill just reaped is later than any record of an earlier
+/// process that had the same pid.
 pub(crate) fn seccomp_kill_syscall(pid: u32) -> Option<String> {
-    let reader = READER.get()?.as_ref()?;
-    let mut reader = reader.lock();
-    reader.drain();
-    let nr = reader
-        .kills
-        .iter()
-        .rev()
-        .find(|(killed, _)| *killed == pid)
-        .map(|(_, nr)| *nr)?;
-    Some(syscall_name(nr))
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open("/dev/kmsg")
+        .ok()?;
+    let mut buf = vec![0u8; 8192];
+    let mut found = None;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if let Some((killed, nr)) = parse_record(&buf[..n]) {
+                    if killed == pid {
+                        found = Some(nr);
+                    }
+                }
+            }
+            // EPIPE: records were overwritten while being read; the next
+            // read goes on from the oldest one left.
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPIPE) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            // EAGAIN: the newest record has been read.
+            Err(_) => break,
+        }
+    }
+    found.map(syscall_name)
 }
 
 /// The syscall's name on this architecture, or its number.
 fn syscall_name(nr: u32) -> String {
     sandpool_sandbox::Sysno::new(nr as usize)
         .map_or_else(|| format!("syscall {nr}"), |sysno| sysno.name().to_owned())
-}
-
-impl Reader {
-    /// Reads every record that is there now (one per `read`).
-    fn drain(&mut self) {
-        loop {
-            match self.file.read(&mut self.buf[..]) {
-                Ok(0) => return,
-                Ok(n) => {
-                    if let Some(kill) = parse_record(&self.buf[..n]) {
-                        if self.kills.len() == KEPT {
-                            self.kills.pop_front();
-                        }
-                        self.kills.push_back(kill);
-                    }
-                }
-                // EPIPE: records were overwritten before they were read;
-                // the next read goes on from the oldest one left.
-                Err(err) if err.raw_os_error() == Some(nix::libc::EPIPE) => {}
-                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return,
-            }
-        }
-    }
 }
 
 /// The pid and syscall number of a seccomp audit record (`type=1326`) of a

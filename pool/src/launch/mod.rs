@@ -59,7 +59,6 @@ impl Launcher {
         config: HelperConfig,
         hub: Option<Arc<StderrHub>>,
     ) -> Result<Launcher, LaunchError> {
-        crate::kernel_log::start();
         let plan = LaunchPlan::new(&config)?;
         let (uid, gid) = plan.ids();
         let expected = Expected::new(uid, gid);

@@ -205,7 +205,6 @@ impl Pool {
     /// launches the spares in the background) and the launch workers.
     pub fn new(config: Config) -> Result<Pool, PoolError> {
         config.validate()?;
-        crate::kernel_log::start();
         usage::ensure_fd_budget(config.max_helpers)?;
         let limits = usage::Limits::resolve(&config)?;
         let telemetry = Telemetry::new(config.metrics_tenant_label, config.slow_launch_threshold);
