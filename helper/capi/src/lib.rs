@@ -25,6 +25,8 @@
 //! length given, a `sandpool_buf` kept past its handler call, a `longjmp`
 //! out of the handler) is listed in the header as the caller's duty.
 
+#![warn(missing_docs)]
+
 use std::cell::Cell;
 use std::ffi::{CStr, c_char, c_int, c_void};
 use std::io::Write;
