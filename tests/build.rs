@@ -7,9 +7,20 @@
 //! no extra toolchain): it launches about 1.4x faster than the dynamic build
 //! (`cargo bench -p sandpool-benches --bench foundation` measures both).
 
+//!
+//! The C reference helper (`c/reference_helper.c`) is built the same way
+//! around: the C runtime's static library (`helper/capi`) with a nested
+//! cargo, then the C file with the `cc` crate's compiler (the one cargo
+//! links Rust with), linked `-static`; its path is `SANDPOOL_C_HELPER_BIN`.
+
 include!("../helper/build_helper.rs");
+include!("../helper/capi/build_capi.rs");
 
 fn main() {
     let bin = build_reference_helper(true);
     println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", bin.display());
+    let lib_dir = build_capi_staticlib();
+    let source = std::path::Path::new("c/reference_helper.c");
+    let c_bin = build_c_helper(source, &lib_dir, "sandpool-c-helper");
+    println!("cargo:rustc-env=SANDPOOL_C_HELPER_BIN={}", c_bin.display());
 }

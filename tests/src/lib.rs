@@ -14,6 +14,12 @@ pub fn helper_bin() -> PathBuf {
     PathBuf::from(env!("SANDPOOL_HELPER_BIN"))
 }
 
+/// The C reference helper (`tests/c/reference_helper.c` linked against the
+/// C runtime, `helper/capi`), built by this crate's build script.
+pub fn c_helper_bin() -> PathBuf {
+    PathBuf::from(env!("SANDPOOL_C_HELPER_BIN"))
+}
+
 /// A default configuration for the reference helper with the given arguments.
 pub fn config(args: &[&str]) -> HelperConfig {
     let mut config = HelperConfig::new(helper_bin());
