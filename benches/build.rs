@@ -3,6 +3,7 @@
 //! tiny static C program (`floor/first_byte.c`).
 
 include!("../helper/build_helper.rs");
+include!("../helper/capi/build_capi.rs");
 
 #[allow(clippy::disallowed_methods)] // runs the C compiler, not a helper
 fn main() {
@@ -26,4 +27,13 @@ fn main() {
         "building {source} ({command:?}) failed: {status}"
     );
     println!("cargo:rustc-env=SANDPOOL_FLOOR_BIN={}", out.display());
+
+    // The C reference helper, on the C runtime, beside the Rust one.
+    let lib_dir = build_capi_staticlib();
+    let c_bin = build_c_helper(
+        std::path::Path::new("../tests/c/reference_helper.c"),
+        &lib_dir,
+        "sandpool-c-helper",
+    );
+    println!("cargo:rustc-env=SANDPOOL_C_HELPER_BIN={}", c_bin.display());
 }

@@ -22,6 +22,8 @@ use sandpool_helper::reference::{OP_ECHO, request};
 use serde_json::{Value, json};
 
 const HELPER: &str = env!("SANDPOOL_HELPER_STATIC_BIN");
+/// The C reference helper (tests/c/reference_helper.c on helper/capi).
+const C_HELPER: &str = env!("SANDPOOL_C_HELPER_BIN");
 const FLOOR: &str = env!("SANDPOOL_FLOOR_BIN");
 
 struct Run {
@@ -1484,6 +1486,83 @@ fn idle_spin_to_kill(run: &mut Run) -> Value {
     json!({ "rounds": rounds, "median_ms": summary.median.as_secs_f64() * 1e3 })
 }
 
+/// The C reference helper next to the Rust one: launch to a verified Hello
+/// and a warm 16-byte echo, rounds interleaved.
+fn c_helper(run: &mut Run) -> Value {
+    run.section(
+        "7. The C reference helper beside the Rust one",
+        "`tests/c/reference_helper.c` on the C runtime (`helper/capi`, a static library over the same helper \
+         runtime), against the Rust reference helper: launch to a verified Hello through the launcher process, \
+         and a warm 16-byte echo round trip (unpinned, default spin_wait), rounds interleaved. Both static.",
+    );
+    let rounds = if run.quick { 5 } else { 60 };
+    let calls = if run.quick { 50 } else { 2000 };
+    let launchers = [
+        (
+            "Rust",
+            Launcher::new(HelperConfig::new(HELPER)).expect("launcher"),
+        ),
+        (
+            "C",
+            Launcher::new(HelperConfig::new(C_HELPER)).expect("launcher"),
+        ),
+    ];
+    let mut launch: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let mut call: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    let body = request(OP_ECHO, &[7u8; 15]);
+    for round in 0..rounds {
+        for (i, (_, launcher)) in launchers.iter().enumerate() {
+            let started = Instant::now();
+            let helper = launcher.launch().expect("launch");
+            launch[i].push(started.elapsed());
+            if round < 4 {
+                for _ in 0..calls / 4 {
+                    let started = Instant::now();
+                    helper
+                        .call(&body, Instant::now() + Duration::from_secs(5))
+                        .expect("call");
+                    call[i].push(started.elapsed());
+                }
+            }
+            helper.shutdown(Duration::from_secs(1));
+        }
+    }
+    let launch: Vec<Summary> = launch.iter_mut().map(|v| summarize(v)).collect();
+    let call: Vec<Summary> = call.iter_mut().map(|v| summarize(v)).collect();
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(1e-9);
+    let rows = launchers
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            vec![
+                name.to_string(),
+                fmt_us(launch[i].median),
+                fmt_us(launch[i].p99),
+                format!("{:.2}x", ratio(launch[i].median, launch[0].median)),
+                fmt_us(call[i].median),
+                fmt_us(call[i].p99),
+                format!("{:.2}x", ratio(call[i].median, call[0].median)),
+            ]
+        })
+        .collect();
+    run.table(
+        &[
+            "helper",
+            "launch to Hello (median)",
+            "p99",
+            "vs Rust",
+            "warm 16 B call (median)",
+            "p99",
+            "vs Rust",
+        ],
+        rows,
+    );
+    json!({
+        "rust": { "launch": summary_json(&launch[0]), "call": summary_json(&call[0]) },
+        "c": { "launch": summary_json(&launch[1]), "call": summary_json(&call[1]) },
+    })
+}
+
 /// CPU time (ns) of this process's thread named `name` (the newest one),
 /// from `/proc/self/task/*/schedstat`.
 fn thread_cpu_ns(name: &str) -> Option<u64> {
@@ -1754,7 +1833,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
     type Scenario = fn(&mut Run) -> Value;
-    let scenarios: [(u32, &str, Scenario); 8] = [
+    let scenarios: [(u32, &str, Scenario); 9] = [
         (1, "launch_by_host_state", launch_by_host_state),
         (2, "concurrent_launches", concurrent_launches),
         (3, "warm_calls", warm_calls),
@@ -1763,6 +1842,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (4, "first_call_after_idle_gap", idle_gap),
         (5, "spawn_per_call", spawn_per_call),
         (6, "density", density),
+        (7, "c_helper", c_helper),
     ];
     for (n, key, scenario) in scenarios {
         if wanted(n) {
