@@ -84,5 +84,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "output-before-bind",
     "spin-when-idle",
     "keep-caps",
+    "keep-fd",
     "corpus:<case name>",
 ];
