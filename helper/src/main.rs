@@ -8,7 +8,8 @@
 //!   (`skip-seccomp`, `lie-seccomp`, `no-hello`, `hang`, `exit-mid-response`,
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
-//!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`, `corpus:<case>`).
+//!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`,
+//!   `keep-fd`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
@@ -258,8 +259,27 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
         // Keeps every capability, then claims to have dropped them all.
         options.drop_capabilities = false;
     }
+    if misbehave == "keep-fd" {
+        // Allowed only for this mode: it dups stdout after the filter.
+        options
+            .policy
+            .allow_name("dup")
+            .map_err(|err| err.to_string())?;
+    }
     let mut sandboxed =
         sandpool_helper::sandbox_with_spec(&options, spec).map_err(|e| e.to_string())?;
+    if misbehave == "keep-fd" {
+        // Keeps an fd the host never declared (fd 5, a dup of stdout) open
+        // past its Hello, which says nothing of it.
+        let dups = (0..3)
+            .map(|_| nix::unistd::dup(std::io::stdout()).map_err(|err| err.to_string()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for fd in dups {
+            if std::os::fd::AsRawFd::as_raw_fd(&fd) == 5 {
+                let _kept = std::os::fd::IntoRawFd::into_raw_fd(fd);
+            }
+        }
+    }
     if misbehave == "keep-caps" {
         sandboxed.hello.caps_cleared = true;
         sandboxed.hello.bounding_cleared = true;
@@ -316,7 +336,7 @@ fn misbehaving_loop(mut session: Session, misbehave: &str) -> Result<(), String>
             out
         };
         let bytes = match misbehave {
-            "skip-seccomp" | "lie-seccomp" | "output-before-bind" | "keep-caps" => {
+            "skip-seccomp" | "lie-seccomp" | "output-before-bind" | "keep-caps" | "keep-fd" => {
                 reply(Kind::Response, id, &payload)
             }
             "spin-after-reply" => {

@@ -85,5 +85,6 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "spin-when-idle",
     "spin-after-reply",
     "keep-caps",
+    "keep-fd",
     "corpus:<case name>",
 ];

@@ -1,6 +1,7 @@
 //! Shared harness for sandpool's integration tests: where the reference
 //! helper is, configurations, and facts about this process (open fds,
-//! children) to assert on.
+//! children) to assert on; and the conformance runner ([`conformance`],
+//! the `sandpool-conformance` binary).
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sandpool::HelperConfig;
+
+pub mod conformance;
 
 /// The reference helper binary, built by this crate's build script.
 pub fn helper_bin() -> PathBuf {
