@@ -56,6 +56,19 @@ fn reference_helper_with_test_ops_passes_every_check() {
     assert_eq!(report.passed(), CHECKS.len());
 }
 
+/// The C reference helper (tests/c/reference_helper.c on helper/capi)
+/// passes the same checks as the Rust one, its forbidden-syscall probe
+/// included.
+#[test]
+fn the_c_reference_helper_passes_every_check() {
+    let mut options = Options::new(sandpool_tests::c_helper_bin(), &["--test-ops"]);
+    options.timeout = STEP;
+    let report = conformance::run(&options);
+    assert_eq!(report.failures(), Vec::<&str>::new(), "\n{report}");
+    assert_eq!(report.skipped(), 0, "\n{report}");
+    assert_eq!(report.passed(), CHECKS.len());
+}
+
 #[test]
 fn skip_seccomp_fails_the_seccomp_checks() {
     let report = run(&["--test-ops", "--misbehave", "skip-seccomp"]);
