@@ -113,6 +113,15 @@ pub enum StartupError {
     /// The seccomp filter could not be installed.
     #[error(transparent)]
     Seccomp(#[from] InstallError),
+    /// The init hook failed.
+    #[error("the helper's init hook failed: {0}")]
+    Init(String),
+    /// The init hook left fds open (beyond 0, 1, 2): the host would refuse
+    /// the Hello, so the helper does not start.
+    #[error(
+        "the helper's init hook left {0} fds open beyond stdin, stdout and stderr (kept fds cannot be declared)"
+    )]
+    InitKeptFds(u32),
     /// The Hello could not be written.
     #[error("writing the Hello frame failed: {0}")]
     Hello(io::Error),
@@ -188,6 +197,23 @@ pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
 
 /// Runs the startup sequence with an explicit spec.
 pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandboxed, StartupError> {
+    sandbox_with_init(options, spec, || Ok(()))
+}
+
+/// Runs the startup sequence with an explicit spec and an init hook: `init`
+/// runs after the inherited fds are closed and the capabilities dropped
+/// (and the user switched, if configured), before no_new_privs, the
+/// rlimits and the seccomp filter, for a library to set itself up while it
+/// still may (seed its generator from `/dev/urandom`, load its tables,
+/// read its time zone). It may open files but must close them again: an fd
+/// it leaves open fails the start-up here (`InitKeptFds`), as it would
+/// fail the host's check of the Hello; declaring kept fds is not supported.
+/// Its error fails the start-up (exit 70).
+pub fn sandbox_with_init(
+    options: &Options,
+    spec: SandboxSpec,
+    init: impl FnOnce() -> Result<(), HandlerError>,
+) -> Result<Sandboxed, StartupError> {
     let mut policy = options.policy.clone();
     for name in &spec.extra_syscalls {
         policy.allow_name(name).map_err(StartupError::Policy)?;
@@ -210,6 +236,11 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
     sandpool_sandbox::switch_user(spec.uid, spec.gid)?;
     if options.drop_capabilities {
         sandpool_sandbox::clear_capabilities()?;
+    }
+    init().map_err(|err| StartupError::Init(err.to_string()))?;
+    let kept = sandpool_sandbox::count_open_fds_above_stdio();
+    if kept > 0 {
+        return Err(StartupError::InitKeptFds(kept));
     }
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
@@ -267,6 +298,16 @@ impl Sandboxed {
 /// Runs the whole startup sequence and writes the Hello.
 pub fn start(options: &Options) -> Result<Session, StartupError> {
     sandbox(options)?.say_hello()
+}
+
+/// [`start`] with an init hook (see [`sandbox_with_init`]).
+pub fn start_with_init(
+    options: &Options,
+    init: impl FnOnce() -> Result<(), HandlerError>,
+) -> Result<Session, StartupError> {
+    let text = std::env::var(SPEC_ENV).map_err(|_| StartupError::MissingSpec)?;
+    let spec = SandboxSpec::decode(&text)?;
+    sandbox_with_init(options, spec, init)?.say_hello()
 }
 
 /// A sandboxed helper that has said hello: reads frames, serves requests.
@@ -656,7 +697,17 @@ pub fn serve_main<H>(options: &Options, handler: H) -> !
 where
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
 {
-    let session = match start(options) {
+    serve_main_with_init(options, || Ok(()), handler)
+}
+
+/// [`serve_main`] with an init hook, run before the sandbox closes (see
+/// [`sandbox_with_init`] for where it runs and what it may do).
+pub fn serve_main_with_init<I, H>(options: &Options, init: I, handler: H) -> !
+where
+    I: FnOnce() -> Result<(), HandlerError>,
+    H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
+{
+    let session = match start_with_init(options, init) {
         Ok(session) => session,
         Err(err) => {
             eprintln!("sandpool-helper: startup failed: {err}");

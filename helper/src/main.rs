@@ -11,6 +11,8 @@
 //!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`,
 //!   `keep-fd`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
+//! - `--init urandom|keep-fd`: an init hook before the sandbox closes (read a
+//!   seed from `/dev/urandom`; or keep `/dev/null` open, which fails the start).
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
 //! that set-up reads `/proc/self/maps` to place a guard page under the main
@@ -38,6 +40,9 @@ struct Args {
     test_ops: bool,
     misbehave: Option<String>,
     fd_walk: bool,
+    /// `--init NAME`: an init hook (`urandom`: read a seed from
+    /// /dev/urandom and close it; `keep-fd`: open /dev/null and keep it).
+    init: Option<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -45,12 +50,20 @@ fn parse_args() -> Result<Args, String> {
         test_ops: false,
         misbehave: None,
         fd_walk: false,
+        init: None,
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
         match arg.as_str() {
             "--test-ops" => args.test_ops = true,
             "--fd-walk" => args.fd_walk = true,
+            "--init" => {
+                let name = argv.next().ok_or("--init needs a name")?;
+                if !matches!(name.as_str(), "urandom" | "keep-fd") {
+                    return Err(format!("unknown init {name:?}: urandom or keep-fd"));
+                }
+                args.init = Some(name);
+            }
             "--misbehave" => {
                 let name = argv.next().ok_or("--misbehave needs a name")?;
                 let known = MISBEHAVIOURS.iter().any(|m| {
@@ -101,7 +114,8 @@ fn run() {
     let test_ops = args.test_ops;
     let handler = move |request: &Request<'_>, out: &mut Vec<u8>| handle(test_ops, request, out);
     let Some(misbehave) = args.misbehave else {
-        sandpool_helper::serve_main(&options, handler);
+        let init = args.init;
+        sandpool_helper::serve_main_with_init(&options, move || run_init(init.as_deref()), handler);
     };
     let session = misbehaving_start(&options, &misbehave)
         .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &err));
@@ -174,6 +188,7 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             std::io::stderr().write_all(body)?;
             out.extend_from_slice(body);
         }
+        OP_SEED => out.extend_from_slice(SEED.get().ok_or("no --init urandom")?),
         OP_GROW => {
             let mib: [u8; 4] = body
                 .get(..4)
@@ -192,6 +207,28 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             out.extend_from_slice(&u32::try_from(total >> 20)?.to_le_bytes());
         }
         other => return Err(format!("unknown op {other:#04x}").into()),
+    }
+    Ok(())
+}
+
+/// What the `urandom` init read, for `OP_SEED`.
+static SEED: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+/// What the `keep-fd` init keeps open (and so fails the start-up).
+static KEPT_FD: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
+
+/// The init hook `--init` asked for: it runs before the sandbox closes.
+fn run_init(init: Option<&str>) -> Result<(), HandlerError> {
+    use std::io::Read;
+    match init {
+        Some("urandom") => {
+            let mut seed = [0u8; 16];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+            let _ = SEED.set(seed);
+        }
+        Some(_) => {
+            let _ = KEPT_FD.set(std::fs::File::open("/dev/null")?);
+        }
+        None => {}
     }
     Ok(())
 }

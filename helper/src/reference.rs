@@ -44,6 +44,10 @@ pub const OP_MADVISE_DONTNEED: u8 = 0x22;
 /// (as a little-endian `u32`).
 pub const OP_GROW: u8 = 0x30;
 
+/// Test op: answers the 16 bytes the `--init urandom` hook read from
+/// `/dev/urandom` before the sandbox closed.
+pub const OP_SEED: u8 = 0x31;
+
 /// Builds an [`OP_GROW`] request: grow by `mib` MiB, touched and kept.
 pub fn grow_request(mib: u32) -> Vec<u8> {
     request(OP_GROW, &mib.to_le_bytes())

@@ -21,11 +21,12 @@
  *   0x15 sleep     sleep the body's u32 LE milliseconds, then echo the rest
  *   0x16 stderr    write the body to stderr, then echo it
  *   0x17 exec      execve /bin/true (forbidden: execve)
+ *   0x31 seed      the 16 bytes the --init-urandom init hook read
  *   0x40 tenant    C helper only: the bound tenant, or an error if none
  *   0x41 fill      C helper only: append 64 KiB chunks until the runtime
  *                  refuses one; answer the bytes it took (u64 LE)
  *
- * Usage: sandpool-c-helper [--test-ops]
+ * Usage: sandpool-c-helper [--test-ops] [--init-urandom]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,7 +47,25 @@
 
 struct options {
     int test_ops;
+    int init_urandom;
+    uint8_t seed[16];
 };
+
+/* --init-urandom: the init hook reads a seed before the filter closes
+ * (open, read, close: nothing may stay open). */
+static int init(void *ctx) {
+    struct options *options = ctx;
+    if (!options->init_urandom) {
+        return 0;
+    }
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        return 1;
+    }
+    ssize_t got = read(fd, options->seed, sizeof options->seed);
+    close(fd);
+    return got == (ssize_t)sizeof options->seed ? 0 : 1;
+}
 
 /* Fails the request with a formatted text. */
 static int fail(sandpool_buf *out, const char *format, ...)
@@ -185,6 +204,11 @@ static int handle(void *ctx, const uint8_t *request, size_t len, sandpool_buf *o
         execve("/bin/true", argv, envp);
         return fail(out, "execve: %s", strerror(errno));
     }
+    case 0x31:
+        if (!options->init_urandom) {
+            return fail(out, "no --init-urandom");
+        }
+        return sandpool_buf_append(out, options->seed, sizeof options->seed);
     case 0x40: {
         size_t tenant_len = 99;
         const uint8_t *tenant = sandpool_tenant(out, &tenant_len);
@@ -225,6 +249,8 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--test-ops") == 0) {
             options.test_ops = 1;
+        } else if (strcmp(argv[i], "--init-urandom") == 0) {
+            options.init_urandom = 1;
         } else {
             fprintf(stderr, "sandpool-c-helper: unknown argument %s\n", argv[i]);
             return 2;
@@ -235,5 +261,6 @@ int main(int argc, char **argv) {
                 sandpool_version());
         return SANDPOOL_EXIT_STARTUP_FAILED;
     }
-    return sandpool_serve("sandpool-c-helper " SANDPOOL_HELPER_VERSION, handle, &options);
+    return sandpool_serve_with_init("sandpool-c-helper " SANDPOOL_HELPER_VERSION, init, handle,
+                                    &options);
 }

@@ -159,6 +159,25 @@ typedef int (*sandpool_handler)(void *ctx, const uint8_t *request, size_t len,
  */
 int sandpool_serve(const char *build_id, sandpool_handler handler, void *ctx);
 
+/**
+ * An init hook: runs once, after the inherited fds are closed and the
+ * capabilities dropped (and the user switched, if configured), before
+ * no_new_privs, the rlimits and the seccomp filter, for a library to set
+ * itself up while it still may (seed its generator from /dev/urandom, load
+ * tables, read its time zone). It may open files but must close them: an
+ * fd left open fails the start-up (the host would refuse the Hello).
+ * Return 0, or non-zero to fail the start-up (SANDPOOL_EXIT_STARTUP_FAILED).
+ * ctx is the pointer given to sandpool_serve_with_init().
+ */
+typedef int (*sandpool_init)(void *ctx);
+
+/**
+ * sandpool_serve() with an init hook (NULL: none), run at the point of the
+ * startup sequence described at sandpool_init.
+ */
+int sandpool_serve_with_init(const char *build_id, sandpool_init init,
+                             sandpool_handler handler, void *ctx);
+
 /** The library's version string (compare with SANDPOOL_HELPER_VERSION). */
 const char *sandpool_version(void);
 

@@ -44,6 +44,10 @@ const VERSION: &CStr = c"0.1.0";
 /// `C-unwind` rather than `C`: a C++ exception that escapes a handler is
 /// then a defined event on this side (abort, or a failed call) instead of
 /// undefined behaviour.
+/// `sandpool_init` (see the header): the init hook's C signature.
+pub type Init = unsafe extern "C-unwind" fn(ctx: *mut c_void) -> c_int;
+
+/// `sandpool_handler` (see the header): the handler's C signature.
 pub type Handler = unsafe extern "C-unwind" fn(
     ctx: *mut c_void,
     request: *const u8,
@@ -156,7 +160,13 @@ static SERVING: AtomicBool = AtomicBool::new(false);
 /// The body of `sandpool_serve`, with the C arguments already checked.
 /// `said_hello` is set once the Hello is out, so a panic is reported with
 /// the right exit status.
-fn serve(build_id: &str, handler: Handler, ctx: *mut c_void, said_hello: &Cell<bool>) -> c_int {
+fn serve(
+    build_id: &str,
+    init: Option<Init>,
+    handler: Handler,
+    ctx: *mut c_void,
+    said_hello: &Cell<bool>,
+) -> c_int {
     if SERVING.swap(true, Ordering::SeqCst) {
         complain(format_args!(
             "sandpool_serve called a second time (once per process)"
@@ -170,7 +180,20 @@ fn serve(build_id: &str, handler: Handler, ctx: *mut c_void, said_hello: &Cell<b
             return EXIT_STARTUP_FAILED;
         }
     };
-    let session = match sandpool_helper::start(&options) {
+    let run_init = || -> Result<(), sandpool_helper::HandlerError> {
+        let Some(init) = init else {
+            return Ok(());
+        };
+        // SAFETY: `init` is a non-null function pointer the caller of
+        // `sandpool_serve_with_init` gave us with the header's
+        // `sandpool_init` signature; `ctx` is passed through untouched, as
+        // the header promises.
+        match unsafe { init(ctx) } {
+            0 => Ok(()),
+            status => Err(format!("init returned {status}").into()),
+        }
+    };
+    let session = match sandpool_helper::start_with_init(&options, run_init) {
         Ok(session) => session,
         Err(err) => {
             complain(format_args!("startup failed: {err}"));
@@ -251,6 +274,30 @@ pub unsafe extern "C" fn sandpool_serve(
     handler: Option<Handler>,
     ctx: *mut c_void,
 ) -> c_int {
+    // SAFETY: the same contract as this function's, with no init hook.
+    unsafe { sandpool_serve_with_init(build_id, None, handler, ctx) }
+}
+
+/// `sandpool_serve_with_init` (see the header): `sandpool_serve` with an
+/// init hook, run after the inherited fds are closed and the capabilities
+/// dropped, before no_new_privs, the rlimits and the seccomp filter. NULL
+/// means none; a non-zero return fails the start-up (70), and so does an
+/// fd it leaves open.
+///
+/// # Safety
+///
+/// As `sandpool_serve`; `init` is NULL or a function with the
+/// `sandpool_init` signature.
+// SAFETY: `no_mangle` exports the C symbol `sandpool_serve_with_init`,
+// which nothing else in a helper defines (the `sandpool_` prefix is the
+// header's); its signature is the header's.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sandpool_serve_with_init(
+    build_id: *const c_char,
+    init: Option<Init>,
+    handler: Option<Handler>,
+    ctx: *mut c_void,
+) -> c_int {
     let build_id = if build_id.is_null() {
         None
     } else {
@@ -268,7 +315,7 @@ pub unsafe extern "C" fn sandpool_serve(
     };
     let said_hello = Cell::new(false);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        serve(build_id, handler, ctx, &said_hello)
+        serve(build_id, init, handler, ctx, &said_hello)
     }));
     outcome.unwrap_or_else(|_| {
         // The runtime's panic hook (or std's, before it was installed)

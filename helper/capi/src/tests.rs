@@ -272,7 +272,7 @@ fn header_matches_the_library() {
     let mut exported: Vec<String> = exported.iter().map(|s| s.to_string()).collect();
     exported.sort();
     exported.dedup();
-    assert_eq!(exported.len(), 8, "{exported:?}");
+    assert_eq!(exported.len(), 9, "{exported:?}");
     for name in &exported {
         let short = name.trim_start_matches("sandpool_");
         assert!(

@@ -130,6 +130,12 @@ fn walk_and_close() -> Result<(), CloseFdsError> {
     Ok(())
 }
 
+/// How many fds at or above 3 are open now (after [`close_inherited_fds`]:
+/// any that a library opened since and kept).
+pub fn count_open_fds_above_stdio() -> u32 {
+    count_open_fds_from(3)
+}
+
 /// Counts the open fds from `first` up to the size of the fd table, with
 /// `poll` on batches of 1024 descriptors: a closed fd comes back POLLNVAL.
 /// One syscall per 1024 slots of the table, no fd opened for the count.

@@ -8,7 +8,9 @@ mod region;
 mod seccomp;
 mod stdio;
 
-pub use fds::{CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds};
+pub use fds::{
+    CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds, count_open_fds_above_stdio,
+};
 pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs, set_process_name};
 pub use privs::{
     BoundingReport, CapabilityError, SwitchUserError, clear_capabilities, current_gid, current_uid,
