@@ -20,11 +20,17 @@
 //! | blob | `X'` upper-case hex `'`, e.g. `X'00FF'` (`X''` when empty) |
 //!
 //! No value contains a raw tab or newline, so rows and columns split
-//! exactly. A failing statement makes the whole request an Error frame with
+//! exactly. Text bytes other than those are passed as they are: SQLite does
+//! not check that text is UTF-8 (`CAST(X'FF00' AS TEXT)` is text), so
+//! neither does the encoding. A failing statement makes the whole request an Error frame with
 //! SQLite's error text (the rows of earlier statements are dropped), as does
 //! a result over [`MAX_RESULT`] bytes.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+/// The rusqlite this crate is built with (a host checking answers
+/// in-process uses the same SQLite).
+pub use rusqlite;
 
 use rusqlite::fallible_iterator::FallibleIterator;
 use rusqlite::limits::Limit;
