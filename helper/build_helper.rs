@@ -5,8 +5,16 @@
 /// `static_crt`, linked statically against glibc into `<target>/helper-static`)
 /// and returns the binary's path. Re-runs when the helper's sources change.
 #[allow(dead_code)]
-#[allow(clippy::disallowed_methods)] // runs cargo, not a helper
 fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
+    build_helper_bin("sandpool-helper", "sandpool-helper", static_crt)
+}
+
+/// Builds the binary `bin` of the workspace package `package` the way
+/// [`build_reference_helper`] builds the reference helper (same target dir)
+/// and returns its path.
+#[allow(dead_code)]
+#[allow(clippy::disallowed_methods)] // runs cargo, not a helper
+fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::PathBuf {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -24,7 +32,7 @@ fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--release", "--package", "sandpool-helper", "--bin", "sandpool-helper", "--target-dir"])
+        .args(["build", "--release", "--package", package, "--bin", bin, "--target-dir"])
         .arg(&target);
     let mut out_dir = target.join("release");
     if static_crt {
@@ -45,7 +53,7 @@ fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
         .env_remove("CARGO_BUILD_TARGET_DIR")
         .env_remove("CARGO_TARGET_DIR")
         .status()
-        .expect("running cargo to build sandpool-helper");
-    assert!(status.success(), "building sandpool-helper failed: {status}");
-    out_dir.join("sandpool-helper")
+        .expect("running cargo to build a helper");
+    assert!(status.success(), "building {bin} failed: {status}");
+    out_dir.join(bin)
 }

@@ -12,6 +12,9 @@
 //! around: the C runtime's static library (`helper/capi`) with a nested
 //! cargo, then the C file with the `cc` crate's compiler (the one cargo
 //! links Rust with), linked `-static`; its path is `SANDPOOL_C_HELPER_BIN`.
+//!
+//! The SQL helper (`helper/sql`, SQLite inside) is built like the reference
+//! helper, statically; its path is `SANDPOOL_SQL_HELPER_BIN`.
 
 include!("../helper/build_helper.rs");
 include!("../helper/capi/build_capi.rs");
@@ -19,6 +22,11 @@ include!("../helper/capi/build_capi.rs");
 fn main() {
     let bin = build_reference_helper(true);
     println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", bin.display());
+    let sql_bin = build_helper_bin("sandpool-sql-helper", "sandpool-sql-helper", true);
+    println!(
+        "cargo:rustc-env=SANDPOOL_SQL_HELPER_BIN={}",
+        sql_bin.display()
+    );
     let lib_dir = build_capi_staticlib();
     let source = std::path::Path::new("c/reference_helper.c");
     let c_bin = build_c_helper(source, &lib_dir, "sandpool-c-helper");

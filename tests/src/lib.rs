@@ -23,6 +23,12 @@ pub fn c_helper_bin() -> PathBuf {
     PathBuf::from(env!("SANDPOOL_C_HELPER_BIN"))
 }
 
+/// The SQL helper (`helper/sql`: each helper an in-memory SQLite database),
+/// built by this crate's build script.
+pub fn sql_helper_bin() -> PathBuf {
+    PathBuf::from(env!("SANDPOOL_SQL_HELPER_BIN"))
+}
+
 /// A default configuration for the reference helper with the given arguments.
 pub fn config(args: &[&str]) -> HelperConfig {
     let mut config = HelperConfig::new(helper_bin());

@@ -8,6 +8,12 @@
 //! on. Every response is checked against the same redo computed in-process;
 //! any mismatch makes the demo exit non-zero.
 //!
+//! `--workload sql` runs the same traffic on `sandpool-sql-helper` instead:
+//! each request is a SQL script (a table rebuilt, rows inserted, queried and
+//! aggregated) checked against the same script run in-process on SQLite;
+//! the hostile tenant sends SQL that allocates without bound, tries to
+//! attach a file or never ends.
+//!
 //! `cargo run --release -p sandpool-tests --bin sandpool-demo -- --help`
 
 use std::collections::BTreeMap;
@@ -17,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
@@ -55,10 +61,24 @@ struct Args {
     /// Target calls per second over all threads during bursts.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
+    /// What the helpers do: page redo (the reference helper) or SQL (the
+    /// SQL helper, an in-memory SQLite per tenant).
+    #[arg(long, value_enum, default_value_t = Workload::Redo)]
+    workload: Workload,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    /// Page redo records, on `sandpool-helper`.
+    Redo,
+    /// SQL scripts, on `sandpool-sql-helper`.
+    Sql,
 }
 
 /// The helper the build script built.
 const HELPER: &str = env!("SANDPOOL_HELPER_BIN");
+/// The SQL helper the build script built.
+const SQL_HELPER: &str = env!("SANDPOOL_SQL_HELPER_BIN");
 
 fn tenant_name(index: usize) -> String {
     format!("tenant-{index:04}")
@@ -88,6 +108,12 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
             config
         }
     };
+    if args.workload == Workload::Sql && config.program == std::path::Path::new(HELPER) {
+        config.program = SQL_HELPER.into();
+        // The hostile tenant's endless query holds a client thread until
+        // its deadline.
+        config.request_timeout = config.request_timeout.min(Duration::from_secs(1));
+    }
     // The hostile ops of the reference helper need this flag; a real
     // deployment would not pass it.
     if config.program == std::path::Path::new(HELPER)
@@ -136,6 +162,7 @@ fn error_kind(err: &CallError) -> String {
         CallError::Died { status, .. } => format!("died ({status})"),
         CallError::BackingOff { .. } => "backed off".into(),
         CallError::Timeout { .. } => "timeout".into(),
+        CallError::QueueTimeout { .. } => "deadline passed while queued".into(),
         CallError::Protocol { .. } => "protocol violation".into(),
         CallError::PoolFull { .. } | CallError::LaunchWait { .. } => "pool full".into(),
         CallError::Launch(_) => "launch failed".into(),
@@ -151,7 +178,116 @@ fn percentile(sorted: &[Duration], q: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * q).round() as usize]
 }
 
+/// A self-contained SQL script for `tenant` (it rebuilds its table, so an
+/// answer does not depend on whether the tenant's helper was quiesced or
+/// evicted since its last call).
+fn sql_script(rng: &mut SmallRng, index: usize) -> String {
+    let rows = rng.random_range(1..40u32);
+    let mut sql = String::from(
+        "DROP TABLE IF EXISTS t; CREATE TABLE t(k INTEGER PRIMARY KEY, v TEXT, r REAL, b BLOB); INSERT INTO t VALUES ",
+    );
+    for k in 0..rows {
+        if k > 0 {
+            sql.push(',');
+        }
+        let r: f64 = rng.random_range(-1000.0..1000.0);
+        let b: u32 = rng.random();
+        sql.push_str(&format!(
+            "({k}, 'tenant {index} row {k} it''s', {r:?}, X'{b:08X}')"
+        ));
+    }
+    let m = rng.random_range(1..5u32);
+    sql.push_str(&format!(
+        "; SELECT k, v, r * 2, hex(b), length(v) FROM t WHERE k % {m} = 0 ORDER BY k; \
+         SELECT count(*), sum(k), total(r), group_concat(k, ',') FROM t"
+    ));
+    sql
+}
+
+/// The hostile tenant's SQL, contained by SQLite's limits, the filter or
+/// the deadline.
+fn hostile_sql(rng: &mut SmallRng) -> &'static str {
+    match rng.random_range(0..20) {
+        0 => {
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
+        }
+        1..=6 => "SELECT randomblob(2000000000)",
+        7..=12 => "ATTACH DATABASE '/tmp/sandpool-demo-attach' AS x",
+        _ => {
+            "CREATE TABLE big AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x, randomblob(100000) FROM c"
+        }
+    }
+}
+
+fn sql_worker(pool: &Pool, args: &Args, tally: &Tally, stop: &AtomicBool, id: usize) {
+    let mut rng =
+        SmallRng::seed_from_u64(args.seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let zipf = Zipf::new(args.tenants as f64, 1.2).expect("tenants >= 1");
+    let pause = Duration::from_secs_f64(args.threads as f64 / f64::from(args.rate.max(1)));
+    let started = Instant::now();
+    // The scripts are self-contained: one in-process database checks them all.
+    let conn = sandpool_sql_helper::open().expect("opening an in-memory SQLite database");
+    let mut expected = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        if started.elapsed().as_millis() % 6000 >= 4500 {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        std::thread::sleep(pause);
+        let index = zipf.sample(&mut rng) as usize - 1;
+        let tenant = tenant_name(index);
+        let hostile = index == args.hostile;
+        let (sql, check) = if hostile && rng.random_ratio(1, 4) {
+            (hostile_sql(&mut rng).to_owned(), false)
+        } else {
+            (sql_script(&mut rng, index), true)
+        };
+        let verdict = if check {
+            expected.clear();
+            Some(
+                sandpool_sql_helper::execute(&conn, &sql, &mut expected).map_err(|e| e.to_string()),
+            )
+        } else {
+            None
+        };
+        let call_started = Instant::now();
+        let result = pool.call(&tenant, sql.as_bytes());
+        let took = call_started.elapsed();
+        tally.calls.fetch_add(1, Ordering::Relaxed);
+        let matches = |got: Result<&[u8], &str>| match &verdict {
+            None => true,
+            Some(Ok(())) => got == Ok(expected.as_slice()),
+            Some(Err(message)) => got == Err(message.as_str()),
+        };
+        match result {
+            Ok(rows) => {
+                if !matches(Ok(&rows)) {
+                    tally.mismatches.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("MISMATCH for {tenant}");
+                }
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                tally.latencies.lock().push(took);
+            }
+            Err(CallError::Helper(message)) if check && matches(Err(&message)) => {
+                // SQLite refused it in the helper as it did in-process.
+                tally.ok.fetch_add(1, Ordering::Relaxed);
+                tally.latencies.lock().push(took);
+            }
+            Err(err) => {
+                *tally.errors.lock().entry(error_kind(&err)).or_default() += 1;
+                if !hostile {
+                    tally.innocent_errors.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("unexpected error for {tenant}: {err}");
+                }
+            }
+        }
+    }
+}
+
 fn worker(pool: &Pool, args: &Args, tally: &Tally, stop: &AtomicBool, id: usize) {
+    if args.workload == Workload::Sql {
+        return sql_worker(pool, args, tally, stop, id);
+    }
     let mut rng =
         SmallRng::seed_from_u64(args.seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let zipf = Zipf::new(args.tenants as f64, 1.2).expect("tenants >= 1");
@@ -272,7 +408,8 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     }
     let config = demo_config(&args)?;
     println!(
-        "sandpool demo: {} tenants (Zipf 1.2), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
+        "sandpool demo ({:?} workload): {} tenants (Zipf 1.2), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
+        args.workload,
         args.tenants,
         args.threads,
         args.duration,
