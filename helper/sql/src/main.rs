@@ -6,8 +6,9 @@
 //!
 //! # SQLite under the sandbox
 //!
-//! Everything SQLite needs from the file system it gets before
-//! [`sandpool_helper::serve_main`] sandboxes the process:
+//! Everything SQLite needs from the file system it gets in the runtime's
+//! init hook ([`sandpool_helper::serve_main_with_init`]), after the
+//! inherited fds are closed and before no_new_privs and seccomp:
 //!
 //! - the connection is opened and configured first
 //!   ([`sandpool_sql_helper::open`]: `temp_store = MEMORY`, so no temp
@@ -15,12 +16,11 @@
 //!   `ATTACH` and `VACUUM INTO` fail in SQLite before any `open`);
 //! - [`sandpool_sql_helper::init_process`] sets a 256 MiB hard heap limit,
 //!   seeds SQLite's PRNG (`randomblob` makes SQLite open `/dev/urandom`,
-//!   read 44 bytes and close it) and makes the first `localtime_r` call;
-//!   `tzset` is called before that (glibc opens, reads and closes
-//!   `/etc/localtime` once; later `localtime_r` calls do not reopen it);
-//! - `:memory:` keeps no fd open, so the runtime's `close_range(3, ~0)`
-//!   takes nothing SQLite uses (strace shows fd 3 closed after each of the
-//!   two files above, before `close_range`).
+//!   read 44 bytes and close it) and makes the first `localtime_r` call
+//!   (glibc opens, reads and closes `/etc/localtime` once; later
+//!   `localtime_r` calls do not reopen it);
+//! - `:memory:` keeps no fd open, which the runtime checks after the hook
+//!   (an fd left open would fail the start-up).
 //!
 //! At query time SQLite makes no syscall outside
 //! [`sandpool_helper::SeccompPolicy::helper_default`], so the helper runs
@@ -41,13 +41,6 @@
 #![deny(unsafe_code)]
 
 use sandpool_helper::{EXIT_STARTUP_FAILED, HandlerError, Options, Request};
-
-// SAFETY: glibc's `void tzset(void)` (POSIX `<time.h>`), declared with its
-// C signature; the `libc` crate does not bind it.
-#[allow(unsafe_code)]
-unsafe extern "C" {
-    fn tzset();
-}
 
 fn fail(code: i32, message: &str) -> ! {
     eprintln!("sandpool-sql-helper: {message}");
@@ -76,22 +69,24 @@ fn run() -> ! {
     if std::env::args().len() > 1 {
         fail(2, "takes no arguments");
     }
-    // SAFETY: `tzset` only reads `TZ` and the zone file into glibc's own
-    // state; no other thread exists yet to race with it.
-    #[allow(unsafe_code)]
-    unsafe {
-        tzset();
-    }
-    let conn = sandpool_sql_helper::open()
-        .and_then(|conn| sandpool_sql_helper::init_process(&conn).map(|()| conn))
-        .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &format!("SQLite set-up: {err}")));
     let options = Options::new(concat!("sandpool-sql-helper ", env!("CARGO_PKG_VERSION")))
         .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &err.to_string()));
-    sandpool_helper::serve_main(
+    // SQLite is set up in the runtime's init hook: after the inherited fds
+    // are closed and the capabilities dropped, before no_new_privs and the
+    // filter (its first 'localtime' makes glibc read the zone file once).
+    let conn = std::cell::OnceCell::new();
+    sandpool_helper::serve_main_with_init(
         &options,
-        move |request: &Request<'_>, out: &mut Vec<u8>| -> Result<(), HandlerError> {
+        || -> Result<(), HandlerError> {
+            let opened = sandpool_sql_helper::open()?;
+            sandpool_sql_helper::init_process(&opened)?;
+            let _ = conn.set(opened);
+            Ok(())
+        },
+        |request: &Request<'_>, out: &mut Vec<u8>| -> Result<(), HandlerError> {
+            let conn = conn.get().ok_or("SQLite was not set up")?;
             let sql = std::str::from_utf8(request.payload)?;
-            sandpool_sql_helper::execute(&conn, sql, out)?;
+            sandpool_sql_helper::execute(conn, sql, out)?;
             Ok(())
         },
     )
