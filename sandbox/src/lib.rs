@@ -1,6 +1,7 @@
 //! What a sandpool helper does to itself before it reads anything a tenant sent.
 //!
-//! The startup order is part of the security contract (DESIGN.md, invariant 2):
+//! The startup order is part of the security contract (PROTOCOL.md, section
+//! 7.1, where the helper runtime's optional init hook sits between 3 and 4):
 //!
 //! 1. map what the helper needs (e.g. a shared memory region);
 //! 2. [`close_inherited_fds`]: one `close_range(3, ~0, 0)`, or a reported fallback;
