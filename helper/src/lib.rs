@@ -147,7 +147,8 @@ pub enum ServeError {
     /// The host sent an invalid Bind payload.
     #[error("the host sent an invalid Bind: {0}")]
     Bind(#[from] PayloadError),
-    /// The host sent a region reference outside the request half.
+    /// The host sent a region reference outside the request half, or a
+    /// reply window outside the response half.
     #[error("the host sent an invalid region reference: {0}")]
     RegionRef(#[from] RegionError),
     /// A region request arrived but no region was mapped, or an access

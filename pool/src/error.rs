@@ -89,7 +89,8 @@ pub enum ProtocolViolation {
     /// It had sent part of a frame while no request was in flight.
     #[error("sent a partial frame with no request in flight")]
     UnsolicitedPartial,
-    /// It referred to shared-region bytes outside the response half.
+    /// It referred to shared-region bytes outside the window granted to
+    /// the request (its slot of the response half).
     #[error("bad region reference: {0}")]
     Region(#[from] sandpool_protocol::RegionError),
     /// It answered through the region a request that did not grant it.

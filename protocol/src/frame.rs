@@ -109,7 +109,9 @@ impl Kind {
 pub struct Header {
     /// What the payload is.
     pub kind: Kind,
-    /// The request id a Response or Error answers; 0 for the other kinds.
+    /// The request id: of a Request or RequestInRegion, or the one a
+    /// Response, ResponseInRegion or Error answers; 0 for Hello, Bind and
+    /// Shutdown.
     pub id: u64,
     /// Payload length in bytes.
     pub len: u32,
@@ -165,7 +167,8 @@ pub enum DecodeError {
         /// The id it carried.
         id: u64,
     },
-    /// Shutdown carried a payload.
+    /// A kind with a fixed payload carried another: Shutdown any payload,
+    /// RequestInRegion other than 32 bytes, ResponseInRegion other than 16.
     #[error("frame kind {kind:?} must be empty, got {len} bytes")]
     UnexpectedPayload {
         /// The kind received.

@@ -35,7 +35,8 @@ pub enum RegionError {
         "region reference of {0} bytes (expected {REGION_REF_LEN}, or {REGION_REQUEST_LEN} for a request)"
     )]
     BadLength(usize),
-    /// The range leaves the half of the region it must lie in.
+    /// The range leaves the window it must lie in (the half of the region,
+    /// or the one slot the host granted the request).
     #[error("region range {offset}+{len} is outside {start}..{end}")]
     OutOfBounds {
         /// Offset given.

@@ -115,7 +115,8 @@ impl SandboxSpec {
         out
     }
 
-    /// Parses a spec produced by [`SandboxSpec::encode`]. Every key must be
+    /// Parses a spec such as [`SandboxSpec::encode`] produces (it also
+    /// accepts empty items and a leading `+` on numbers). Every key must be
     /// known and appear at most once; `v` and `seccomp` are required so that a
     /// missing spec can never mean "no sandbox".
     pub fn decode(text: &str) -> Result<SandboxSpec, SpecError> {
