@@ -343,8 +343,9 @@ pub struct RlimitConfig {
     /// `RLIMIT_AS`: the helper's whole address space (stack, heap,
     /// mappings, the shared region). Default [`DEFAULT_ADDRESS_SPACE`]
     /// (1 GiB): an allocation past it fails in the helper, which then
-    /// aborts (the call fails with [`CallError::LimitExceeded`]
-    /// (crate::CallError::LimitExceeded) when the helper says so on stderr,
+    /// aborts (the call fails with
+    /// [`CallError::LimitExceeded`](crate::CallError::LimitExceeded) when
+    /// the helper says so on stderr,
     /// as Rust's allocator does, else with `Died`). `"unlimited"` keeps the
     /// inherited limit.
     pub address_space: SizeLimit,
