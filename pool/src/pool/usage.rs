@@ -321,7 +321,7 @@ impl Shared {
             for helper in scratch.killed.drain(..) {
                 self.take_killed(&mut state, helper, pending);
             }
-            if let Some(budget) = self.limits.budget {
+            if let Some(budget) = self.limits.budget.filter(|_| over) {
                 while total > budget {
                     let Some(freed) = self.evict_for_budget(&mut state, pending) else {
                         break;
