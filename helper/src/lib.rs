@@ -172,6 +172,11 @@ pub struct Request<'a> {
     pub tenant: Option<&'a [u8]>,
     /// The request bytes.
     pub payload: &'a [u8],
+    /// For a request that came through the shared region: the size of the
+    /// window of the response half its reply may use (a reply up to this
+    /// size goes back through the region, a larger one through the pipe,
+    /// up to the frame limit). `None` for a request through the pipe.
+    pub reply_window: Option<u64>,
 }
 
 /// The error type a handler returns; its text becomes the Error frame.
@@ -465,6 +470,7 @@ impl Session {
                 id,
                 tenant: self.tenant.as_deref(),
                 payload: &self.inbuf,
+                reply_window: self.granted.map(|window| window.len),
             };
             let out = &mut self.outbuf;
             let outcome = catch_unwind(AssertUnwindSafe(|| handler(&request, out)));

@@ -208,6 +208,22 @@ fn responses_are_bounded_by_what_the_host_accepts() {
     let helper = Launcher::new(cfg).unwrap().launch().unwrap();
     let body: Vec<u8> = (0..1_000_000).map(|i| (i % 253) as u8).collect();
     assert_eq!(call(&helper, OP_ECHO, &body).unwrap(), body);
+    // Per request: through the pipe, the frame limit; through the region,
+    // its reply window (half the region over its slots), to the byte.
+    let mut cfg = c_config(&["--test-ops"]);
+    cfg.max_frame = 64 * 1024;
+    cfg.region_size = Some(4 << 20);
+    cfg.region_threshold = 32 * 1024;
+    cfg.region_slots = 2;
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(
+        call(&helper, OP_FILL, b"").unwrap(),
+        (64u64 * 1024).to_le_bytes()
+    );
+    assert_eq!(
+        call(&helper, OP_FILL, &vec![0u8; 40 * 1024]).unwrap(),
+        (1u64 << 20).to_le_bytes()
+    );
 }
 
 #[test]

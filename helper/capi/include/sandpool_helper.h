@@ -99,7 +99,8 @@ typedef struct sandpool_buf sandpool_buf;
  * Returns 0, or -1 (nothing appended) if out is NULL, data is NULL with len
  * > 0, the memory could not be allocated, data overlaps the buffer outside
  * its bytes, or the response would grow past the largest the host accepts
- * (its frame limit, or its shared region's size when it passed one).
+ * for this request (its frame limit; for a request that came through the
+ * shared region, the larger of that and the request's reply window).
  */
 int sandpool_buf_append(sandpool_buf *out, const uint8_t *data, size_t len);
 

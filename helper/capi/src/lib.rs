@@ -63,8 +63,9 @@ pub struct SandpoolBuf<'a> {
     out: &'a mut Vec<u8>,
     tenant: Option<&'a [u8]>,
     id: u64,
-    /// The largest response that could be sent at all (the frame limit, or
-    /// the shared region's size when one was passed): appends past it fail.
+    /// The largest response the host accepts for this request: the frame
+    /// limit, or for a request through the shared region the larger of
+    /// that and its reply window. Appends past it fail.
     limit: usize,
 }
 
@@ -201,16 +202,16 @@ fn serve(
         }
     };
     said_hello.set(true);
-    let limit = session
-        .region()
-        .map_or(0, |region| region.len())
-        .max(session.max_frame() as usize);
+    let max_frame = session.max_frame() as usize;
     let outcome = session.serve(|request: &Request<'_>, out: &mut Vec<u8>| {
+        let window = request
+            .reply_window
+            .map_or(0, |len| usize::try_from(len).unwrap_or(usize::MAX));
         let mut buf = SandpoolBuf {
             out,
             tenant: request.tenant,
             id: request.id,
-            limit,
+            limit: window.max(max_frame),
         };
         // SAFETY: `handler` is a non-null function pointer the caller of
         // `sandpool_serve` gave us with the header's `sandpool_handler`
