@@ -209,3 +209,14 @@ impl Bystanders {
             .collect()
     }
 }
+
+/// Runs the tests of one test binary one at a time while the guard lives
+/// (for tests that count the process's fds or children, or change its
+/// limits). Each test binary links its own copy of this crate, so each has
+/// its own lock; a test that panicked holding it does not poison the rest.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -13,15 +13,7 @@ use sandpool::{
     TimeLimit,
 };
 use sandpool_helper::reference::*;
-use sandpool_tests::{Bystanders, children, config, pool_config, process_exists, wait_for};
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use sandpool_tests::{Bystanders, children, config, pool_config, process_exists, serial, wait_for};
 
 /// Bystanders on `pool`, or on a pool of well-behaved helpers of their own
 /// (when the hostile pool's program misbehaves for every tenant).

@@ -11,15 +11,7 @@ use std::time::Duration;
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use sandpool::{CallError, FailureStats, Pool, PoolError};
 use sandpool_helper::reference::*;
-use sandpool_tests::{children, open_fds, pool_config, wait_for};
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use sandpool_tests::{children, open_fds, pool_config, serial, wait_for};
 
 fn set_soft(soft: u64) {
     let hard = getrlimit(Resource::Nofile).maximum;

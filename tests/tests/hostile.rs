@@ -15,11 +15,8 @@ use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViola
 use sandpool_helper::reference::*;
 use sandpool_protocol::DecodeError;
 use sandpool_tests::{
-    Bystanders, children, open_fds, pool_config, process_exists, rss_kib, wait_for,
+    Bystanders, children, open_fds, pool_config, process_exists, rss_kib, serial, wait_for,
 };
-
-/// The tests of this binary run one at a time: each counts the process's fds.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs one hostile case and checks everything around it.
 fn case(
@@ -92,9 +89,7 @@ fn short_call(pool: &Pool) -> CallError {
 
 #[test]
 fn hostile_helper_matrix() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial(); // each case counts the process's fds
     case(
         "claims a 4 GiB frame",
         &["--misbehave", "corpus:claims-4gib"],
@@ -270,9 +265,7 @@ fn hostile_helper_matrix() {
 /// comes with no call in flight.)
 #[test]
 fn hostile_resource_matrix() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial(); // each case counts the process's fds
     case(
         "allocates 3 GiB (default address-space limit)",
         &[],
@@ -318,9 +311,7 @@ fn hostile_resource_matrix() {
 /// from /dev/kmsg: where this process cannot read it, the name is absent).
 #[test]
 fn a_seccomp_kill_names_the_syscall_from_the_kernel_log() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial(); // each case counts the process's fds
     let readable = std::fs::File::open("/dev/kmsg").is_ok();
     let mut config = pool_config(&["--test-ops"]);
     config.spares = 0;
@@ -367,9 +358,7 @@ fn pipes_of(pid: u32) -> Vec<String> {
 
 #[test]
 fn a_helper_cannot_reach_another_tenants_data() {
-    let _serial = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _serial = serial(); // each case counts the process's fds
     let pool = Pool::new(pool_config(&["--test-ops"])).unwrap();
     pool.call("tenant-a", &request(OP_ECHO, b"a's page"))
         .unwrap();

@@ -14,15 +14,7 @@ use std::time::Duration;
 
 use sandpool::{CallError, Config, Pool};
 use sandpool_sql_helper::rusqlite::Connection;
-use sandpool_tests::{sql_helper_bin, wait_for};
-
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use sandpool_tests::{serial, sql_helper_bin, wait_for};
 
 fn sql_pool(request_timeout: Duration) -> Arc<Pool> {
     let mut config = Config::new(sql_helper_bin());

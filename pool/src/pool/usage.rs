@@ -223,6 +223,17 @@ impl Sampler {
     }
 }
 
+impl HelperMemory {
+    /// Counts `resident` bytes of a helper in its state.
+    fn add(&mut self, spare: bool, busy: bool, resident: u64) {
+        match (spare, busy) {
+            (true, _) => self.spare += resident,
+            (false, true) => self.busy += resident,
+            (false, false) => self.idle += resident,
+        }
+    }
+}
+
 /// The keeper's scratch space for samples, reused every time.
 #[derive(Default)]
 pub(super) struct Scratch {
@@ -275,12 +286,7 @@ impl Shared {
                 // Unreadable (e.g. the host is out of fds): its last sample
                 // still counts toward the budget, so the limits do not go
                 // blind under host pressure.
-                let resident = helper.usage.resident.load(Ordering::Relaxed);
-                match (spare, busy) {
-                    (true, _) => memory.spare += resident,
-                    (false, true) => memory.busy += resident,
-                    (false, false) => memory.idle += resident,
-                }
+                memory.add(*spare, busy, helper.usage.resident.load(Ordering::Relaxed));
                 continue;
             };
             if let Some(limit) = self.judge(helper, stat, sampler.tick_ns) {
@@ -299,11 +305,7 @@ impl Shared {
                 .usage
                 .resident
                 .store(stat.resident, Ordering::Relaxed);
-            match (spare, busy) {
-                (true, _) => memory.spare += stat.resident,
-                (false, true) => memory.busy += stat.resident,
-                (false, false) => memory.idle += stat.resident,
-            }
+            memory.add(*spare, busy, stat.resident);
         }
         let mut total = memory.total();
         // Evictions help only if the busy helpers alone fit the budget:
