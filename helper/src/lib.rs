@@ -4,15 +4,18 @@
 //! [`Session::serve`]) first thing. The runtime then runs the fixed startup
 //! order of the security contract before it reads a single byte from the host:
 //!
-//! 1. read the [`SandboxSpec`] the host put in `SANDPOOL_SANDBOX` and compile
-//!    the seccomp filter (compiling allocates; installing later does not);
+//! 1. read the [`SandboxSpec`] the host put in `SANDPOOL_SANDBOX`;
 //! 2. take fds 0 and 1 as the protocol pipes;
 //! 3. close every other inherited fd (`close_range(3, ~0, 0)`), measured;
 //! 4. drop capabilities: the bounding set (when the helper holds
 //!    `CAP_SETPCAP`, as a root helper does) and the ambient set first, then
 //!    switch to the spec's `uid`/`gid` if any (`setgroups([])`, `setresgid`,
 //!    `setresuid`), then empty the effective, inheritable and permitted
-//!    sets;
+//!    sets; then run the init hook, if any ([`sandbox_with_init`]), check
+//!    that the only fds open above 2 are those it declared ([`Init::keep`]),
+//!    and compile the seccomp filter with `read` (and `write`, for a file
+//!    opened for writing) allowed on exactly those (compiling allocates;
+//!    installing later does not);
 //! 5. set no_new_privs; 6. apply rlimits (core dumps always off);
 //! 7. install a panic hook that writes the message and location to stderr
 //!    without capturing a backtrace (std's default hook would, with
@@ -34,16 +37,17 @@ pub mod redo;
 pub mod reference;
 
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use sandpool_protocol::{
-    DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, Kind, MAX_ERROR_MESSAGE,
-    PayloadError, RegionError, RegionRef, RegionRequest, SPEC_ENV, SandboxSpec, SpecError,
-    decode_bind, encode_frame,
+    DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, KeptFd, Kind,
+    MAX_ERROR_MESSAGE, MAX_KEPT_FDS, MAX_KEPT_PATH, PayloadError, RegionError, RegionRef,
+    RegionRequest, SPEC_ENV, SandboxSpec, SpecError, decode_bind, encode_frame,
 };
 use sandpool_sandbox::{
-    CapabilityError, CloseFdsError, InstallError, NoNewPrivsError, PolicyError, RlimitError,
-    SharedRegion, StdioError, StdioPipe, SwitchUserError,
+    CapabilityError, CloseFdsError, DescribeFdError, InstallError, NoNewPrivsError, PolicyError,
+    RlimitError, SharedRegion, StdioError, StdioPipe, SwitchUserError,
 };
 pub use sandpool_sandbox::{FdCloseStrategy, SeccompPolicy};
 use thiserror::Error;
@@ -116,12 +120,34 @@ pub enum StartupError {
     /// The init hook failed.
     #[error("the helper's init hook failed: {0}")]
     Init(String),
-    /// The init hook left fds open (beyond 0, 1, 2): the host would refuse
-    /// the Hello, so the helper does not start.
+    /// The init hook left fds open (beyond 0, 1, 2) that it did not
+    /// declare with [`Init::keep`]: the host would refuse the Hello, so the
+    /// helper does not start.
     #[error(
-        "the helper's init hook left {0} fds open beyond stdin, stdout and stderr (kept fds cannot be declared)"
+        "the helper's init hook left {0} fds open beyond stdin, stdout and stderr that it did not declare (Init::keep)"
     )]
     InitKeptFds(u32),
+    /// The init hook declared an fd that could not be described (not
+    /// open, its target unreadable).
+    #[error("a kept fd the init hook declared: {0}")]
+    KeptFd(#[from] DescribeFdError),
+    /// The init hook declared fd 0, 1 or 2, or a negative number.
+    #[error("the init hook declared fd {0} kept: only fds at or above 3 can be")]
+    KeptStdio(RawFd),
+    /// The init hook declared more fds than a Hello can carry.
+    #[error("the init hook declared {declared} fds kept; a Hello carries at most {MAX_KEPT_FDS}")]
+    TooManyKeptFds {
+        /// How many it declared.
+        declared: usize,
+    },
+    /// A kept fd's path is longer than a Hello can carry.
+    #[error("kept fd {fd}'s path is {len} bytes; a Hello carries at most {MAX_KEPT_PATH}")]
+    KeptPathTooLong {
+        /// The fd.
+        fd: RawFd,
+        /// Its path's length.
+        len: usize,
+    },
     /// The Hello could not be written.
     #[error("writing the Hello frame failed: {0}")]
     Hello(io::Error),
@@ -203,7 +229,85 @@ pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
 
 /// Runs the startup sequence with an explicit spec.
 pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandboxed, StartupError> {
-    sandbox_with_init(options, spec, || Ok(()))
+    sandbox_with_init(options, spec, |_| Ok(()))
+}
+
+/// What an init hook may tell the runtime: the fds it keeps open.
+///
+/// A library that must hold a file while it serves (a table it reads on
+/// demand, a random device it reads from) opens it in the init hook and
+/// declares it here. The runtime reports each kept fd in the Hello (its
+/// number, access mode and `/proc/self/fd` target), allows `read` and
+/// `pread64` on exactly it (and `write`, `pwrite64` if it was opened for
+/// writing), and the host checks the declaration against
+/// `/proc/PID/fd`, and against the paths its configuration allows
+/// (`sandbox.kept_fds`, none by default: a helper that keeps any fd is
+/// refused unless the host allows that file). Any fd open and not
+/// declared fails the start-up ([`StartupError::InitKeptFds`]).
+#[derive(Debug, Default)]
+pub struct Init {
+    kept: Vec<RawFd>,
+}
+
+impl Init {
+    /// Declares that `fd` stays open after the init hook. The fd must stay
+    /// open (the caller owns it and must not close it while serving: a
+    /// kept fd that is closed cannot be opened again under the filter).
+    pub fn keep(&mut self, fd: impl AsFd) -> &mut Self {
+        self.keep_raw(fd.as_fd().as_raw_fd())
+    }
+
+    /// [`keep`](Self::keep) by number, for an fd a library holds without
+    /// an owner Rust can borrow (the C runtime's `sandpool_keep_fd`).
+    pub fn keep_raw(&mut self, fd: RawFd) -> &mut Self {
+        self.kept.push(fd);
+        self
+    }
+
+    /// The fds declared so far, in declaration order.
+    pub fn kept(&self) -> &[RawFd] {
+        &self.kept
+    }
+}
+
+/// Describes the fds an init hook declared, sorted and without
+/// duplicates, and checks that no other fd above stdio is open.
+fn declare_kept_fds(declared: &[RawFd]) -> Result<Vec<KeptFd>, StartupError> {
+    let mut fds = declared.to_vec();
+    fds.sort_unstable();
+    fds.dedup();
+    if fds.len() > MAX_KEPT_FDS {
+        return Err(StartupError::TooManyKeptFds {
+            declared: fds.len(),
+        });
+    }
+    let mut kept = Vec::with_capacity(fds.len());
+    for fd in fds {
+        let number = u32::try_from(fd)
+            .ok()
+            .filter(|n| *n >= 3)
+            .ok_or(StartupError::KeptStdio(fd))?;
+        let (path, access) = sandpool_sandbox::describe_fd(fd)?;
+        if path.len() > MAX_KEPT_PATH {
+            return Err(StartupError::KeptPathTooLong {
+                fd,
+                len: path.len(),
+            });
+        }
+        kept.push(KeptFd {
+            fd: number,
+            access,
+            path,
+        });
+    }
+    // Every declared fd is open (describe_fd read it), so the count tells
+    // whether anything else is.
+    let open = sandpool_sandbox::count_open_fds_above_stdio();
+    let undeclared = open.saturating_sub(kept.len() as u32);
+    if undeclared > 0 {
+        return Err(StartupError::InitKeptFds(undeclared));
+    }
+    Ok(kept)
 }
 
 /// Runs the startup sequence with an explicit spec and an init hook: `init`
@@ -211,20 +315,19 @@ pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandbox
 /// (and the user switched, if configured), before no_new_privs, the
 /// rlimits and the seccomp filter, for a library to set itself up while it
 /// still may (seed its generator from `/dev/urandom`, load its tables,
-/// read its time zone). It may open files but must close them again: an fd
-/// it leaves open fails the start-up here (`InitKeptFds`), as it would
-/// fail the host's check of the Hello; declaring kept fds is not supported.
-/// Its error fails the start-up (exit 70).
+/// read its time zone). It may open files; each one it leaves open must be
+/// declared with [`Init::keep`] (see [`Init`]), or the start-up fails
+/// (`InitKeptFds`), as it would fail the host's check of the Hello. Its
+/// error fails the start-up (exit 70).
 pub fn sandbox_with_init(
     options: &Options,
     spec: SandboxSpec,
-    init: impl FnOnce() -> Result<(), HandlerError>,
+    init: impl FnOnce(&mut Init) -> Result<(), HandlerError>,
 ) -> Result<Sandboxed, StartupError> {
     let mut policy = options.policy.clone();
     for name in &spec.extra_syscalls {
         policy.allow_name(name).map_err(StartupError::Policy)?;
     }
-    let filter = policy.compile(spec.seccomp).map_err(StartupError::Policy)?;
     let (input, output) = sandpool_sandbox::take_protocol_stdio()?;
     // Map what the helper needs before its inherited fds (fd 3 among them)
     // are closed: the mapping outlives the fd.
@@ -243,11 +346,15 @@ pub fn sandbox_with_init(
     if options.drop_capabilities {
         sandpool_sandbox::clear_capabilities()?;
     }
-    init().map_err(|err| StartupError::Init(err.to_string()))?;
-    let kept = sandpool_sandbox::count_open_fds_above_stdio();
-    if kept > 0 {
-        return Err(StartupError::InitKeptFds(kept));
+    let mut declared = Init::default();
+    init(&mut declared).map_err(|err| StartupError::Init(err.to_string()))?;
+    let kept_fds = declare_kept_fds(&declared.kept)?;
+    for kept in &kept_fds {
+        policy
+            .allow_kept_fd(kept.fd, kept.access)
+            .map_err(StartupError::Policy)?;
     }
+    let filter = policy.compile(spec.seccomp).map_err(StartupError::Policy)?;
     sandpool_sandbox::set_no_new_privs()?;
     sandpool_sandbox::apply_rlimits(&spec.rlimits)?;
     // Read before the filter, which does not allow getuid/getgid.
@@ -269,6 +376,7 @@ pub fn sandbox_with_init(
         uid,
         gid,
         build_id: options.build_id.clone(),
+        kept_fds,
     };
     Ok(Sandboxed {
         hello,
@@ -309,7 +417,7 @@ pub fn start(options: &Options) -> Result<Session, StartupError> {
 /// [`start`] with an init hook (see [`sandbox_with_init`]).
 pub fn start_with_init(
     options: &Options,
-    init: impl FnOnce() -> Result<(), HandlerError>,
+    init: impl FnOnce(&mut Init) -> Result<(), HandlerError>,
 ) -> Result<Session, StartupError> {
     let text = std::env::var(SPEC_ENV).map_err(|_| StartupError::MissingSpec)?;
     let spec = SandboxSpec::decode(&text)?;
@@ -704,14 +812,14 @@ pub fn serve_main<H>(options: &Options, handler: H) -> !
 where
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
 {
-    serve_main_with_init(options, || Ok(()), handler)
+    serve_main_with_init(options, |_| Ok(()), handler)
 }
 
 /// [`serve_main`] with an init hook, run before the sandbox closes (see
 /// [`sandbox_with_init`] for where it runs and what it may do).
 pub fn serve_main_with_init<I, H>(options: &Options, init: I, handler: H) -> !
 where
-    I: FnOnce() -> Result<(), HandlerError>,
+    I: FnOnce(&mut Init) -> Result<(), HandlerError>,
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
 {
     let session = match start_with_init(options, init) {

@@ -9,10 +9,13 @@
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
 //!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`,
-//!   `keep-fd`, `corpus:<case>`).
+//!   `keep-fd`, `lie-kept-path`, `lie-kept-access`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
-//! - `--init urandom|keep-fd`: an init hook before the sandbox closes (read a
-//!   seed from `/dev/urandom`; or keep `/dev/null` open, which fails the start).
+//! - `--init urandom|keep-fd|keep-urandom|keep-null-rw`: an init hook before
+//!   the sandbox closes (read a seed from `/dev/urandom`; keep `/dev/null`
+//!   open undeclared, which fails the start; keep `/dev/urandom` open,
+//!   declared, for `OP_SEED` to read; keep `/dev/null` open read-write,
+//!   declared).
 //!
 //! It starts without std's runtime set-up (`#![no_main]` and a C `main`):
 //! that set-up reads `/proc/self/maps` to place a guard page under the main
@@ -36,12 +39,17 @@ use sandpool_protocol::{
     HEADER_LEN, Kind, MAX_FRAME_CEILING, SPEC_ENV, SandboxSpec, SeccompMode, corpus, encode_frame,
 };
 
+/// The init hooks `--init` knows.
+const INITS: &[&str] = &["urandom", "keep-fd", "keep-urandom", "keep-null-rw"];
+
 struct Args {
     test_ops: bool,
     misbehave: Option<String>,
     fd_walk: bool,
     /// `--init NAME`: an init hook (`urandom`: read a seed from
-    /// /dev/urandom and close it; `keep-fd`: open /dev/null and keep it).
+    /// /dev/urandom and close it; `keep-fd`: open /dev/null and keep it
+    /// undeclared; `keep-urandom`: keep /dev/urandom open, declared;
+    /// `keep-null-rw`: keep /dev/null open read-write, declared).
     init: Option<String>,
 }
 
@@ -59,8 +67,8 @@ fn parse_args() -> Result<Args, String> {
             "--fd-walk" => args.fd_walk = true,
             "--init" => {
                 let name = argv.next().ok_or("--init needs a name")?;
-                if !matches!(name.as_str(), "urandom" | "keep-fd") {
-                    return Err(format!("unknown init {name:?}: urandom or keep-fd"));
+                if !INITS.contains(&name.as_str()) {
+                    return Err(format!("unknown init {name:?}: one of {INITS:?}"));
                 }
                 args.init = Some(name);
             }
@@ -115,7 +123,11 @@ fn run() {
     let handler = move |request: &Request<'_>, out: &mut Vec<u8>| handle(test_ops, request, out);
     let Some(misbehave) = args.misbehave else {
         let init = args.init;
-        sandpool_helper::serve_main_with_init(&options, move || run_init(init.as_deref()), handler);
+        sandpool_helper::serve_main_with_init(
+            &options,
+            move |declared| run_init(init.as_deref(), declared),
+            handler,
+        );
     };
     let session = misbehaving_start(&options, &misbehave)
         .unwrap_or_else(|err| fail(EXIT_STARTUP_FAILED, &err));
@@ -188,7 +200,15 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
             std::io::stderr().write_all(body)?;
             out.extend_from_slice(body);
         }
-        OP_SEED => out.extend_from_slice(SEED.get().ok_or("no --init urandom")?),
+        OP_SEED => match KEPT_FD.get() {
+            Some(mut kept) => {
+                use std::io::Read;
+                let mut seed = [0u8; 16];
+                kept.read_exact(&mut seed)?;
+                out.extend_from_slice(&seed);
+            }
+            None => out.extend_from_slice(SEED.get().ok_or("no --init urandom")?),
+        },
         OP_GROW => {
             let mib: [u8; 4] = body
                 .get(..4)
@@ -213,21 +233,34 @@ fn handle(test_ops: bool, request: &Request<'_>, out: &mut Vec<u8>) -> Result<()
 
 /// What the `urandom` init read, for `OP_SEED`.
 static SEED: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
-/// What the `keep-fd` init keeps open (and so fails the start-up).
+/// What the `keep-*` inits keep open (`keep-fd` fails the start-up: it
+/// does not declare it).
 static KEPT_FD: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
 /// The init hook `--init` asked for: it runs before the sandbox closes.
-fn run_init(init: Option<&str>) -> Result<(), HandlerError> {
+fn run_init(init: Option<&str>, declared: &mut sandpool_helper::Init) -> Result<(), HandlerError> {
     use std::io::Read;
+    let keep = |file: std::fs::File| KEPT_FD.get_or_init(|| file);
     match init {
         Some("urandom") => {
             let mut seed = [0u8; 16];
             std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
             let _ = SEED.set(seed);
         }
-        Some(_) => {
-            let _ = KEPT_FD.set(std::fs::File::open("/dev/null")?);
+        Some("keep-fd") => {
+            keep(std::fs::File::open("/dev/null")?);
         }
+        Some("keep-urandom") => {
+            declared.keep(keep(std::fs::File::open("/dev/urandom")?));
+        }
+        Some("keep-null-rw") => {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")?;
+            declared.keep(keep(file));
+        }
+        Some(other) => return Err(format!("unknown init {other:?}").into()),
         None => {}
     }
     Ok(())
@@ -303,8 +336,24 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
             .allow_name("dup")
             .map_err(|err| err.to_string())?;
     }
+    // The kept-fd lies keep a file open, declared, then misreport it.
+    let init = match misbehave {
+        "lie-kept-path" => Some("keep-urandom"),
+        "lie-kept-access" => Some("keep-null-rw"),
+        _ => None,
+    };
     let mut sandboxed =
-        sandpool_helper::sandbox_with_spec(&options, spec).map_err(|e| e.to_string())?;
+        sandpool_helper::sandbox_with_init(&options, spec, |declared| run_init(init, declared))
+            .map_err(|e| e.to_string())?;
+    for kept in &mut sandboxed.hello.kept_fds {
+        match misbehave {
+            // Claims the kept fd is another file (one a host may allow).
+            "lie-kept-path" => kept.path = b"/dev/zero".to_vec(),
+            // Claims a read-write fd is read-only.
+            "lie-kept-access" => kept.access = sandpool_protocol::FdAccess::Read,
+            _ => {}
+        }
+    }
     if misbehave == "keep-fd" {
         // Keeps an fd the host never declared (fd 5, a dup of stdout) open
         // past its Hello, which says nothing of it.

@@ -45,7 +45,9 @@ pub const OP_MADVISE_DONTNEED: u8 = 0x22;
 pub const OP_GROW: u8 = 0x30;
 
 /// Test op: answers the 16 bytes the `--init urandom` hook read from
-/// `/dev/urandom` before the sandbox closed.
+/// `/dev/urandom` before the sandbox closed; with `--init keep-urandom`,
+/// 16 bytes read now, under the filter, from the `/dev/urandom` fd the
+/// hook kept and declared.
 pub const OP_SEED: u8 = 0x31;
 
 /// Builds an [`OP_GROW`] request: grow by `mib` MiB, touched and kept.
@@ -90,5 +92,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "spin-after-reply",
     "keep-caps",
     "keep-fd",
+    "lie-kept-path",
+    "lie-kept-access",
     "corpus:<case name>",
 ];

@@ -73,7 +73,8 @@ pub struct SandboxConfig {
     pub allow_fd_walk_fallback: bool,
     /// Cross-check every Hello against the kernel: `/proc/PID/status`
     /// (`Seccomp`, `NoNewPrivs`, the capability sets, `Uid`, `Gid`) and
-    /// `/proc/PID/fd` (only 0, 1, 2 open).
+    /// `/proc/PID/fd` (only 0, 1, 2 and the declared kept fds open, each as
+    /// declared).
     /// Default `true`.
     pub verify_with_proc: bool,
     /// The user the helper switches to at startup (`setresuid`), by name or
@@ -85,6 +86,64 @@ pub struct SandboxConfig {
     /// name or number. Default: `user`'s primary group when `user` is set,
     /// else none. Only a root host may set it.
     pub group: Option<String>,
+    /// The files a helper's init hook may keep open while it serves
+    /// (declared in its Hello, e.g. `[{ path = "/dev/urandom" }]`). Each
+    /// declared fd must name a path allowed here (exactly, or under an
+    /// entry that ends in `/`), and must be read-only unless its entry says
+    /// `write = true`; with `verify_with_proc` the host checks the
+    /// declaration against `/proc/PID/fd` (the target) and
+    /// `/proc/PID/fdinfo` (the access mode). Default none: a helper that
+    /// keeps any fd is refused.
+    pub kept_fds: Vec<KeptFdRule>,
+}
+
+/// A file (or, with a trailing `/`, the files under a directory) a helper
+/// may keep open: an entry of [`SandboxConfig::kept_fds`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeptFdRule {
+    /// An absolute, normalised path (no `.`, `..` or empty components), as
+    /// `/proc/PID/fd` names files; ending in `/`, every file under that
+    /// directory.
+    pub path: PathBuf,
+    /// The fd may be open for writing (write-only or read-write). Default
+    /// `false`.
+    #[serde(default)]
+    pub write: bool,
+}
+
+impl KeptFdRule {
+    /// Whether this entry allows a kept fd on `path` (bytes as the kernel
+    /// names it) opened for writing or not.
+    pub(crate) fn allows(&self, path: &[u8], writes: bool) -> bool {
+        let own = self.path.as_os_str().as_encoded_bytes();
+        let matches = if own.ends_with(b"/") {
+            path.len() > own.len() && path.starts_with(own)
+        } else {
+            path == own
+        };
+        matches && (self.write || !writes)
+    }
+
+    /// The entry's problem, if any: not absolute, not normalised, too long.
+    fn problem(&self) -> Option<&'static str> {
+        let bytes = self.path.as_os_str().as_encoded_bytes();
+        if !bytes.starts_with(b"/") {
+            return Some("is not absolute");
+        }
+        if bytes.len() > sandpool_protocol::MAX_KEPT_PATH || bytes.contains(&0) {
+            return Some("is longer than a Hello carries (4095 bytes) or holds a NUL");
+        }
+        let inner = bytes[1..].strip_suffix(b"/").unwrap_or(&bytes[1..]);
+        let normal = inner.is_empty() && bytes.len() == 1
+            || inner
+                .split(|b| *b == b'/')
+                .all(|part| !part.is_empty() && part != b"." && part != b"..");
+        if !normal {
+            return Some("is not normalised (an empty, `.` or `..` component)");
+        }
+        None
+    }
 }
 
 impl Default for SandboxConfig {
@@ -97,6 +156,7 @@ impl Default for SandboxConfig {
             verify_with_proc: true,
             user: None,
             group: None,
+            kept_fds: Vec::new(),
         }
     }
 }
@@ -588,6 +648,14 @@ impl HelperConfig {
             })?;
         }
         self.sandbox.resolve_ids()?;
+        for rule in &self.sandbox.kept_fds {
+            if let Some(problem) = rule.problem() {
+                return Err(ConfigError::new(
+                    "sandbox.kept_fds",
+                    format!("{:?} {problem}", rule.path),
+                ));
+            }
+        }
         if let Some(name) = self
             .env_allowlist
             .iter()

@@ -174,6 +174,32 @@ pub enum HelloRefusal {
         /// The extra fds.
         fds: Vec<i32>,
     },
+    /// The helper declared a kept fd the configuration does not allow
+    /// (`sandbox.kept_fds`): its path is not listed, or it is open for
+    /// writing and its entry does not say `write = true`.
+    #[error(
+        "helper keeps fd {fd} open on {path:?} ({access}), which sandbox.kept_fds does not allow"
+    )]
+    KeptFdNotAllowed {
+        /// The fd.
+        fd: u32,
+        /// The path it declared.
+        path: String,
+        /// Its declared access mode (`read`, `write`, `read-write`).
+        access: &'static str,
+    },
+    /// The kernel's view of a declared kept fd differs from the Hello's:
+    /// another file (`/proc/PID/fd/N`), or another access mode
+    /// (`/proc/PID/fdinfo/N`), or it is not open at all.
+    #[error("helper's kept fd {fd}: the Hello says {declared:?}, the kernel says {kernel:?}")]
+    KeptFdMismatch {
+        /// The fd.
+        fd: u32,
+        /// What the Hello declared (a path, or an access mode).
+        declared: String,
+        /// What the kernel shows.
+        kernel: String,
+    },
     /// `/proc/PID` could not be read to cross-check the Hello.
     #[error("cross-checking /proc/{pid} failed")]
     ProcUnreadable {

@@ -33,8 +33,8 @@ mod telemetry;
 pub use bytesize::ByteSize;
 pub use config::{
     BackoffConfig, Config, ConfigError, DEFAULT_ADDRESS_SPACE, DEFAULT_MAX_HELPER_MEMORY,
-    DEFAULT_MAX_IDLE_CPU, HelperConfig, LaunchMode, MAX_DURATION, MIN_ADDRESS_SPACE, MemoryBudget,
-    RlimitConfig, SandboxConfig, SizeLimit, TimeLimit,
+    DEFAULT_MAX_IDLE_CPU, HelperConfig, KeptFdRule, LaunchMode, MAX_DURATION, MIN_ADDRESS_SPACE,
+    MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit, TimeLimit,
 };
 pub use conn::Helper;
 pub use error::{
@@ -43,7 +43,8 @@ pub use error::{
 pub use launch::Launcher;
 pub use pool::{CloseCause, FailureStats, HelperInfo, HelperMemory, Pool, PoolError, Stats};
 pub use sandpool_protocol::{
-    DecodeError, FdCloseMethod, Hello, Kind, PayloadError, RegionError, RlimitSpec, SeccompMode,
+    DecodeError, FdAccess, FdCloseMethod, Hello, KeptFd, Kind, PayloadError, RegionError,
+    RlimitSpec, SeccompMode,
 };
 pub use telemetry::METRICS;
 

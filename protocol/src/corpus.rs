@@ -74,6 +74,7 @@ pub fn sample_hello() -> Hello {
         uid: 0,
         gid: 0,
         build_id: "corpus".into(),
+        kept_fds: Vec::new(),
     }
 }
 
@@ -146,9 +147,15 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "hello-over-its-own-limit",
             direction: Up,
-            bytes: raw_header(magic, VERSION, Kind::Hello as u8, 0, 4096),
+            bytes: raw_header(
+                magic,
+                VERSION,
+                Kind::Hello as u8,
+                0,
+                crate::MAX_HELLO_LEN as u32 + 1,
+            ),
             expect: Expect::Error(DecodeError::Oversized {
-                len: 4096,
+                len: crate::MAX_HELLO_LEN as u32 + 1,
                 max: crate::MAX_HELLO_LEN as u32,
             }),
         },

@@ -31,8 +31,9 @@ pub const DEFAULT_MAX_FRAME: u32 = 1 << 20;
 /// The largest `max_frame` a configuration may choose (256 MiB). Larger
 /// payloads belong in a shared memory region, not in a pipe.
 pub const MAX_FRAME_CEILING: u32 = 256 << 20;
-/// The smallest `max_frame` a configuration may choose: every Hello, Bind and
-/// truncated Error message must fit.
+/// The smallest `max_frame` a configuration may choose: every Hello without
+/// kept fds, every Bind and every truncated Error message must fit. (A Hello
+/// that declares kept fds must fit the configured limit too.)
 pub const MIN_FRAME_LIMIT: u32 = 512;
 
 /// Which way a frame travels. Each [`Kind`] is legal in one direction only.

@@ -81,6 +81,73 @@ pub struct Hello {
     pub gid: u32,
     /// An identifier of the helper build (free-form, at most [`MAX_BUILD_ID`] bytes).
     pub build_id: String,
+    /// The fds the helper's init hook opened and kept (flag bit 2), sorted
+    /// by fd, at most [`MAX_KEPT_FDS`]. Every other fd at or above 3 is
+    /// closed.
+    pub kept_fds: Vec<KeptFd>,
+}
+
+/// The most fds a Hello may declare kept.
+pub const MAX_KEPT_FDS: usize = 16;
+/// The longest path a kept fd may declare, in bytes (`PATH_MAX` less the NUL).
+pub const MAX_KEPT_PATH: usize = 4095;
+
+/// How a kept fd was opened (its `O_ACCMODE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FdAccess {
+    /// `O_RDONLY`.
+    Read = 0,
+    /// `O_WRONLY`.
+    Write = 1,
+    /// `O_RDWR`.
+    ReadWrite = 2,
+}
+
+impl FdAccess {
+    /// The access mode of `O_ACCMODE` bits (0, 1 or 2).
+    pub fn from_accmode(bits: u32) -> Option<FdAccess> {
+        Some(match bits {
+            0 => FdAccess::Read,
+            1 => FdAccess::Write,
+            2 => FdAccess::ReadWrite,
+            _ => return None,
+        })
+    }
+
+    /// Whether the fd can be written through.
+    pub fn writes(self) -> bool {
+        self != FdAccess::Read
+    }
+
+    /// `"read"`, `"write"` or `"read-write"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FdAccess::Read => "read",
+            FdAccess::Write => "write",
+            FdAccess::ReadWrite => "read-write",
+        }
+    }
+}
+
+/// A file the helper's init hook opened and keeps open while it serves:
+/// declared in the Hello, checked by the host against `/proc/PID/fd`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeptFd {
+    /// The fd number (at least 3).
+    pub fd: u32,
+    /// Its access mode.
+    pub access: FdAccess,
+    /// Its target as `/proc/self/fd/N` reads (bytes: a Linux path), 1 to
+    /// [`MAX_KEPT_PATH`] bytes.
+    pub path: Vec<u8>,
+}
+
+impl KeptFd {
+    /// The path, for messages (invalid UTF-8 replaced).
+    pub fn path_lossy(&self) -> std::borrow::Cow<'_, str> {
+        String::from_utf8_lossy(&self.path)
+    }
 }
 
 /// Why a Hello or Bind payload could not be decoded.
@@ -143,10 +210,16 @@ const HELLO_FIXED: usize = 30;
 const FLAG_CAPS_CLEARED: u8 = 1 << 0;
 /// Flag bit 1 of Hello byte 3: [`Hello::bounding_cleared`].
 const FLAG_BOUNDING_CLEARED: u8 = 1 << 1;
+/// Flag bit 2 of Hello byte 3: a kept-fd list follows the build id.
+const FLAG_KEPT_FDS: u8 = 1 << 2;
 /// Every flag bit this version knows; any other bit set is refused.
-const KNOWN_FLAGS: u8 = FLAG_CAPS_CLEARED | FLAG_BOUNDING_CLEARED;
-/// The longest Hello payload: the fixed part and the longest build id.
-pub const MAX_HELLO_LEN: usize = HELLO_FIXED + MAX_BUILD_ID;
+const KNOWN_FLAGS: u8 = FLAG_CAPS_CLEARED | FLAG_BOUNDING_CLEARED | FLAG_KEPT_FDS;
+/// A kept-fd entry's fixed part: u32 fd, u8 access, u16 path length.
+const KEPT_FIXED: usize = 7;
+/// The longest Hello payload: the fixed part, the longest build id and the
+/// longest kept-fd list.
+pub const MAX_HELLO_LEN: usize =
+    HELLO_FIXED + MAX_BUILD_ID + 1 + MAX_KEPT_FDS * (KEPT_FIXED + MAX_KEPT_PATH);
 
 impl Hello {
     /// Encodes the Hello payload.
@@ -156,15 +229,23 @@ impl Hello {
     /// 4 u32 pid | 8 u32 fds_closed | 12 u64 fd_close_nanos
     /// 20 u32 uid | 24 u32 gid
     /// 28 u16 build id length | 30.. build id (UTF-8)
+    /// only with flag bit 2, after the build id:
+    ///   u8 count (1..=16), then per kept fd, in increasing fd order:
+    ///   u32 fd (>= 3) | u8 access (0 read, 1 write, 2 read-write)
+    ///   | u16 path length (1..=4095) | path bytes
     /// ```
     ///
     /// Flags (byte 3): bit 0 [`caps_cleared`](Self::caps_cleared), bit 1
-    /// [`bounding_cleared`](Self::bounding_cleared); the other bits are 0 and
-    /// a Hello with any of them set is refused. (Bytes 3 and 20..28 were
+    /// [`bounding_cleared`](Self::bounding_cleared), bit 2 a kept-fd list
+    /// follows (set exactly when [`kept_fds`](Self::kept_fds) is not empty);
+    /// the other bits are 0 and a Hello with any of them set is refused. (Bytes 3 and 20..28 were
     /// reserved zeros before; an old helper's Hello decodes as "no
     /// capability dropped, uid 0, gid 0", which a host refuses.)
     ///
     /// A build id longer than [`MAX_BUILD_ID`] is cut at a character boundary.
+    /// The kept fds are written as given; a helper runtime declares at most
+    /// [`MAX_KEPT_FDS`], sorted, each path within [`MAX_KEPT_PATH`] (the
+    /// decoder refuses anything else).
     pub fn encode(&self) -> Vec<u8> {
         let mut id_len = self.build_id.len().min(MAX_BUILD_ID);
         while !self.build_id.is_char_boundary(id_len) {
@@ -181,6 +262,9 @@ impl Hello {
         if self.bounding_cleared {
             flags |= FLAG_BOUNDING_CLEARED;
         }
+        if !self.kept_fds.is_empty() {
+            flags |= FLAG_KEPT_FDS;
+        }
         out.push(flags);
         out.extend_from_slice(&self.pid.to_le_bytes());
         out.extend_from_slice(&self.fds_closed.to_le_bytes());
@@ -189,6 +273,16 @@ impl Hello {
         out.extend_from_slice(&self.gid.to_le_bytes());
         out.extend_from_slice(&(id_len as u16).to_le_bytes());
         out.extend_from_slice(&self.build_id.as_bytes()[..id_len]);
+        if !self.kept_fds.is_empty() {
+            out.push(u8::try_from(self.kept_fds.len()).unwrap_or(u8::MAX));
+            for kept in &self.kept_fds {
+                out.extend_from_slice(&kept.fd.to_le_bytes());
+                out.push(kept.access as u8);
+                let len = u16::try_from(kept.path.len()).unwrap_or(u16::MAX);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(&kept.path[..usize::from(len)]);
+            }
+        }
         out
     }
 
@@ -241,12 +335,19 @@ impl Hello {
                 max: MAX_BUILD_ID,
             });
         }
-        let end = HELLO_FIXED + id_len;
-        let id_bytes = bytes.get(HELLO_FIXED..end).ok_or(PayloadError::Truncated {
-            what: WHAT,
-            needed: end,
-            got: bytes.len(),
-        })?;
+        let id_end = HELLO_FIXED + id_len;
+        let id_bytes = bytes
+            .get(HELLO_FIXED..id_end)
+            .ok_or(PayloadError::Truncated {
+                what: WHAT,
+                needed: id_end,
+                got: bytes.len(),
+            })?;
+        let (kept_fds, end) = if flags & FLAG_KEPT_FDS != 0 {
+            decode_kept_fds(bytes, id_end)?
+        } else {
+            (Vec::new(), id_end)
+        };
         if bytes.len() > end {
             return Err(PayloadError::TrailingBytes {
                 what: WHAT,
@@ -271,8 +372,79 @@ impl Hello {
             uid: u32_at(20),
             gid: u32_at(24),
             build_id,
+            kept_fds,
         })
     }
+}
+
+/// Decodes the kept-fd list of a Hello starting at `at`; returns it and
+/// where it ends.
+fn decode_kept_fds(bytes: &[u8], at: usize) -> Result<(Vec<KeptFd>, usize), PayloadError> {
+    const WHAT: &str = "Hello";
+    let truncated = |needed: usize| PayloadError::Truncated {
+        what: WHAT,
+        needed,
+        got: bytes.len(),
+    };
+    let count = usize::from(*bytes.get(at).ok_or_else(|| truncated(at + 1))?);
+    if count == 0 || count > MAX_KEPT_FDS {
+        return Err(PayloadError::BadLength {
+            what: WHAT,
+            field: "kept_fds",
+            len: count,
+            min: 1,
+            max: MAX_KEPT_FDS,
+        });
+    }
+    let mut pos = at + 1;
+    let mut kept: Vec<KeptFd> = Vec::with_capacity(count);
+    for _ in 0..count {
+        let fixed = bytes
+            .get(pos..pos + KEPT_FIXED)
+            .ok_or_else(|| truncated(pos + KEPT_FIXED))?;
+        let fd = u32::from_le_bytes([fixed[0], fixed[1], fixed[2], fixed[3]]);
+        let after_previous = kept.last().is_none_or(|previous| fd > previous.fd);
+        if fd < 3 || !after_previous {
+            return Err(PayloadError::InvalidField {
+                what: WHAT,
+                field: "kept_fd",
+                value: fd.into(),
+            });
+        }
+        let access = FdAccess::from_accmode(fixed[4].into()).ok_or(PayloadError::InvalidField {
+            what: WHAT,
+            field: "kept_fd_access",
+            value: fixed[4].into(),
+        })?;
+        let len = usize::from(u16::from_le_bytes([fixed[5], fixed[6]]));
+        if len == 0 || len > MAX_KEPT_PATH {
+            return Err(PayloadError::BadLength {
+                what: WHAT,
+                field: "kept_fd_path",
+                len,
+                min: 1,
+                max: MAX_KEPT_PATH,
+            });
+        }
+        pos += KEPT_FIXED;
+        let path = bytes
+            .get(pos..pos + len)
+            .ok_or_else(|| truncated(pos + len))?;
+        if path.contains(&0) {
+            return Err(PayloadError::InvalidField {
+                what: WHAT,
+                field: "kept_fd_path",
+                value: 0,
+            });
+        }
+        pos += len;
+        kept.push(KeptFd {
+            fd,
+            access,
+            path: path.to_vec(),
+        });
+    }
+    Ok((kept, pos))
 }
 
 /// Validates a Bind payload: the tenant label, 1 to [`MAX_TENANT_LEN`] opaque bytes.
@@ -306,7 +478,111 @@ mod tests {
             uid: 65534,
             gid: 65533,
             build_id: "sandpool-helper 0.1.0".into(),
+            kept_fds: Vec::new(),
         }
+    }
+
+    fn kept(fd: u32, access: FdAccess, path: &str) -> KeptFd {
+        KeptFd {
+            fd,
+            access,
+            path: path.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn kept_fds_round_trip_behind_flag_bit_2() {
+        let hello = Hello {
+            kept_fds: vec![
+                kept(3, FdAccess::Read, "/dev/urandom"),
+                kept(7, FdAccess::ReadWrite, "/var/lib/redo/tables"),
+            ],
+            ..sample()
+        };
+        let bytes = hello.encode();
+        assert_eq!(bytes[3] & FLAG_KEPT_FDS, FLAG_KEPT_FDS);
+        let list = HELLO_FIXED + hello.build_id.len();
+        assert_eq!(bytes[list], 2);
+        assert_eq!(bytes[list + 1..list + 5], 3u32.to_le_bytes());
+        assert_eq!(bytes[list + 5], 0);
+        assert_eq!(bytes[list + 6..list + 8], 12u16.to_le_bytes());
+        assert_eq!(Hello::decode(&bytes), Ok(hello));
+        // Without kept fds the bytes are those of a Hello before the list.
+        assert_eq!(sample().encode()[3] & FLAG_KEPT_FDS, 0);
+    }
+
+    #[test]
+    fn kept_fds_are_refused_unless_well_formed() {
+        let with = |kept_fds: Vec<KeptFd>| Hello {
+            kept_fds,
+            ..sample()
+        };
+        let field = |bytes: &[u8]| match Hello::decode(bytes) {
+            Err(
+                PayloadError::InvalidField { field, .. } | PayloadError::BadLength { field, .. },
+            ) => field,
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let stdio = with(vec![kept(2, FdAccess::Read, "/dev/null")]).encode();
+        assert_eq!(field(&stdio), "kept_fd");
+        let unsorted = with(vec![
+            kept(5, FdAccess::Read, "/a"),
+            kept(4, FdAccess::Read, "/b"),
+        ])
+        .encode();
+        assert_eq!(field(&unsorted), "kept_fd");
+        let twice = with(vec![
+            kept(5, FdAccess::Read, "/a"),
+            kept(5, FdAccess::Read, "/a"),
+        ])
+        .encode();
+        assert_eq!(field(&twice), "kept_fd");
+        let mut access = with(vec![kept(3, FdAccess::Read, "/a")]).encode();
+        let list = HELLO_FIXED + sample().build_id.len();
+        access[list + 5] = 3;
+        assert_eq!(field(&access), "kept_fd_access");
+        let empty = with(vec![kept(3, FdAccess::Read, "")]).encode();
+        assert_eq!(field(&empty), "kept_fd_path");
+        let nul = with(vec![kept(3, FdAccess::Read, "/a\0b")]).encode();
+        assert_eq!(field(&nul), "kept_fd_path");
+        let mut none = sample().encode();
+        none[3] |= FLAG_KEPT_FDS;
+        none.push(0);
+        assert_eq!(field(&none), "kept_fds");
+        let too_many = with(
+            (3..3 + MAX_KEPT_FDS as u32 + 1)
+                .map(|fd| kept(fd, FdAccess::Read, "/a"))
+                .collect(),
+        )
+        .encode();
+        assert_eq!(field(&too_many), "kept_fds");
+        // Flag set, list missing or cut short.
+        let mut flag_only = sample().encode();
+        flag_only[3] |= FLAG_KEPT_FDS;
+        assert!(matches!(
+            Hello::decode(&flag_only),
+            Err(PayloadError::Truncated { .. })
+        ));
+        let full = with(vec![kept(3, FdAccess::Read, "/dev/urandom")]).encode();
+        assert!(matches!(
+            Hello::decode(&full[..full.len() - 1]),
+            Err(PayloadError::Truncated { .. })
+        ));
+        let longest = with(
+            (3..3 + MAX_KEPT_FDS as u32)
+                .map(|fd| KeptFd {
+                    fd,
+                    access: FdAccess::ReadWrite,
+                    path: vec![b'x'; MAX_KEPT_PATH],
+                })
+                .collect(),
+        );
+        let longest = Hello {
+            build_id: "b".repeat(MAX_BUILD_ID),
+            ..longest
+        };
+        assert_eq!(longest.encode().len(), MAX_HELLO_LEN);
+        assert_eq!(Hello::decode(&longest.encode()), Ok(longest));
     }
 
     #[test]
@@ -355,7 +631,7 @@ mod tests {
             };
             assert_eq!(Hello::decode(&hello.encode()), Ok(hello));
         }
-        for unknown in [1u8 << 2, 1 << 7] {
+        for unknown in [1u8 << 3, 1 << 7] {
             let mut bytes = sample().encode();
             bytes[3] |= unknown;
             assert_eq!(

@@ -23,8 +23,8 @@ pub use frame::{
     MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, VERSION, decode_frame, encode_frame,
 };
 pub use hello::{
-    FdCloseMethod, Hello, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_TENANT_LEN, PayloadError, SeccompMode,
-    decode_bind,
+    FdAccess, FdCloseMethod, Hello, KeptFd, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_KEPT_FDS,
+    MAX_KEPT_PATH, MAX_TENANT_LEN, PayloadError, SeccompMode, decode_bind,
 };
 pub use region::{REGION_REF_LEN, REGION_REQUEST_LEN, RegionError, RegionRef, RegionRequest};
 pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};

@@ -21,12 +21,17 @@
  *   0x15 sleep     sleep the body's u32 LE milliseconds, then echo the rest
  *   0x16 stderr    write the body to stderr, then echo it
  *   0x17 exec      execve /bin/true (forbidden: execve)
- *   0x31 seed      the 16 bytes the --init-urandom init hook read
+ *   0x30 grow      allocate and touch the body's u32 LE MiB, kept for the
+ *                  helper's life; answer the MiB kept in all (u32 LE), or
+ *                  fail (an Error frame) when malloc refuses
+ *   0x31 seed      the 16 bytes the --init-urandom init hook read; with
+ *                  --keep-urandom, 16 bytes read now from the /dev/urandom
+ *                  fd the init hook kept open and declared
  *   0x40 tenant    C helper only: the bound tenant, or an error if none
  *   0x41 fill      C helper only: append 64 KiB chunks until the runtime
  *                  refuses one; answer the bytes it took (u64 LE)
  *
- * Usage: sandpool-c-helper [--test-ops] [--init-urandom]
+ * Usage: sandpool-c-helper [--test-ops] [--init-urandom | --keep-urandom]
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -48,6 +53,8 @@
 struct options {
     int test_ops;
     int init_urandom;
+    int keep_urandom;
+    int kept_fd;
     uint8_t seed[16];
 };
 
@@ -55,6 +62,14 @@ struct options {
  * (open, read, close: nothing may stay open). */
 static int init(void *ctx) {
     struct options *options = ctx;
+    if (options->keep_urandom) {
+        /* --keep-urandom: kept open and declared, read while serving. */
+        options->kept_fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC);
+        if (options->kept_fd < 0 || sandpool_keep_fd(options->kept_fd) != 0) {
+            return 1;
+        }
+        return 0;
+    }
     if (!options->init_urandom) {
         return 0;
     }
@@ -204,7 +219,37 @@ static int handle(void *ctx, const uint8_t *request, size_t len, sandpool_buf *o
         execve("/bin/true", argv, envp);
         return fail(out, "execve: %s", strerror(errno));
     }
+    case 0x30: {
+        static size_t kept_mib;
+        if (body_len < 4) {
+            return fail(out, "grow needs a u32");
+        }
+        uint32_t mib = le32(body);
+        size_t size = (size_t)mib << 20;
+        uint8_t *block = malloc(size);
+        if (block == NULL) {
+            return fail(out, "malloc of %u MiB failed: %s", mib, strerror(errno));
+        }
+        /* Touched page by page, so it is resident, not just reserved. */
+        for (size_t at = 0; at < size; at += 4096) {
+            block[at] = 1;
+        }
+        kept_mib += mib; /* never freed: kept for the helper's life */
+        uint8_t le[4];
+        for (int i = 0; i < 4; i++) {
+            le[i] = (uint8_t)(kept_mib >> (8 * i));
+        }
+        return sandpool_buf_append(out, le, sizeof le);
+    }
     case 0x31:
+        if (options->keep_urandom) {
+            uint8_t fresh[16];
+            ssize_t got = read(options->kept_fd, fresh, sizeof fresh);
+            if (got != (ssize_t)sizeof fresh) {
+                return fail(out, "read of the kept fd: %zd", got);
+            }
+            return sandpool_buf_append(out, fresh, sizeof fresh);
+        }
         if (!options->init_urandom) {
             return fail(out, "no --init-urandom");
         }
@@ -251,6 +296,8 @@ int main(int argc, char **argv) {
             options.test_ops = 1;
         } else if (strcmp(argv[i], "--init-urandom") == 0) {
             options.init_urandom = 1;
+        } else if (strcmp(argv[i], "--keep-urandom") == 0) {
+            options.keep_urandom = 1;
         } else {
             fprintf(stderr, "sandpool-c-helper: unknown argument %s\n", argv[i]);
             return 2;

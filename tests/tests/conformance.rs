@@ -178,3 +178,46 @@ fn the_binary_prints_one_line_per_check_and_exits_by_the_result() {
     assert_eq!(usage.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&usage.stderr).contains("usage:"));
 }
+
+fn run_allowing(kept: &[&str], args: &[&str]) -> Report {
+    let mut options = Options::new(helper_bin(), args);
+    options.timeout = STEP;
+    options.allow_kept_fds = kept.iter().map(std::path::PathBuf::from).collect();
+    conformance::run(&options)
+}
+
+#[test]
+fn a_declared_kept_fd_conforms_only_where_the_runner_allows_it() {
+    let args = ["--test-ops", "--init", "keep-urandom"];
+    let allowed = run_allowing(&["/dev/urandom"], &args);
+    assert_eq!(allowed.failed(), 0, "\n{allowed}");
+    assert_eq!(allowed.skipped(), 0, "\n{allowed}");
+    assert!(
+        allowed.to_string().contains("1 declared kept fds match"),
+        "\n{allowed}"
+    );
+    // The same helper under a default host: its launch is refused by name;
+    // the fd table itself is as declared.
+    let refused = run(&args);
+    assert!(
+        failure(&refused, "launcher-verifies-hello").contains("sandbox.kept_fds does not allow"),
+        "\n{refused}"
+    );
+    passes(&refused, "proc-fds-only-stdio");
+}
+
+#[test]
+fn a_lie_about_a_kept_fd_fails_the_fd_checks() {
+    let report = run_allowing(
+        &["/dev/zero", "/dev/urandom"],
+        &["--misbehave", "lie-kept-path"],
+    );
+    assert!(
+        failure(&report, "proc-fds-only-stdio").contains("/proc says \"/dev/urandom\""),
+        "\n{report}"
+    );
+    assert!(
+        failure(&report, "launcher-verifies-hello").contains("the kernel says \"/dev/urandom\""),
+        "\n{report}"
+    );
+}

@@ -281,12 +281,19 @@ fn hostile_resource_matrix() {
             )
         },
     );
+    grows_past_max_helper_memory("grows past max_helper_memory in a call", |_| {});
+}
+
+/// The row "grows past `max_helper_memory` in a call", on the helper
+/// `program` sets (the Rust reference helper if it leaves it).
+fn grows_past_max_helper_memory(name: &str, program: impl FnOnce(&mut Config)) {
     case(
-        "grows past max_helper_memory in a call",
+        name,
         &[],
-        |c| {
-            c.max_helper_memory = sandpool::SizeLimit::Bytes(sandpool::ByteSize::mib(64));
-            c.sample_interval = Duration::from_millis(10);
+        |config| {
+            program(config);
+            config.max_helper_memory = sandpool::SizeLimit::Bytes(sandpool::ByteSize::mib(64));
+            config.sample_interval = Duration::from_millis(10);
         },
         |pool| {
             // Each call touches 200 MiB; the keeper's next sample (10 ms)
@@ -305,6 +312,58 @@ fn hostile_resource_matrix() {
             )
         },
     );
+}
+
+/// The rows of both matrices that a helper's own code can play (the
+/// protocol attacks are the host's side, the same whatever the helper's
+/// language), played by the C reference helper through the C runtime.
+#[test]
+fn hostile_c_helper_matrix() {
+    let _serial = serial(); // each case counts the process's fds
+    let c = |config: &mut Config| config.program = sandpool_tests::c_helper_bin();
+    for (name, op, body) in [
+        ("C: opens a file", OP_OPEN, &b"/etc/passwd"[..]),
+        ("C: opens a socket", OP_SOCKET, &b""[..]),
+        ("C: forks", OP_SPAWN, &b""[..]),
+        ("C: execs", OP_EXEC, &b""[..]),
+    ] {
+        case(
+            name,
+            &[],
+            c,
+            |pool| pool.call("evil", &request(op, body)).unwrap_err(),
+            seccomp,
+        );
+    }
+    case(
+        "C: sleeps past the deadline",
+        &[],
+        c,
+        |pool| {
+            pool.call_with_deadline(
+                "evil",
+                &sleep_request(60_000, b"late"),
+                Instant::now() + Duration::from_millis(300),
+            )
+            .unwrap_err()
+        },
+        |e| matches!(e, CallError::Timeout { .. }),
+    );
+    case(
+        "C: allocates 3 GiB (default address-space limit)",
+        &[],
+        c,
+        |pool| {
+            let err = pool.call("evil", &grow_request(3 * 1024)).unwrap_err();
+            // malloc fails in C (no abort, unlike Rust's allocator): the
+            // handler answers an Error frame, and the helper serves on.
+            let after = pool.call("evil", &grow_request(1)).unwrap();
+            assert_eq!(after, 1u32.to_le_bytes(), "the helper serves on");
+            err
+        },
+        |e| matches!(e, CallError::Helper(text) if text.contains("malloc of 3072 MiB failed")),
+    );
+    grows_past_max_helper_memory("C: grows past max_helper_memory in a call", c);
 }
 
 /// A seccomp kill names the syscall, from the kernel's audit record (read

@@ -1,12 +1,23 @@
 //! The runtime's init hook: a library sets itself up after the inherited
 //! fds are closed and before no_new_privs and seccomp (here: a seed read
 //! from /dev/urandom), and then runs under the enforcing filter; an init
-//! that keeps an fd open fails the start-up rather than the host's check.
+//! that keeps an fd open undeclared fails the start-up rather than the
+//! host's check; a declared kept fd is reported, allowed only as the host's
+//! `sandbox.kept_fds` says, checked against the kernel, and readable under
+//! the filter.
 #![allow(clippy::unwrap_used)]
 
-use sandpool::{ExitStatus, LaunchError, Launcher};
+use sandpool::{ExitStatus, FdAccess, HelloRefusal, KeptFd, KeptFdRule, LaunchError, Launcher};
 use sandpool_helper::reference::*;
 use sandpool_tests::{config, deadline, fds_of};
+
+/// After the init, the filter is in force: an open is a kill.
+fn open_is_a_kill(helper: &sandpool::Helper) {
+    let err = helper
+        .call(&request(OP_OPEN, b"/dev/urandom"), deadline(5.0))
+        .unwrap_err();
+    assert!(err.is_seccomp_kill(), "{err:?}");
+}
 
 #[test]
 fn an_init_hook_opens_what_it_needs_before_the_filter_and_closes_it() {
@@ -21,10 +32,7 @@ fn an_init_hook_opens_what_it_needs_before_the_filter_and_closes_it() {
     assert_eq!(seed.len(), 16);
     assert!(seed.iter().any(|b| *b != 0), "a real seed: {seed:?}");
     // After the init, the filter is in force: the same open is a kill.
-    let err = helper
-        .call(&request(OP_OPEN, b"/dev/urandom"), deadline(5.0))
-        .unwrap_err();
-    assert!(err.is_seccomp_kill(), "{err:?}");
+    open_is_a_kill(&helper);
 }
 
 #[test]
@@ -47,8 +55,183 @@ fn the_c_runtime_runs_the_init_hook_at_the_same_point() {
     let seed = helper.call(&request(OP_SEED, b""), deadline(5.0)).unwrap();
     assert_eq!(seed.len(), 16);
     assert!(seed.iter().any(|b| *b != 0), "{seed:?}");
-    let err = helper
-        .call(&request(OP_OPEN, b"/dev/urandom"), deadline(5.0))
-        .unwrap_err();
-    assert!(err.is_seccomp_kill(), "{err:?}");
+    open_is_a_kill(&helper);
+}
+
+/// The reference helper with `--init NAME`, allowed to keep `rules` open.
+fn keeping(args: &[&str], rules: &[(&str, bool)]) -> sandpool::HelperConfig {
+    let mut cfg = config(args);
+    cfg.sandbox.kept_fds = rules
+        .iter()
+        .map(|(path, write)| KeptFdRule {
+            path: path.into(),
+            write: *write,
+        })
+        .collect();
+    cfg
+}
+
+fn refusal(cfg: sandpool::HelperConfig) -> HelloRefusal {
+    match Launcher::new(cfg).unwrap().launch() {
+        Err(LaunchError::HelloRefused { refusal, .. }) => refusal,
+        other => panic!("expected a refused Hello, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_declared_kept_fd_is_reported_checked_and_readable_under_the_filter() {
+    let cfg = keeping(
+        &["--test-ops", "--init", "keep-urandom"],
+        &[("/dev/urandom", false)],
+    );
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(
+        helper.hello().kept_fds,
+        vec![KeptFd {
+            fd: 3,
+            access: FdAccess::Read,
+            path: b"/dev/urandom".to_vec(),
+        }]
+    );
+    assert_eq!(
+        fds_of(helper.pid()).into_iter().collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+    // Read now, under the enforcing filter, from the kept fd: fresh bytes.
+    let first = helper.call(&request(OP_SEED, b""), deadline(5.0)).unwrap();
+    let second = helper.call(&request(OP_SEED, b""), deadline(5.0)).unwrap();
+    assert_eq!((first.len(), second.len()), (16, 16));
+    assert_ne!(first, second, "two reads of /dev/urandom");
+    // Keeping a file does not open the file system: open is still a kill.
+    open_is_a_kill(&helper);
+}
+
+#[test]
+fn a_directory_entry_allows_the_files_under_it() {
+    let cfg = keeping(&["--init", "keep-urandom"], &[("/dev/", false)]);
+    let helper = Launcher::new(cfg).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().kept_fds.len(), 1);
+    // "/dev" without the slash is one file, not a directory's contents.
+    let refused = refusal(keeping(&["--init", "keep-urandom"], &[("/dev", false)]));
+    assert!(
+        matches!(&refused, HelloRefusal::KeptFdNotAllowed { fd: 3, path, access: "read" } if path == "/dev/urandom"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_kept_fd_the_configuration_does_not_allow_is_refused_by_name() {
+    // The default allows none.
+    let refused = refusal(config(&["--init", "keep-urandom"]));
+    assert!(
+        matches!(&refused, HelloRefusal::KeptFdNotAllowed { path, .. } if path == "/dev/urandom"),
+        "{refused:?}"
+    );
+    assert!(refused.to_string().contains("/dev/urandom"), "{refused}");
+    // Another file allowed is not this one.
+    let refused = refusal(keeping(
+        &["--init", "keep-urandom"],
+        &[("/dev/zero", false)],
+    ));
+    assert!(
+        matches!(refused, HelloRefusal::KeptFdNotAllowed { .. }),
+        "{refused:?}"
+    );
+    // Read-write needs `write = true`.
+    let refused = refusal(keeping(
+        &["--init", "keep-null-rw"],
+        &[("/dev/null", false)],
+    ));
+    assert!(
+        matches!(
+            refused,
+            HelloRefusal::KeptFdNotAllowed {
+                access: "read-write",
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let helper = Launcher::new(keeping(&["--init", "keep-null-rw"], &[("/dev/null", true)]))
+        .unwrap()
+        .launch()
+        .unwrap();
+    assert_eq!(helper.hello().kept_fds[0].access, FdAccess::ReadWrite);
+}
+
+#[test]
+fn a_helper_that_lies_about_a_kept_fd_is_caught_by_the_kernel_view() {
+    // Says its fd 3 is /dev/zero (allowed); the kernel says /dev/urandom.
+    let refused = refusal(keeping(
+        &["--misbehave", "lie-kept-path"],
+        &[("/dev/zero", false), ("/dev/urandom", false)],
+    ));
+    match &refused {
+        HelloRefusal::KeptFdMismatch {
+            fd: 3,
+            declared,
+            kernel,
+        } => {
+            assert_eq!(
+                (declared.as_str(), kernel.as_str()),
+                ("/dev/zero", "/dev/urandom")
+            );
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    // Says its read-write fd is read-only (so a read-only entry would pass).
+    let refused = refusal(keeping(
+        &["--misbehave", "lie-kept-access"],
+        &[("/dev/null", false)],
+    ));
+    match &refused {
+        HelloRefusal::KeptFdMismatch {
+            fd: 3,
+            declared,
+            kernel,
+        } => {
+            assert_eq!((declared.as_str(), kernel.as_str()), ("read", "read-write"));
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_c_runtime_declares_kept_fds_the_same_way() {
+    let mut cfg = keeping(
+        &["--test-ops", "--keep-urandom"],
+        &[("/dev/urandom", false)],
+    );
+    cfg.program = sandpool_tests::c_helper_bin();
+    let helper = Launcher::new(cfg.clone()).unwrap().launch().unwrap();
+    assert_eq!(helper.hello().kept_fds.len(), 1);
+    assert_eq!(helper.hello().kept_fds[0].path, b"/dev/urandom");
+    let first = helper.call(&request(OP_SEED, b""), deadline(5.0)).unwrap();
+    let second = helper.call(&request(OP_SEED, b""), deadline(5.0)).unwrap();
+    assert_eq!(first.len(), 16);
+    assert_ne!(first, second);
+    // Without the host's allowance, the same helper is refused.
+    cfg.sandbox.kept_fds.clear();
+    assert!(matches!(
+        refusal(cfg),
+        HelloRefusal::KeptFdNotAllowed { .. }
+    ));
+}
+
+#[test]
+fn kept_fd_entries_must_be_absolute_and_normalised() {
+    for bad in [
+        "dev/urandom",
+        "/dev/../etc/shadow",
+        "/dev//urandom",
+        "/dev/./urandom",
+        "",
+    ] {
+        let cfg = keeping(&[], &[(bad, false)]);
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.field, "sandbox.kept_fds", "{bad:?}: {err}");
+    }
+    for good in ["/dev/urandom", "/usr/share/zoneinfo/", "/"] {
+        keeping(&[], &[(good, false)]).validate().unwrap();
+    }
 }

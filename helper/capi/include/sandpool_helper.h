@@ -165,12 +165,27 @@ int sandpool_serve(const char *build_id, sandpool_handler handler, void *ctx);
  * capabilities dropped (and the user switched, if configured), before
  * no_new_privs, the rlimits and the seccomp filter, for a library to set
  * itself up while it still may (seed its generator from /dev/urandom, load
- * tables, read its time zone). It may open files but must close them: an
- * fd left open fails the start-up (the host would refuse the Hello).
+ * tables, read its time zone). It may open files; each fd it leaves open
+ * must be declared with sandpool_keep_fd(), or the start-up fails (the
+ * host would refuse the Hello).
  * Return 0, or non-zero to fail the start-up (SANDPOOL_EXIT_STARTUP_FAILED).
  * ctx is the pointer given to sandpool_serve_with_init().
  */
 typedef int (*sandpool_init)(void *ctx);
+
+/**
+ * Declares, from inside an init hook, that fd stays open while the helper
+ * serves. The runtime reports it in the Hello (its number, access mode and
+ * the path /proc/self/fd/<fd> names) and its seccomp filter allows read()
+ * and pread() on exactly that fd (write() and pwrite() too if it was opened
+ * for writing); the host checks the declaration against /proc/PID/fd and
+ * refuses the helper unless its configuration allows that path
+ * (sandbox.kept_fds; none by default). Do not close a kept fd while
+ * serving: it cannot be opened again under the filter.
+ * Returns 0, or -1 if called outside an init hook or with fd < 3. An fd
+ * that is not open fails the start-up after the hook returns.
+ */
+int sandpool_keep_fd(int fd);
 
 /**
  * sandpool_serve() with an init hook (NULL: none), run at the point of the

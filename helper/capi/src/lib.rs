@@ -154,6 +154,37 @@ fn complain(message: std::fmt::Arguments<'_>) {
     let _ = writeln!(std::io::stderr(), "sandpool-helper: {message}");
 }
 
+thread_local! {
+    /// The fds `sandpool_keep_fd` declared, while an init hook runs on this
+    /// thread (`None` outside one).
+    static KEEPING: std::cell::RefCell<Option<Vec<c_int>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `sandpool_keep_fd` (see the header): declares a kept fd from inside an
+/// init hook.
+// SAFETY: `no_mangle` exports the C symbol `sandpool_keep_fd`, which nothing
+// else in a helper defines (the header reserves the `sandpool_` prefix);
+// its signature is the header's, and it takes and returns plain integers.
+#[unsafe(no_mangle)]
+pub extern "C" fn sandpool_keep_fd(fd: c_int) -> c_int {
+    if fd < 3 {
+        return -1;
+    }
+    let kept = catch_unwind(|| {
+        KEEPING.with_borrow_mut(|keeping| match keeping {
+            Some(fds) => {
+                fds.push(fd);
+                true
+            }
+            None => false,
+        })
+    });
+    match kept {
+        Ok(true) => 0,
+        _ => -1,
+    }
+}
+
 /// Set by the first `sandpool_serve`: the protocol pipes can be taken once
 /// per process, and a handler must not start a second request loop.
 static SERVING: AtomicBool = AtomicBool::new(false);
@@ -181,15 +212,20 @@ fn serve(
             return EXIT_STARTUP_FAILED;
         }
     };
-    let run_init = || -> Result<(), sandpool_helper::HandlerError> {
+    let run_init = |declared: &mut sandpool_helper::Init| -> Result<(), HandlerError> {
         let Some(init) = init else {
             return Ok(());
         };
+        KEEPING.with_borrow_mut(|keeping| *keeping = Some(Vec::new()));
         // SAFETY: `init` is a non-null function pointer the caller of
         // `sandpool_serve_with_init` gave us with the header's
         // `sandpool_init` signature; `ctx` is passed through untouched, as
         // the header promises.
-        match unsafe { init(ctx) } {
+        let status = unsafe { init(ctx) };
+        for fd in KEEPING.with_borrow_mut(Option::take).unwrap_or_default() {
+            declared.keep_raw(fd);
+        }
+        match status {
             0 => Ok(()),
             status => Err(format!("init returned {status}").into()),
         }

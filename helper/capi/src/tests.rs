@@ -272,7 +272,7 @@ fn header_matches_the_library() {
     let mut exported: Vec<String> = exported.iter().map(|s| s.to_string()).collect();
     exported.sort();
     exported.dedup();
-    assert_eq!(exported.len(), 9, "{exported:?}");
+    assert_eq!(exported.len(), 10, "{exported:?}");
     for name in &exported {
         let short = name.trim_start_matches("sandpool_");
         assert!(
@@ -280,4 +280,15 @@ fn header_matches_the_library() {
             "{name} is declared in the header"
         );
     }
+}
+
+#[test]
+fn keep_fd_is_refused_outside_an_init_hook_and_for_stdio() {
+    assert_eq!(crate::sandpool_keep_fd(7), -1, "no init hook is running");
+    crate::KEEPING.with_borrow_mut(|keeping| *keeping = Some(Vec::new()));
+    assert_eq!(crate::sandpool_keep_fd(2), -1, "stdio is never kept");
+    assert_eq!(crate::sandpool_keep_fd(-1), -1);
+    assert_eq!(crate::sandpool_keep_fd(7), 0);
+    let declared = crate::KEEPING.with_borrow_mut(Option::take);
+    assert_eq!(declared, Some(vec![7]));
 }

@@ -77,7 +77,7 @@ fn run() -> ! {
     let conn = std::cell::OnceCell::new();
     sandpool_helper::serve_main_with_init(
         &options,
-        || -> Result<(), HandlerError> {
+        |_| -> Result<(), HandlerError> {
             let opened = sandpool_sql_helper::open()?;
             sandpool_sql_helper::init_process(&opened)?;
             let _ = conn.set(opened);

@@ -17,8 +17,18 @@
 //! empty, and no_new_privs stops an exec from gaining anything). The
 //! `Uid:` and `Gid:` lines (real, effective, saved, filesystem) must all be
 //! the ids the Hello reports, and those the configured ones, if any.
+//!
+//! Kept fds: every fd a helper declares kept must be allowed by
+//! `sandbox.kept_fds` (its path, and write access only where an entry says
+//! so); with the kernel check, `/proc/PID/fd` must hold exactly 0, 1, 2 and
+//! the declared fds, each pointing where the Hello says, opened as it says
+//! (`flags:` in `/proc/PID/fdinfo/N`). Under its filter the helper can no
+//! longer open, dup or replace an fd (no `open*`, `dup*`, `fcntl(F_DUPFD)`),
+//! only close one, so what the host checks after the Hello can only shrink.
 
-use sandpool_protocol::{FdCloseMethod, Hello, SeccompMode};
+use std::os::unix::ffi::OsStrExt;
+
+use sandpool_protocol::{FdAccess, FdCloseMethod, Hello, KeptFd, SeccompMode};
 
 use crate::config::SandboxConfig;
 use crate::error::HelloRefusal;
@@ -118,8 +128,54 @@ pub(crate) fn verify_hello(
             configured,
         });
     }
+    for kept in &hello.kept_fds {
+        let writes = kept.access.writes();
+        if !config
+            .kept_fds
+            .iter()
+            .any(|rule| rule.allows(&kept.path, writes))
+        {
+            return Err(HelloRefusal::KeptFdNotAllowed {
+                fd: kept.fd,
+                path: kept.path_lossy().into_owned(),
+                access: kept.access.as_str(),
+            });
+        }
+    }
     if config.verify_with_proc {
         verify_with_proc(hello, pid, expected)?;
+    }
+    Ok(())
+}
+
+/// Checks one declared kept fd against `/proc/PID/fd/N` and
+/// `/proc/PID/fdinfo/N`.
+fn verify_kept_fd(kept: &KeptFd, pid: u32) -> Result<(), HelloRefusal> {
+    let mismatch = |declared: String, kernel: String| HelloRefusal::KeptFdMismatch {
+        fd: kept.fd,
+        declared,
+        kernel,
+    };
+    let fd = kept.fd;
+    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+        .map_err(|err| mismatch(kept.path_lossy().into_owned(), format!("unreadable: {err}")))?;
+    if target.as_os_str().as_bytes() != kept.path.as_slice() {
+        return Err(mismatch(
+            kept.path_lossy().into_owned(),
+            target.to_string_lossy().into_owned(),
+        ));
+    }
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .map_err(|err| mismatch(kept.access.as_str().into(), format!("unreadable: {err}")))?;
+    let flags = status_field(&info, "flags");
+    let access = u32::from_str_radix(flags, 8)
+        .ok()
+        .and_then(|flags| FdAccess::from_accmode(flags & 0o3));
+    if access != Some(kept.access) {
+        return Err(mismatch(
+            kept.access.as_str().into(),
+            access.map_or_else(|| format!("flags {flags:?}"), |a| a.as_str().into()),
+        ));
     }
     Ok(())
 }
@@ -183,8 +239,15 @@ fn verify_with_proc(hello: &Hello, pid: u32, expected: &Expected) -> Result<(), 
             .file_name()
             .to_str()
             .and_then(|name| name.parse::<i32>().ok());
+        let declared = |fd: i32| {
+            hello
+                .kept_fds
+                .iter()
+                .any(|kept| i64::from(kept.fd) == fd.into())
+        };
         match fd {
             Some(0..=2) => {}
+            Some(fd) if declared(fd) => {}
             Some(fd) => extra.push(fd),
             None => extra.push(-1),
         }
@@ -192,6 +255,9 @@ fn verify_with_proc(hello: &Hello, pid: u32, expected: &Expected) -> Result<(), 
     if !extra.is_empty() {
         extra.sort_unstable();
         return Err(HelloRefusal::ExtraFds { fds: extra });
+    }
+    for kept in &hello.kept_fds {
+        verify_kept_fd(kept, pid)?;
     }
     Ok(())
 }

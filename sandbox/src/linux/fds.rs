@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::FdCloseMethod;
+use sandpool_protocol::FdAccess;
 
 /// How [`close_inherited_fds`] goes about it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -128,6 +129,55 @@ fn walk_and_close() -> Result<(), CloseFdsError> {
         }
     }
     Ok(())
+}
+
+/// Why an open fd could not be described.
+#[derive(Debug, Error)]
+pub enum DescribeFdError {
+    /// `fcntl(F_GETFL)` failed: the fd is not open.
+    #[error("fd {fd} is not open: {source}")]
+    NotOpen {
+        /// The fd.
+        fd: i32,
+        /// The error.
+        source: io::Error,
+    },
+    /// `/proc/self/fd/N` could not be read.
+    #[error("reading /proc/self/fd/{fd} failed: {source}")]
+    Readlink {
+        /// The fd.
+        fd: i32,
+        /// The error.
+        source: io::Error,
+    },
+    /// The access mode bits were not one of read, write, read-write.
+    #[error("fd {fd} has access mode {bits:#o}, not read, write or read-write")]
+    Access {
+        /// The fd.
+        fd: i32,
+        /// `flags & O_ACCMODE`.
+        bits: u32,
+    },
+}
+
+/// What open fd `fd` of this process refers to (the target of
+/// `/proc/self/fd/N`, as the host will read it in `/proc/PID/fd/N`) and
+/// how it was opened (`fcntl(F_GETFL) & O_ACCMODE`).
+pub fn describe_fd(fd: i32) -> Result<(Vec<u8>, FdAccess), DescribeFdError> {
+    // SAFETY: fcntl(F_GETFL) takes an integer and a command, touches no
+    // memory of ours and changes nothing: on a closed fd it fails (EBADF).
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(DescribeFdError::NotOpen {
+            fd,
+            source: io::Error::last_os_error(),
+        });
+    }
+    let bits = (flags & libc::O_ACCMODE) as u32;
+    let access = FdAccess::from_accmode(bits).ok_or(DescribeFdError::Access { fd, bits })?;
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map_err(|source| DescribeFdError::Readlink { fd, source })?;
+    Ok((target.into_os_string().into_encoded_bytes(), access))
 }
 
 /// How many fds at or above 3 are open now (after [`close_inherited_fds`]:

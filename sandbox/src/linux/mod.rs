@@ -9,7 +9,8 @@ mod seccomp;
 mod stdio;
 
 pub use fds::{
-    CloseFdsError, FdCloseReport, FdCloseStrategy, close_inherited_fds, count_open_fds_above_stdio,
+    CloseFdsError, DescribeFdError, FdCloseReport, FdCloseStrategy, close_inherited_fds,
+    count_open_fds_above_stdio, describe_fd,
 };
 pub use limits::{NoNewPrivsError, RlimitError, apply_rlimits, set_no_new_privs, set_process_name};
 pub use privs::{

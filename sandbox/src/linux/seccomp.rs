@@ -11,6 +11,7 @@ use syscalls::Sysno;
 use thiserror::Error;
 
 use crate::SeccompMode;
+use sandpool_protocol::FdAccess;
 
 /// A policy could not be built or compiled.
 #[derive(Debug, Error)]
@@ -207,6 +208,26 @@ impl SeccompPolicy {
         Ok(policy)
     }
 
+    /// Allows reading a kept fd (`read`, `pread64` on exactly `fd`) and,
+    /// when it was opened for writing, writing it (`write`, `pwrite64`):
+    /// for the files a helper's init hook kept open and declared. Nothing
+    /// else about the fd is allowed (no `lseek`, `fstat`, `mmap` of it
+    /// beyond what the policy allows of every fd).
+    pub fn allow_kept_fd(&mut self, fd: u32, access: FdAccess) -> Result<&mut Self, PolicyError> {
+        let on_fd = || -> Result<Vec<SeccompRule>, PolicyError> {
+            Ok(vec![rule(vec![cond(0, SeccompCmpOp::Eq, u64::from(fd))?])?])
+        };
+        if access != FdAccess::Write {
+            self.allow_if(Sysno::read, on_fd()?);
+            self.allow_if(Sysno::pread64, on_fd()?);
+        }
+        if access.writes() {
+            self.allow_if(Sysno::write, on_fd()?);
+            self.allow_if(Sysno::pwrite64, on_fd()?);
+        }
+        Ok(self)
+    }
+
     /// Allows `sysno` whatever its arguments (replacing any rules it had).
     pub fn allow(&mut self, sysno: Sysno) -> &mut Self {
         self.rules.insert(i64::from(sysno.id()), Vec::new());
@@ -366,6 +387,30 @@ mod tests {
             .iter()
             .map(|rule| format!("{rule:?}"))
             .collect()
+    }
+
+    #[test]
+    fn a_kept_fd_is_readable_and_only_writable_when_opened_for_writing() {
+        let on = |fd: u64| {
+            format!(
+                "{:?}",
+                rule(vec![cond(0, SeccompCmpOp::Eq, fd).expect("cond")]).expect("rule")
+            )
+        };
+        let mut policy = SeccompPolicy::helper_default().expect("default policy");
+        assert!(!policy.allows(Sysno::pread64));
+        policy.allow_kept_fd(5, FdAccess::Read).expect("rules");
+        assert_eq!(rules_of(&policy, Sysno::read), vec![on(0), on(5)]);
+        assert_eq!(rules_of(&policy, Sysno::pread64), vec![on(5)]);
+        assert_eq!(rules_of(&policy, Sysno::write), vec![on(1), on(2)]);
+        assert!(!policy.allows(Sysno::pwrite64));
+        policy.allow_kept_fd(6, FdAccess::Write).expect("rules");
+        assert_eq!(rules_of(&policy, Sysno::read), vec![on(0), on(5)]);
+        assert_eq!(rules_of(&policy, Sysno::write), vec![on(1), on(2), on(6)]);
+        assert_eq!(rules_of(&policy, Sysno::pwrite64), vec![on(6)]);
+        policy.allow_kept_fd(7, FdAccess::ReadWrite).expect("rules");
+        assert_eq!(rules_of(&policy, Sysno::pread64), vec![on(5), on(7)]);
+        assert_eq!(rules_of(&policy, Sysno::pwrite64), vec![on(6), on(7)]);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! `sandpool-conformance [--timeout SECONDS] PROGRAM [ARGS...]`: checks that
+//! `sandpool-conformance [--timeout SECONDS] [--allow-kept-fd PATH]... PROGRAM [ARGS...]`: checks that
 //! a helper binary keeps sandpool's helper contract (sandbox proofs, the
 //! protocol, hostile host input, a forbidden syscall). One line per check
 //! (`PASS name`, `FAIL name: why`, `SKIP name: why`), then the counts.

@@ -15,7 +15,9 @@
 //!   non-CLOEXEC fds leaked into it) accepts it and a call through it;
 //!   and, on the runner's own spawn (leaking fds too), `/proc/PID/status`
 //!   (Seccomp 2, NoNewPrivs 1, every capability set 0, ids as reported)
-//!   and `/proc/PID/fd` (0, 1, 2 only), each its own check;
+//!   and `/proc/PID/fd` (0, 1, 2 only, and the fds the Hello declares
+//!   kept, each pointing where it says: allowed only with
+//!   `--allow-kept-fd PATH`), each its own check;
 //! - protocol: pipelined requests after a Bind answered in order with
 //!   their ids, nothing unasked for; Shutdown and stdin EOF end the helper
 //!   with status 0;
@@ -34,7 +36,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sandpool::{CallError, HelperConfig, LaunchMode, Launcher};
+use sandpool::{CallError, HelperConfig, KeptFdRule, LaunchMode, Launcher};
 use sandpool_helper::EXIT_PROTOCOL_ERROR;
 use sandpool_helper::reference::{OP_ECHO, OP_OPEN, request};
 use sandpool_protocol::{FdCloseMethod, Hello, Kind, MAGIC, SeccompMode, VERSION};
@@ -50,6 +52,10 @@ pub struct Options {
     pub args: Vec<String>,
     /// The deadline of each step of a check (a Hello, a reply, an exit).
     pub timeout: Duration,
+    /// Files the helper may keep open, read-only (`--allow-kept-fd PATH`,
+    /// repeatable; an entry ending in `/` allows the files under it), as a
+    /// host's `sandbox.kept_fds` would. Default none.
+    pub allow_kept_fds: Vec<PathBuf>,
 }
 
 impl Options {
@@ -59,6 +65,7 @@ impl Options {
             program: program.into(),
             args: args.iter().map(|arg| arg.to_string()).collect(),
             timeout: DEFAULT_TIMEOUT,
+            allow_kept_fds: Vec::new(),
         }
     }
 }
@@ -85,6 +92,7 @@ impl std::error::Error for UsageError {}
 /// name). Everything after PROGRAM belongs to the helper.
 pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, UsageError> {
     let mut timeout = DEFAULT_TIMEOUT;
+    let mut kept = Vec::new();
     loop {
         let arg = args
             .next()
@@ -101,16 +109,22 @@ pub fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Options, Usa
                     .map(Duration::from_secs_f64)
                     .ok_or_else(|| UsageError(format!("bad --timeout {value:?}")))?;
             }
+            "--allow-kept-fd" => {
+                let path = args
+                    .next()
+                    .ok_or_else(|| UsageError("--allow-kept-fd needs PATH".into()))?;
+                kept.push(PathBuf::from(path));
+            }
             "--" => {
                 let program = args
                     .next()
                     .ok_or_else(|| UsageError("no PROGRAM given".into()))?;
-                return finish(program, args, timeout);
+                return finish(program, args, timeout, kept);
             }
             flag if flag.starts_with('-') => {
                 return Err(UsageError(format!("unknown option {flag:?}")));
             }
-            _ => return finish(arg, args, timeout),
+            _ => return finish(arg, args, timeout, kept),
         }
     }
 }
@@ -119,6 +133,7 @@ fn finish(
     program: String,
     args: impl Iterator<Item = String>,
     timeout: Duration,
+    allow_kept_fds: Vec<PathBuf>,
 ) -> Result<Options, UsageError> {
     let program = PathBuf::from(program);
     if !program.is_file() {
@@ -131,6 +146,7 @@ fn finish(
         program,
         args: args.collect(),
         timeout,
+        allow_kept_fds,
     })
 }
 
@@ -266,6 +282,20 @@ pub fn run(options: &Options) -> Report {
     let mut report = Report::default();
     let mut config = HelperConfig::new(&options.program);
     config.args = options.args.clone();
+    config.sandbox.kept_fds = options
+        .allow_kept_fds
+        .iter()
+        .map(|path| KeptFdRule {
+            path: path.clone(),
+            write: false,
+        })
+        .collect();
+    if let Err(err) = config.validate() {
+        for name in CHECKS {
+            report.push(name, Outcome::Fail(format!("bad --allow-kept-fd: {err}")));
+        }
+        return report;
+    }
     let spec = match config.sandbox_spec() {
         Ok(spec) => spec,
         Err(err) => {
@@ -803,8 +833,10 @@ fn read_hello(child: &mut Spawned, deadline: Instant) -> Result<Hello, String> {
     Hello::decode(&first.payload).map_err(|err| format!("Hello payload is invalid: {err}"))
 }
 
-/// `/proc/PID/fd` must hold exactly 0, 1 and 2, though the runner leaked
-/// [`child::LEAKED_FDS`] more into the spawn.
+/// `/proc/PID/fd` must hold exactly 0, 1, 2 and the fds the Hello declares
+/// kept (each pointing at the path it declares), though the runner leaked
+/// [`child::LEAKED_FDS`] more into the spawn. (Whether a kept fd is
+/// allowed at all is the launcher check's: `--allow-kept-fd`.)
 fn fds_outcome(pid: u32, hello: &Hello) -> Outcome {
     let entries = match std::fs::read_dir(format!("/proc/{pid}/fd")) {
         Ok(entries) => entries,
@@ -818,15 +850,40 @@ fn fds_outcome(pid: u32, hello: &Hello) -> Outcome {
         }
     }
     fds.sort_by_key(|fd| fd.parse::<i64>().unwrap_or(i64::MAX));
-    if fds == ["0", "1", "2"] {
+    let mut want: Vec<String> = ["0", "1", "2"].map(String::from).to_vec();
+    want.extend(hello.kept_fds.iter().map(|kept| kept.fd.to_string()));
+    if fds != want {
+        return Outcome::Fail(format!(
+            "/proc/{pid}/fd holds {{{}}}, want {{{}}} ({} fds leaked into the spawn; the Hello says {} closed, {} kept)",
+            fds.join(", "),
+            want.join(", "),
+            child::LEAKED_FDS,
+            hello.fds_closed,
+            hello.kept_fds.len()
+        ));
+    }
+    for kept in &hello.kept_fds {
+        let target = std::fs::read_link(format!("/proc/{pid}/fd/{}", kept.fd));
+        match target {
+            Ok(target) if target.as_os_str().as_encoded_bytes() == kept.path.as_slice() => {}
+            Ok(target) => {
+                return Outcome::Fail(format!(
+                    "kept fd {}: the Hello says {:?}, /proc says {:?}",
+                    kept.fd,
+                    kept.path_lossy(),
+                    target
+                ));
+            }
+            Err(err) => return Outcome::Fail(format!("reading /proc/{pid}/fd/{}: {err}", kept.fd)),
+        }
+    }
+    if hello.kept_fds.is_empty() {
         Outcome::Pass(None)
     } else {
-        Outcome::Fail(format!(
-            "/proc/{pid}/fd holds {{{}}}, want {{0, 1, 2}} ({} fds leaked into the spawn; the Hello says {} closed)",
-            fds.join(", "),
-            child::LEAKED_FDS,
-            hello.fds_closed
-        ))
+        Outcome::Pass(Some(format!(
+            "{} declared kept fds match",
+            hello.kept_fds.len()
+        )))
     }
 }
 
