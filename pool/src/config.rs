@@ -919,6 +919,91 @@ mod bytes_or_text {
 }
 
 impl Config {
+    /// The first field (by name) that differs between `self` and `new` and
+    /// cannot change on a live pool: what the launcher, the reactor or the
+    /// telemetry were built from (the program and its arguments and
+    /// environment, the sandbox, the frame and region sizes, how helpers
+    /// are launched, the stderr budget, the metrics labels). `None` when
+    /// every difference is a lifecycle field [`Pool::reconfigure`]
+    /// applies.
+    ///
+    /// [`Pool::reconfigure`]: crate::Pool::reconfigure
+    pub fn first_fixed_change(&self, new: &Config) -> Option<&'static str> {
+        // Destructured, so a new field must be sorted into one of the two
+        // kinds before this compiles.
+        let Config {
+            program,
+            args,
+            env_allowlist,
+            spares: _,
+            idle_timeout: _,
+            max_helpers: _,
+            max_in_flight,
+            request_timeout: _,
+            spawn_timeout,
+            shutdown_grace: _,
+            max_frame,
+            max_requests_per_helper: _,
+            warmup_request: _,
+            pin_image,
+            pipe_size,
+            spin_wait,
+            region_size,
+            region_threshold,
+            region_slots,
+            crash_backoff: _,
+            slow_launch_threshold,
+            stderr_bytes_per_second,
+            stderr_max_bytes_per_helper,
+            metrics_tenant_label,
+            launch_mode,
+            max_helper_memory: _,
+            memory_budget: _,
+            max_idle_cpu: _,
+            sample_interval: _,
+            nice,
+            sandbox,
+        } = self;
+        [
+            ("program", *program != new.program),
+            ("args", *args != new.args),
+            ("env_allowlist", *env_allowlist != new.env_allowlist),
+            ("max_in_flight", *max_in_flight != new.max_in_flight),
+            ("spawn_timeout", *spawn_timeout != new.spawn_timeout),
+            ("max_frame", *max_frame != new.max_frame),
+            ("pin_image", *pin_image != new.pin_image),
+            ("pipe_size", *pipe_size != new.pipe_size),
+            ("spin_wait", *spin_wait != new.spin_wait),
+            ("region_size", *region_size != new.region_size),
+            (
+                "region_threshold",
+                *region_threshold != new.region_threshold,
+            ),
+            ("region_slots", *region_slots != new.region_slots),
+            (
+                "slow_launch_threshold",
+                *slow_launch_threshold != new.slow_launch_threshold,
+            ),
+            (
+                "stderr_bytes_per_second",
+                *stderr_bytes_per_second != new.stderr_bytes_per_second,
+            ),
+            (
+                "stderr_max_bytes_per_helper",
+                *stderr_max_bytes_per_helper != new.stderr_max_bytes_per_helper,
+            ),
+            (
+                "metrics_tenant_label",
+                *metrics_tenant_label != new.metrics_tenant_label,
+            ),
+            ("launch_mode", *launch_mode != new.launch_mode),
+            ("nice", *nice != new.nice),
+            ("sandbox", *sandbox != new.sandbox),
+        ]
+        .into_iter()
+        .find_map(|(name, changed)| changed.then_some(name))
+    }
+
     /// A configuration with every default and the given helper program.
     pub fn new(program: impl Into<PathBuf>) -> Self {
         Config {

@@ -59,6 +59,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "launcher processes replaced after one was lost (killed, crashed, hung)",
     ),
     (
+        "sandpool_reconfigurations_total",
+        "counter",
+        "live configuration changes applied by Pool::reconfigure",
+    ),
+    (
         "sandpool_helper_deaths_total",
         "counter",
         "helper failures by cause (exit, signal, seccomp, timeout, protocol, launch, io, memory, idle_cpu)",
@@ -194,6 +199,7 @@ pub(crate) struct Telemetry {
     launches_failed: Count,
     spare_hits: Count,
     spare_misses: Count,
+    reconfigurations: Count,
     quiesced_idle: Count,
     quiesced_max_requests: Count,
     evicted: Count,
@@ -261,6 +267,7 @@ impl Telemetry {
             launches_failed: Count::new("sandpool_launches_total", &[("outcome", "failed")]),
             spare_hits: Count::new("sandpool_spares_total", &[("result", "hit")]),
             spare_misses: Count::new("sandpool_spares_total", &[("result", "miss")]),
+            reconfigurations: Count::new("sandpool_reconfigurations_total", &[]),
             quiesced_idle: quiesced("idle"),
             quiesced_max_requests: quiesced("max_requests"),
             evicted: quiesced("evicted"),
@@ -350,6 +357,10 @@ impl Telemetry {
     pub(crate) fn spare_hit(&self, queue_wait: Duration) {
         self.spare_hits.bump();
         self.queue_wait_seconds.record(queue_wait.as_secs_f64());
+    }
+
+    pub(crate) fn reconfigured(&self) {
+        self.reconfigurations.bump();
     }
 
     pub(crate) fn spare_miss(&self, configured_spares: usize) {

@@ -16,6 +16,9 @@ use crate::error::{CallError, LaunchError};
 
 pub(super) enum KeeperMsg {
     Refill,
+    /// `Pool::reconfigure` replaced the live configuration: recompute the
+    /// tick and scan now.
+    Reconfigured,
     Close(Arc<Helper>, CloseCause),
     Shutdown,
 }
@@ -26,15 +29,18 @@ impl Shared {
     /// any of them), and reaps them. At shutdown it returns the helpers it
     /// had not finished with, for the pool's single shutdown deadline.
     pub(super) fn keep(&self, rx: Receiver<KeeperMsg>) -> Vec<Arc<Helper>> {
-        let tick =
-            (self.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let tick_of = |live: &super::tenants::Live| {
+            (live.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+        };
+        let mut live = self.live();
+        let mut tick = tick_of(&live);
         // Handed over, waiting for the last caller to let go.
         let mut pending: Vec<(Arc<Helper>, CloseCause)> = Vec::new();
         // stdin closed, waiting for the exit until the deadline.
         let mut reaping: Vec<(Arc<Helper>, Instant)> = Vec::new();
         let mut next_scan = Instant::now() + tick;
-        let sampling = self.limits.any();
-        let sample_every = self.config.sample_interval;
+        let mut sampling = live.limits.any();
+        let mut sample_every = live.config.sample_interval;
         let mut next_sample = Instant::now() + sample_every;
         let mut sampler = Sampler::new();
         let mut scratch = Scratch::default();
@@ -66,6 +72,15 @@ impl Shared {
             for msg in messages.drain(..) {
                 match msg {
                     KeeperMsg::Refill => {}
+                    KeeperMsg::Reconfigured => {
+                        live = self.live();
+                        tick = tick_of(&live);
+                        sampling = live.limits.any();
+                        sample_every = live.config.sample_interval;
+                        next_scan = Instant::now();
+                        next_sample = next_sample.min(Instant::now() + sample_every);
+                        refill_after = Instant::now();
+                    }
                     KeeperMsg::Close(helper, cause) => pending.push((helper, cause)),
                     KeeperMsg::Shutdown => shutdown = true,
                 }
@@ -100,7 +115,7 @@ impl Shared {
                 if !helper.has_users() {
                     helper.close_stdin();
                     debug!(pid = helper.pid(), ?cause, "closing helper");
-                    reaping.push((helper, deadline_after(self.config.shutdown_grace)));
+                    reaping.push((helper, deadline_after(self.live().config.shutdown_grace)));
                 } else {
                     still_pending.push((helper, cause));
                 }
@@ -147,10 +162,10 @@ impl Shared {
                 // tenant's helper is worth more than a spare), and after
                 // spares were killed for their limits refills wait.
                 if state.shut
-                    || state.spares.len() >= self.config.spares
+                    || state.spares.len() >= self.live().config.spares
                     || self.over_budget()
                     || self.spare_refills_wait()
-                    || state.live() >= self.config.max_helpers && !self.evict_one(&mut state)
+                    || state.live() >= self.live().config.max_helpers && !self.evict_one(&mut state)
                 {
                     return true;
                 }
@@ -192,10 +207,11 @@ impl Shared {
 
     /// Runs the configured warm-up request on a new spare.
     fn warm_up(&self, helper: Helper) -> Result<Helper, LaunchError> {
-        let Some(request) = &self.config.warmup_request else {
+        let live = self.live();
+        let Some(request) = &live.config.warmup_request else {
             return Ok(helper);
         };
-        let deadline = deadline_after(self.config.request_timeout);
+        let deadline = deadline_after(live.config.request_timeout);
         match helper.call(request, deadline) {
             Ok(_) | Err(CallError::Helper(_)) => Ok(helper),
             Err(err) => Err(LaunchError::WarmUp {
@@ -217,8 +233,9 @@ impl Shared {
         unused: &mut Vec<Arc<Helper>>,
     ) {
         let now = Instant::now();
-        let idle_timeout = self.config.idle_timeout;
-        let forget_after = idle_timeout.max(self.config.crash_backoff.max.saturating_mul(2));
+        let live = self.live();
+        let idle_timeout = live.config.idle_timeout;
+        let forget_after = idle_timeout.max(live.config.crash_backoff.max.saturating_mul(2));
         unused.clear();
         {
             let mut state = self.state.lock();

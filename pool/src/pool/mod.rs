@@ -28,7 +28,7 @@ use crate::launch::Launcher;
 use crate::reactor::stderr::{Budget, StderrHub};
 use crate::telemetry::Telemetry;
 use keeper::KeeperMsg;
-use tenants::Shared;
+use tenants::{Live, Shared};
 
 /// Why a helper was closed by the pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,16 +247,62 @@ impl Pool {
         Ok(pool)
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &Config {
-        &self.shared.config
+    /// The configuration in force (the last one [`reconfigure`](Self::reconfigure)
+    /// applied, else the one the pool was made with).
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.live().config.clone()
+    }
+
+    /// Applies `config`'s lifecycle fields to the live pool: the idle
+    /// timeout, spares, `max_helpers`, the request timeout, the shutdown
+    /// grace, `max_requests_per_helper`, the warm-up request, the crash
+    /// back-off, the memory and idle-CPU limits and budget, and the sample
+    /// interval. Live helpers are not touched: a shorter idle timeout
+    /// closes the helpers idle past it at the keeper's next scan (which
+    /// this triggers), a smaller `spares` or `max_helpers` stops launches
+    /// until the pool is under it (nothing is killed for it), a new request
+    /// timeout applies to calls that start after this returns.
+    ///
+    /// Refused, with the pool unchanged, if `config` is invalid or changes a
+    /// field that cannot change live (`program`, `args`, `sandbox`,
+    /// `launch_mode`, ...; see [`Config::first_fixed_change`]); the error
+    /// names the field. Raising `max_helpers` may raise the soft fd limit,
+    /// as [`Pool::new`] does, and is refused if the hard limit is too low.
+    pub fn reconfigure(&self, config: &Config) -> Result<(), ConfigError> {
+        config.validate()?;
+        let current = self.shared.live();
+        if let Some(field) = current.config.first_fixed_change(config) {
+            return Err(ConfigError::new(
+                field,
+                "cannot change on a live pool (it is fixed at Pool::new; make a new pool)",
+            ));
+        }
+        if config.max_helpers > current.config.max_helpers {
+            usage::ensure_fd_budget(config.max_helpers)?;
+        }
+        let limits = usage::Limits::resolve(config)?;
+        self.shared.set_live(Live {
+            config: Arc::new(config.clone()),
+            limits,
+        });
+        self.shared.telemetry.reconfigured();
+        info!(
+            idle_timeout = ?config.idle_timeout,
+            spares = config.spares,
+            max_helpers = config.max_helpers,
+            "pool reconfigured"
+        );
+        let _ = self.shared.keeper.send(KeeperMsg::Reconfigured);
+        // Callers waiting for room may fit under a larger max_helpers.
+        self.shared.notify_changed();
+        Ok(())
     }
 
     /// Calls the tenant's helper with `request`, within `request_timeout`
     /// (which includes any wait for a helper), blocking this thread.
     pub fn call(&self, tenant: impl AsRef<[u8]>, request: &[u8]) -> Result<Vec<u8>, CallError> {
         let started = Instant::now();
-        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        let deadline = deadline_from(started, self.shared.live().config.request_timeout);
         self.shared
             .call(tenant.as_ref(), request, deadline, started)
     }
@@ -282,7 +328,7 @@ impl Pool {
         requests: &[&[u8]],
     ) -> Vec<Result<Vec<u8>, CallError>> {
         let started = Instant::now();
-        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        let deadline = deadline_from(started, self.shared.live().config.request_timeout);
         self.shared
             .call_batch(tenant.as_ref(), requests, deadline, started)
     }
@@ -311,7 +357,7 @@ impl Pool {
         request: &'a [u8],
     ) -> impl Future<Output = Result<Vec<u8>, CallError>> + Send + 'a {
         let started = Instant::now();
-        let deadline = deadline_from(started, self.shared.config.request_timeout);
+        let deadline = deadline_from(started, self.shared.live().config.request_timeout);
         self.shared.call_async(tenant, request, deadline, started)
     }
 
@@ -329,7 +375,7 @@ impl Pool {
     /// Makes sure the tenant has a helper (from a spare or a launch), ahead
     /// of its first call, e.g. when the tenant becomes active.
     pub fn prewarm(&self, tenant: impl AsRef<[u8]>) -> Result<(), CallError> {
-        let deadline = deadline_after(self.shared.config.request_timeout);
+        let deadline = deadline_after(self.shared.live().config.request_timeout);
         self.shared
             .helper_for(tenant.as_ref(), deadline, Instant::now())
             .map(drop)
@@ -357,7 +403,7 @@ impl Pool {
             launching: counts.launching,
             launcher_restarts: self.shared.launcher.launcher_restarts(),
             launcher_pid: self.shared.launcher.launcher_pid(),
-            memory_budget: self.shared.limits.budget,
+            memory_budget: self.shared.live().limits.budget,
             ..self.shared.telemetry.counters()
         }
     }
@@ -400,6 +446,6 @@ impl Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        self.shutdown(self.shared.config.shutdown_grace);
+        self.shutdown(self.shared.live().config.shutdown_grace);
     }
 }

@@ -96,15 +96,24 @@ impl WaitFor {
         match self {
             WaitFor::Launch => CallError::LaunchWait { waited },
             WaitFor::Room => CallError::PoolFull {
-                max_helpers: shared.config.max_helpers,
+                max_helpers: shared.live().config.max_helpers,
                 waited,
             },
         }
     }
 }
 
+/// What `Pool::reconfigure` replaces: the configuration and the limits
+/// resolved from it. Readers take a snapshot ([`Shared::live`]) and use
+/// it for one decision, so a change applies from the next decision on.
+pub(super) struct Live {
+    pub(super) config: Arc<Config>,
+    /// The resource limits the keeper enforces.
+    pub(super) limits: Limits,
+}
+
 pub(super) struct Shared {
-    pub(super) config: Config,
+    live: parking_lot::RwLock<Arc<Live>>,
     pub(super) launcher: Launcher,
     pub(super) state: Mutex<State>,
     /// Notified whenever a helper is installed, a launch ends, or room
@@ -116,8 +125,6 @@ pub(super) struct Shared {
     pub(super) keeper: Sender<KeeperMsg>,
     launches: Mutex<Option<Sender<LaunchJob>>>,
     pub(super) telemetry: Telemetry,
-    /// The resource limits the keeper enforces.
-    pub(super) limits: Limits,
     /// Resident bytes of all live helpers at the last sample, less what
     /// was evicted since.
     pub(super) resident_total: AtomicU64,
@@ -245,7 +252,10 @@ impl Shared {
         limits: Limits,
     ) -> Shared {
         Shared {
-            config,
+            live: parking_lot::RwLock::new(Arc::new(Live {
+                config: Arc::new(config),
+                limits,
+            })),
             launcher,
             state: Mutex::new(State::default()),
             changed: Event::new(),
@@ -253,11 +263,20 @@ impl Shared {
             keeper,
             launches: Mutex::new(Some(launches)),
             telemetry,
-            limits,
             resident_total: AtomicU64::new(0),
             budget_reachable: AtomicBool::new(true),
             spare_strikes: Mutex::new((0, None)),
         }
+    }
+
+    /// A snapshot of the live configuration and limits.
+    pub(super) fn live(&self) -> Arc<Live> {
+        self.live.read().clone()
+    }
+
+    /// Replaces the live configuration (see `Pool::reconfigure`).
+    pub(super) fn set_live(&self, live: Live) {
+        *self.live.write() = Arc::new(live);
     }
 
     pub(super) fn notify_changed(&self) {
@@ -523,7 +542,7 @@ impl Shared {
                 }
                 continue;
             }
-            if state.live() >= self.config.max_helpers && !self.evict_one(&mut state) {
+            if state.live() >= self.live().config.max_helpers && !self.evict_one(&mut state) {
                 return Ok(Step::Wait(self.changed.listen(), WaitFor::Room));
             }
             if self.over_budget() {
@@ -531,7 +550,7 @@ impl Shared {
                 // launch (a launch goes ahead even if none is idle).
                 self.evict_lru(&mut state, CloseCause::MemoryBudget);
             }
-            self.telemetry.spare_miss(self.config.spares);
+            self.telemetry.spare_miss(self.live().config.spares);
             tenant_mut(&mut state, tenant).launching = true;
             state.launching += 1;
             return Ok(Step::Launch);
@@ -743,7 +762,8 @@ impl Shared {
         match result {
             Ok(_) | Err(CallError::Helper(_)) => {
                 let first = helper.note_tenant_success();
-                let max = self.config.max_requests_per_helper;
+                let live = self.live();
+                let max = live.config.max_requests_per_helper;
                 let recycle = max > 0 && helper.tenant_calls() >= max;
                 if first || recycle {
                     let mut state = self.state.lock();
@@ -751,7 +771,7 @@ impl Shared {
                         // The tenant's helper works: forget earlier failures,
                         // but resource-limit kills only after a quiet spell
                         // (twice the longest back-off).
-                        let quiet = self.config.crash_backoff.max.saturating_mul(2);
+                        let quiet = live.config.crash_backoff.max.saturating_mul(2);
                         if let Some(entry) = state.tenants.get_mut(tenant) {
                             if entry.last_failure.is_none_or(|at| at.elapsed() >= quiet) {
                                 entry.limit_kills = 0;
@@ -850,7 +870,7 @@ impl Shared {
         }
         entry.failures = entry.failures.saturating_add(1);
         entry.last_failure = Some(now);
-        if let Some(delay) = self.config.crash_backoff.delay(entry.failures) {
+        if let Some(delay) = self.live().config.crash_backoff.delay(entry.failures) {
             entry.backoff_until = Some(now + delay);
             self.telemetry.backoff_engaged();
             warn!(

@@ -248,6 +248,7 @@ impl Shared {
     pub(super) fn over_budget(&self) -> bool {
         self.budget_reachable.load(Ordering::Relaxed)
             && self
+                .live()
                 .limits
                 .budget
                 .is_some_and(|budget| self.resident_total.load(Ordering::Relaxed) >= budget)
@@ -312,18 +313,19 @@ impl Shared {
         // past that, evicting every idle helper would not get under it (a
         // busy hog is max_helper_memory's to judge), and the pool keeps
         // its idle helpers rather than churn them.
-        let reachable = self
+        let live = self.live();
+        let reachable = live
             .limits
             .budget
             .is_some_and(|budget| memory.busy <= budget);
         self.budget_reachable.store(reachable, Ordering::Relaxed);
-        let over = reachable && self.limits.budget.is_some_and(|budget| total > budget);
+        let over = reachable && live.limits.budget.is_some_and(|budget| total > budget);
         if !scratch.killed.is_empty() || over {
             let mut state = self.state.lock();
             for helper in scratch.killed.drain(..) {
                 self.take_killed(&mut state, helper, pending);
             }
-            if let Some(budget) = self.limits.budget.filter(|_| over) {
+            if let Some(budget) = live.limits.budget.filter(|_| over) {
                 while total > budget {
                     let Some(freed) = self.evict_for_budget(&mut state, pending) else {
                         break;
@@ -350,7 +352,7 @@ impl Shared {
     /// reply is caught however often it is called, and one that spins
     /// slowly over several intervals.
     fn judge(&self, helper: &Helper, stat: ProcStat, tick_ns: u64) -> Option<Limit> {
-        if let Some(max) = self.limits.max_memory {
+        if let Some(max) = self.live().limits.max_memory {
             if stat.resident > max {
                 return Some(Limit::Memory {
                     resident: stat.resident,
@@ -384,7 +386,7 @@ impl Shared {
             (before / 2).saturating_add(idle)
         };
         usage.idle_cpu.store(total, Ordering::Relaxed);
-        let max = self.limits.max_idle_cpu?;
+        let max = self.live().limits.max_idle_cpu?;
         let used = Duration::from_nanos(total);
         (used > max).then_some(Limit::IdleCpu { used, max })
     }
@@ -432,11 +434,11 @@ impl Shared {
     fn spare_killed(&self) {
         let mut strikes = self.spare_strikes.lock();
         strikes.0 = strikes.0.saturating_add(1);
-        let delay = self
-            .config
-            .crash_backoff
+        let live = self.live();
+        let backoff = &live.config.crash_backoff;
+        let delay = backoff
             .delay(strikes.0.saturating_add(1))
-            .unwrap_or(self.config.crash_backoff.initial);
+            .unwrap_or(backoff.initial);
         strikes.1 = Some(std::time::Instant::now() + delay);
     }
 
