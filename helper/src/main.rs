@@ -9,7 +9,8 @@
 //!   `garbage`, `wrong-id`, `answer-twice`, `pre-answer`, `no-read`,
 //!   `stderr-flood`, `region-oob`, `region-scribble`, `region-other-window`,
 //!   `output-before-bind`, `spin-when-idle`, `spin-after-reply`, `keep-caps`,
-//!   `keep-fd`, `lie-kept-path`, `lie-kept-access`, `corpus:<case>`).
+//!   `keep-fd`, `lie-kept-path`, `lie-kept-access`, `thread-in-init`,
+//!   `kept-other-ns`, `corpus:<case>`).
 //! - `--fd-walk`: close inherited fds by the reported `/proc/self/fd` fallback.
 //! - `--init urandom|keep-fd|keep-urandom|keep-null-rw`: an init hook before
 //!   the sandbox closes (read a seed from `/dev/urandom`; keep `/dev/null`
@@ -266,6 +267,39 @@ fn run_init(init: Option<&str>, declared: &mut sandpool_helper::Init) -> Result<
     Ok(())
 }
 
+/// `kept-other-ns`: in a mount namespace of its own (inside a user
+/// namespace: its ids read as unmapped there, so the Hello reports the ids
+/// it had, which are what `/proc` shows the host), bind-mounts `/dev/zero` over `/dev/urandom`, opens "/dev/urandom"
+/// and declares it: the fd's name is the allowed one, the file another.
+fn keep_from_own_mount_namespace(declared: &mut sandpool_helper::Init) -> Result<(), HandlerError> {
+    use nix::mount::{MsFlags, mount};
+    use nix::sched::{CloneFlags, unshare};
+    unshare(CloneFlags::CLONE_NEWUSER | CloneFlags::CLONE_NEWNS)
+        .map_err(|err| format!("unshare: {err}"))?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    mount(
+        Some("/dev/zero"),
+        "/dev/urandom",
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    declared.keep(KEPT_FD.get_or_init(|| {
+        std::fs::File::open("/dev/urandom").unwrap_or_else(|err| fail(70, &err.to_string()))
+    }));
+    // The new namespace gave it every capability in it, the bounding set
+    // too: give them up again.
+    sandpool_sandbox::drop_bounding_and_ambient()?;
+    sandpool_sandbox::clear_capabilities()?;
+    Ok(())
+}
+
 /// What `OP_GROW` keeps.
 static KEPT: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
@@ -342,9 +376,30 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
         "lie-kept-access" => Some("keep-null-rw"),
         _ => None,
     };
-    let mut sandboxed =
-        sandpool_helper::sandbox_with_init(&options, spec, |declared| run_init(init, declared))
-            .map_err(|e| e.to_string())?;
+    let ids = (
+        nix::unistd::getuid().as_raw(),
+        nix::unistd::getgid().as_raw(),
+    );
+    let mut sandboxed = sandpool_helper::sandbox_with_init(&options, spec, |declared| {
+        match misbehave {
+            "thread-in-init" => {
+                // A thread the host's view of the fd table does not cover.
+                std::thread::spawn(|| {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(3600));
+                    }
+                });
+                Ok(())
+            }
+            "kept-other-ns" => keep_from_own_mount_namespace(declared),
+            _ => run_init(init, declared),
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    if misbehave == "kept-other-ns" {
+        sandboxed.hello.uid = ids.0;
+        sandboxed.hello.gid = ids.1;
+    }
     for kept in &mut sandboxed.hello.kept_fds {
         match misbehave {
             // Claims the kept fd is another file (one a host may allow).

@@ -94,5 +94,7 @@ pub const MISBEHAVIOURS: &[&str] = &[
     "keep-fd",
     "lie-kept-path",
     "lie-kept-access",
+    "thread-in-init",
+    "kept-other-ns",
     "corpus:<case name>",
 ];

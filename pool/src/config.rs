@@ -131,20 +131,74 @@ impl KeptFdRule {
         if !bytes.starts_with(b"/") {
             return Some("is not absolute");
         }
+        if bytes == b"/" {
+            return Some("allows every file (name the files, or a directory of them)");
+        }
         if bytes.len() > sandpool_protocol::MAX_KEPT_PATH || bytes.contains(&0) {
             return Some("is longer than a Hello carries (4095 bytes) or holds a NUL");
         }
         let inner = bytes[1..].strip_suffix(b"/").unwrap_or(&bytes[1..]);
-        let normal = inner.is_empty() && bytes.len() == 1
-            || inner
-                .split(|b| *b == b'/')
-                .all(|part| !part.is_empty() && part != b"." && part != b"..");
+        let normal = inner
+            .split(|b| *b == b'/')
+            .all(|part| !part.is_empty() && part != b"." && part != b"..");
         if !normal {
             return Some("is not normalised (an empty, `.` or `..` component)");
         }
         None
     }
 }
+
+/// Syscalls that create an fd or put one at a number: with kept fds, an
+/// `extra_syscalls` entry among them would let a tenant close a kept fd and
+/// put another file (a socket, a pipe, a file it opened) at its number,
+/// with the kept fd's `read`/`write` rights.
+const FD_CREATING_SYSCALLS: &[&str] = &[
+    "accept",
+    "accept4",
+    "bpf",
+    "clone",
+    "clone3",
+    "creat",
+    "dup",
+    "dup2",
+    "dup3",
+    "epoll_create",
+    "epoll_create1",
+    "eventfd",
+    "eventfd2",
+    "fanotify_init",
+    "fork",
+    "fsmount",
+    "fsopen",
+    "fspick",
+    "inotify_init",
+    "inotify_init1",
+    "io_uring_setup",
+    "landlock_create_ruleset",
+    "memfd_create",
+    "memfd_secret",
+    "mq_open",
+    "open",
+    "open_by_handle_at",
+    "open_tree",
+    "openat",
+    "openat2",
+    "perf_event_open",
+    "pidfd_getfd",
+    "pidfd_open",
+    "pipe",
+    "pipe2",
+    "recvmmsg",
+    "recvmsg",
+    "seccomp",
+    "signalfd",
+    "signalfd4",
+    "socket",
+    "socketpair",
+    "timerfd_create",
+    "userfaultfd",
+    "vfork",
+];
 
 impl Default for SandboxConfig {
     fn default() -> Self {
@@ -653,6 +707,21 @@ impl HelperConfig {
                 return Err(ConfigError::new(
                     "sandbox.kept_fds",
                     format!("{:?} {problem}", rule.path),
+                ));
+            }
+        }
+        if !self.sandbox.kept_fds.is_empty() {
+            if let Some(name) = self
+                .sandbox
+                .extra_syscalls
+                .iter()
+                .find(|name| FD_CREATING_SYSCALLS.contains(&name.as_str()))
+            {
+                return Err(ConfigError::new(
+                    "sandbox.extra_syscalls",
+                    format!(
+                        "{name:?} creates or places fds: with sandbox.kept_fds it would let a tenant put another file at a kept fd's number"
+                    ),
                 ));
             }
         }

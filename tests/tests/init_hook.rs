@@ -231,7 +231,53 @@ fn kept_fd_entries_must_be_absolute_and_normalised() {
         let err = cfg.validate().unwrap_err();
         assert_eq!(err.field, "sandbox.kept_fds", "{bad:?}: {err}");
     }
-    for good in ["/dev/urandom", "/usr/share/zoneinfo/", "/"] {
+    for good in ["/dev/urandom", "/usr/share/zoneinfo/"] {
         keeping(&[], &[(good, false)]).validate().unwrap();
+    }
+    // "/" would allow every file there is.
+    let err = keeping(&[], &[("/", false)]).validate().unwrap_err();
+    assert!(err.to_string().contains("allows every file"), "{err}");
+    // With kept fds, no extra syscall may make or place an fd: a tenant
+    // could close a kept fd and put a socket or another file at its number.
+    for name in ["dup2", "socket", "recvmsg", "memfd_create", "openat"] {
+        let mut cfg = keeping(&[], &[("/dev/urandom", false)]);
+        cfg.sandbox.extra_syscalls = vec![name.into()];
+        let err = cfg.validate().unwrap_err();
+        assert_eq!(err.field, "sandbox.extra_syscalls", "{name}: {err}");
+        cfg.sandbox.kept_fds.clear();
+        cfg.validate().unwrap();
+    }
+}
+
+#[test]
+fn a_helper_with_a_second_thread_is_refused() {
+    // /proc/PID/fd is the main thread's fd table only: a thread made
+    // without CLONE_FILES, or one blocked in recvmsg, holds fds it misses.
+    let refused = refusal(config(&["--misbehave", "thread-in-init"]));
+    assert!(
+        matches!(&refused, HelloRefusal::KernelDisagrees { field: "Threads", kernel, .. } if kernel == "2"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn a_kept_fd_named_like_an_allowed_file_in_another_mount_namespace_is_refused() {
+    // The init hook bind-mounts /dev/zero over /dev/urandom in a mount
+    // namespace of its own and keeps "/dev/urandom": /proc names the fd as
+    // allowed; the host compares the file itself (device and inode).
+    let cfg = keeping(
+        &["--misbehave", "kept-other-ns"],
+        &[("/dev/urandom", false)],
+    );
+    match Launcher::new(cfg).unwrap().launch() {
+        Err(LaunchError::HelloRefused {
+            refusal: HelloRefusal::KeptFdMismatch { kernel, .. },
+            ..
+        }) => assert!(kernel.contains("another file"), "{kernel}"),
+        // Where user namespaces are off, the attack cannot be made at all.
+        Err(LaunchError::ExitedBeforeHello { stderr, .. }) if stderr.contains("EPERM") => {
+            eprintln!("user namespaces unavailable here: {stderr}");
+        }
+        other => panic!("expected the kept fd refused, got {other:?}"),
     }
 }

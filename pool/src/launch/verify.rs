@@ -22,9 +22,14 @@
 //! `sandbox.kept_fds` (its path, and write access only where an entry says
 //! so); with the kernel check, `/proc/PID/fd` must hold exactly 0, 1, 2 and
 //! the declared fds, each pointing where the Hello says, opened as it says
-//! (`flags:` in `/proc/PID/fdinfo/N`). Under its filter the helper can no
-//! longer open, dup or replace an fd (no `open*`, `dup*`, `fcntl(F_DUPFD)`),
-//! only close one, so what the host checks after the Hello can only shrink.
+//! (`flags:` in `/proc/PID/fdinfo/N`), and the same file (device, inode) as
+//! the path names in the host's mount namespace. The helper must be one
+//! thread (`Threads: 1`): `/proc/PID/fd` shows the main thread's fd table
+//! only. Under the default filter the helper can no longer make a thread,
+//! open, dup or replace an fd (no `clone`, `open*`, `dup*`,
+//! `fcntl(F_DUPFD)`), only close one, and with kept fds the configuration
+//! refuses `extra_syscalls` that would, so what the host checks after the
+//! Hello can only shrink.
 
 use std::os::unix::ffi::OsStrExt;
 
@@ -157,12 +162,28 @@ fn verify_kept_fd(kept: &KeptFd, pid: u32) -> Result<(), HelloRefusal> {
         kernel,
     };
     let fd = kept.fd;
-    let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+    let link = format!("/proc/{pid}/fd/{fd}");
+    let target = std::fs::read_link(&link)
         .map_err(|err| mismatch(kept.path_lossy().into_owned(), format!("unreadable: {err}")))?;
     if target.as_os_str().as_bytes() != kept.path.as_slice() {
         return Err(mismatch(
             kept.path_lossy().into_owned(),
             target.to_string_lossy().into_owned(),
+        ));
+    }
+    // The name is the file's name in the mount namespace it was opened
+    // in, which the init hook may have made its own (a bind mount over an
+    // allowed path): the file must be the one that path names here.
+    use std::os::unix::fs::MetadataExt;
+    let identity = |meta: std::fs::Metadata| (meta.dev(), meta.ino());
+    let held = std::fs::metadata(&link)
+        .map(identity)
+        .map_err(|err| mismatch(kept.path_lossy().into_owned(), format!("unreadable: {err}")))?;
+    let named = std::fs::metadata(std::ffi::OsStr::from_bytes(&kept.path)).map(identity);
+    if named.as_ref().ok() != Some(&held) {
+        return Err(mismatch(
+            format!("{} (device, inode {:?})", kept.path_lossy(), named.ok()),
+            format!("another file (device, inode {held:?})"),
         ));
     }
     let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
@@ -207,6 +228,18 @@ fn verify_with_proc(hello: &Hello, pid: u32, expected: &Expected) -> Result<(), 
             pid,
             field: "NoNewPrivs",
             kernel: nnp,
+        });
+    }
+    // One thread: `/proc/PID/fd` is the main thread's fd table only, and a
+    // thread made without CLONE_FILES (or one blocked in a call that
+    // installs an fd later: recvmsg, accept) would hold fds no check
+    // here sees. Under the filter no thread can be made, so one stays one.
+    let threads = field("Threads");
+    if threads != "1" {
+        return Err(HelloRefusal::KernelDisagrees {
+            pid,
+            field: "Threads",
+            kernel: threads,
         });
     }
     let disagrees = |field: &'static str, kernel: &str| HelloRefusal::KernelDisagrees {
