@@ -11,6 +11,9 @@ use sandpool_protocol::{
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::lifecycle::AdaptiveParams;
+pub use crate::policy::{IdlePolicyKind, TenantPolicy, TenantPolicyRule};
+
 /// The longest duration any setting accepts (a day): deadlines computed
 /// from settings can never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(86_400);
@@ -797,7 +800,7 @@ impl BackoffConfig {
 /// (`"200ms"`, `"5m"`), sizes are human (`"1MiB"`). Every field but `program`
 /// has a default that suits the model user (a page server with thousands of
 /// tenants); unknown fields are errors.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The helper executable (required; no `PATH` search).
@@ -808,9 +811,27 @@ pub struct Config {
     pub env_allowlist: Vec<String>,
     /// Fresh helpers kept ready for tenants that have none. Default 2.
     pub spares: usize,
-    /// A helper idle this long is quiesced. Default 5 min.
+    /// A helper idle this long is quiesced (under the `"fixed"` idle
+    /// policy, and the adaptive policy's fallback). Default 5 min.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// How idle helpers are judged: `"fixed"` (default: after
+    /// `idle_timeout`) or `"adaptive"` (per tenant, from the history of its
+    /// gaps between calls; see [`IdlePolicyKind::Adaptive`]).
+    pub idle_policy: IdlePolicyKind,
+    /// The adaptive idle policy's tuning (`[adaptive]`; every field has a
+    /// default, see [`AdaptiveParams`]).
+    pub adaptive: AdaptiveParams,
+    /// Per-tenant policies by tenant-id prefix (the longest prefix wins;
+    /// `Pool::set_tenant_policy` overrides them). Default none.
+    pub tenant_policies: Vec<TenantPolicyRule>,
+    /// The most tenants without a helper whose call history the pool keeps
+    /// for the adaptive policy (about 200 bytes each with the map's own
+    /// share: the id, a fixed 88-byte lifecycle state, the tenant's
+    /// bookkeeping); over it, those whose last call is oldest are
+    /// forgotten. Only while some tenant's policy is adaptive. Default
+    /// 100,000.
+    pub max_tenant_histories: usize,
     /// Cap on live helpers (bound, spare, launches in progress, and closing
     /// helpers until they are reaped).
     /// Default 1024.
@@ -923,6 +944,10 @@ impl Default for Config {
             env_allowlist: Vec::new(),
             spares: 2,
             idle_timeout: Duration::from_secs(300),
+            idle_policy: IdlePolicyKind::Fixed,
+            adaptive: AdaptiveParams::default(),
+            tenant_policies: Vec::new(),
+            max_tenant_histories: 100_000,
             max_helpers: 1024,
             max_in_flight: 16,
             request_timeout: Duration::from_secs(10),
@@ -1006,6 +1031,10 @@ impl Config {
             env_allowlist,
             spares: _,
             idle_timeout: _,
+            idle_policy: _,
+            adaptive: _,
+            tenant_policies: _,
+            max_tenant_histories: _,
             max_helpers: _,
             max_in_flight,
             request_timeout: _,
@@ -1127,6 +1156,27 @@ impl Config {
         self.helper_config().validate()?;
         if self.max_helpers == 0 {
             return Err(ConfigError::new("max_helpers", "must be at least 1"));
+        }
+        self.adaptive
+            .validate()
+            .map_err(|err| ConfigError::new("adaptive", err.to_string()))?;
+        if self.max_tenant_histories == 0 {
+            return Err(ConfigError::new(
+                "max_tenant_histories",
+                "must be at least 1",
+            ));
+        }
+        for (at, rule) in self.tenant_policies.iter().enumerate() {
+            rule.policy().validate("tenant_policies")?;
+            if self.tenant_policies[..at]
+                .iter()
+                .any(|earlier| earlier.prefix == rule.prefix)
+            {
+                return Err(ConfigError::new(
+                    "tenant_policies",
+                    format!("prefix {:?} is given twice", rule.prefix),
+                ));
+            }
         }
         if self.spares > self.max_helpers {
             return Err(ConfigError::new(

@@ -24,6 +24,8 @@ mod conn;
 mod error;
 mod kernel_log;
 mod launch;
+pub mod lifecycle;
+mod policy;
 mod pool;
 mod reactor;
 mod region;
@@ -33,14 +35,16 @@ mod telemetry;
 pub use bytesize::ByteSize;
 pub use config::{
     BackoffConfig, Config, ConfigError, DEFAULT_ADDRESS_SPACE, DEFAULT_MAX_HELPER_MEMORY,
-    DEFAULT_MAX_IDLE_CPU, HelperConfig, KeptFdRule, LaunchMode, MAX_DURATION, MIN_ADDRESS_SPACE,
-    MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit, TimeLimit,
+    DEFAULT_MAX_IDLE_CPU, HelperConfig, IdlePolicyKind, KeptFdRule, LaunchMode, MAX_DURATION,
+    MIN_ADDRESS_SPACE, MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit, TenantPolicy,
+    TenantPolicyRule, TimeLimit,
 };
 pub use conn::Helper;
 pub use error::{
     CallError, ExitStatus, HelloRefusal, LaunchError, Limit, ProtocolViolation, RetireReason,
 };
 pub use launch::Launcher;
+pub use lifecycle::{AdaptiveParams, IdlePolicy};
 pub use pool::{CloseCause, FailureStats, HelperInfo, HelperMemory, Pool, PoolError, Stats};
 pub use sandpool_protocol::{
     DecodeError, FdAccess, FdCloseMethod, Hello, KeptFd, Kind, PayloadError, RegionError,

@@ -59,6 +59,11 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "launcher processes replaced after one was lost (killed, crashed, hung)",
     ),
     (
+        "sandpool_prelaunches_total",
+        "counter",
+        "helpers launched or bound ahead of a tenant's calls (its policy's prewarm, or the adaptive policy's prediction)",
+    ),
+    (
         "sandpool_reconfigurations_total",
         "counter",
         "live configuration changes applied by Pool::reconfigure",
@@ -200,6 +205,7 @@ pub(crate) struct Telemetry {
     spare_hits: Count,
     spare_misses: Count,
     reconfigurations: Count,
+    prelaunches: Count,
     quiesced_idle: Count,
     quiesced_max_requests: Count,
     evicted: Count,
@@ -268,6 +274,7 @@ impl Telemetry {
             spare_hits: Count::new("sandpool_spares_total", &[("result", "hit")]),
             spare_misses: Count::new("sandpool_spares_total", &[("result", "miss")]),
             reconfigurations: Count::new("sandpool_reconfigurations_total", &[]),
+            prelaunches: Count::new("sandpool_prelaunches_total", &[]),
             quiesced_idle: quiesced("idle"),
             quiesced_max_requests: quiesced("max_requests"),
             evicted: quiesced("evicted"),
@@ -357,6 +364,10 @@ impl Telemetry {
     pub(crate) fn spare_hit(&self, queue_wait: Duration) {
         self.spare_hits.bump();
         self.queue_wait_seconds.record(queue_wait.as_secs_f64());
+    }
+
+    pub(crate) fn prelaunched(&self) {
+        self.prelaunches.bump();
     }
 
     pub(crate) fn reconfigured(&self) {
@@ -498,6 +509,7 @@ impl Telemetry {
             backoffs_engaged: self.backoff_engaged.get(),
             calls_ok,
             calls_failed: calls_total - calls_ok,
+            prelaunches: self.prelaunches.get(),
             ..Stats::default()
         }
     }

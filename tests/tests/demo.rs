@@ -138,3 +138,71 @@ fn the_demo_serves_prometheus_metrics_that_move() {
     );
     assert!(demo.wait().unwrap().success());
 }
+
+#[test]
+fn sighup_reloads_the_config_into_the_live_pool_or_refuses_it_by_name() {
+    use std::io::BufRead;
+    let dir = std::env::temp_dir().join(format!("sandpool-demo-hup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("demo.toml");
+    std::fs::write(&path, "spares = 2\nidle_timeout = \"1h\"\n").unwrap();
+    let mut child = Command::new(DEMO)
+        .args(["--tenants", "16", "--threads", "2", "--duration", "6s"])
+        .arg("--config")
+        .arg(&path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let wait_line = |needle: &str| -> String {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {needle:?}"));
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    };
+    wait_line("SIGHUP reloads --config");
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    };
+    std::fs::write(&path, "spares = 3\nidle_timeout = \"150ms\"\n").unwrap();
+    hup();
+    let line = wait_line("SIGHUP:");
+    assert!(line.contains("reloaded"), "{line}");
+    assert!(line.contains("spares 3, idle timeout 150ms"), "{line}");
+    // A field fixed at Pool::new: refused by name, the pool goes on.
+    std::fs::write(&path, "spares = 1\nmax_frame = \"64KiB\"\n").unwrap();
+    hup();
+    let line = wait_line("SIGHUP:");
+    assert!(line.contains("refused, pool unchanged"), "{line}");
+    assert!(line.contains("max_frame"), "{line}");
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(status.success(), "{}", rest.join("\n"));
+    assert!(
+        rest.iter()
+            .any(|l| l.contains("OK: every response verified")),
+        "{}",
+        rest.join("\n")
+    );
+}

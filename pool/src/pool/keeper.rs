@@ -9,10 +9,12 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tracing::{debug, warn};
 
 use super::CloseCause;
-use super::tenants::{Shared, guarded};
+use super::tenants::{Shared, State, guarded};
 use super::usage::{Sampler, Scratch};
 use crate::conn::{Helper, deadline_after};
 use crate::error::{CallError, LaunchError};
+use crate::lifecycle::IdlePolicy;
+use crate::policy::{self, Defaults, IdlePolicyKind, IdleRule};
 
 pub(super) enum KeeperMsg {
     Refill,
@@ -23,15 +25,22 @@ pub(super) enum KeeperMsg {
     Shutdown,
 }
 
+/// How long after a spare is taken the keeper launches its replacement.
+const REFILL_DELAY: Duration = Duration::from_millis(10);
+
+/// The keeper's scan interval for a shortest idle timeout: a quarter of
+/// it, within 5 ms to 1 s.
+fn scan_tick(shortest: Duration) -> Duration {
+    (shortest / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
+}
+
 impl Shared {
     /// The keeper thread: refills spares, quiesces idle helpers, closes
     /// helpers handed to it once no caller holds them (without waiting on
     /// any of them), and reaps them. At shutdown it returns the helpers it
     /// had not finished with, for the pool's single shutdown deadline.
     pub(super) fn keep(&self, rx: Receiver<KeeperMsg>) -> Vec<Arc<Helper>> {
-        let tick_of = |live: &super::tenants::Live| {
-            (live.config.idle_timeout / 4).clamp(Duration::from_millis(5), Duration::from_secs(1))
-        };
+        let tick_of = |live: &super::tenants::Live| scan_tick(live.config.idle_timeout);
         let mut live = self.live();
         let mut tick = tick_of(&live);
         // Handed over, waiting for the last caller to let go.
@@ -48,6 +57,7 @@ impl Shared {
         // Scratch buffers, reused: a steady pool's keeper allocates nothing.
         let mut messages = Vec::with_capacity(16);
         let mut unused = Vec::new();
+        let mut ahead = Vec::new();
         let mut still_pending = Vec::new();
         loop {
             let busy = !pending.is_empty() || !reaping.is_empty();
@@ -61,6 +71,13 @@ impl Shared {
             } else {
                 next
             };
+            // A refill put off (REFILL_DELAY, or after failed launches)
+            // is due at refill_after.
+            let wake = if refill_after > Instant::now() {
+                wake.min(refill_after)
+            } else {
+                wake
+            };
             messages.clear();
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
                 Ok(msg) => messages.push(msg),
@@ -71,7 +88,13 @@ impl Shared {
             let mut shutdown = false;
             for msg in messages.drain(..) {
                 match msg {
-                    KeeperMsg::Refill => {}
+                    KeeperMsg::Refill => {
+                        // A spare was just bound: its tenant's first calls
+                        // are running now. A launch at once would compete
+                        // with them for the CPU (a launch is about a
+                        // millisecond of it); a moment later it does not.
+                        refill_after = refill_after.max(Instant::now() + REFILL_DELAY);
+                    }
                     KeeperMsg::Reconfigured => {
                         live = self.live();
                         tick = tick_of(&live);
@@ -99,7 +122,8 @@ impl Shared {
                 refill_after = Instant::now() + tick;
             }
             if Instant::now() >= next_scan {
-                self.quiesce_idle(&mut pending, &mut unused);
+                let shortest = self.quiesce_idle(&mut pending, &mut unused, &mut ahead);
+                tick = tick_of(&live).min(scan_tick(shortest));
                 next_scan = Instant::now() + tick;
                 let counts = self.helper_counts();
                 self.telemetry.set_helpers(
@@ -221,36 +245,75 @@ impl Shared {
         }
     }
 
-    /// Takes helpers idle longer than `idle_timeout` away from their tenants,
-    /// notices helpers that died while idle, and forgets tenants that have
-    /// nothing left to remember. No I/O happens under the state lock.
+    /// Takes helpers whose tenant's policy says they have been idle long
+    /// enough away from their tenants, launches helpers for tenants whose
+    /// policy wants one ahead of their calls, notices helpers that died
+    /// while idle, and forgets tenants that have nothing left to remember.
+    /// No I/O happens under the state lock. Returns the shortest fixed idle
+    /// timeout any tenant's policy has (for the keeper's tick).
     ///
-    /// `unused` is the keeper's scratch buffer, reused so that a scan of a
-    /// steady pool allocates nothing.
+    /// `unused` and `ahead` are the keeper's scratch buffers, reused so that
+    /// a scan of a steady pool allocates nothing.
     fn quiesce_idle(
         &self,
         pending: &mut Vec<(Arc<Helper>, CloseCause)>,
         unused: &mut Vec<Arc<Helper>>,
-    ) {
+        ahead: &mut Vec<Box<[u8]>>,
+    ) -> Duration {
         let now = Instant::now();
         let live = self.live();
-        let idle_timeout = live.config.idle_timeout;
-        let forget_after = idle_timeout.max(live.config.crash_backoff.max.saturating_mul(2));
+        let defaults = Defaults {
+            idle_policy: live.config.idle_policy,
+            idle_timeout: live.config.idle_timeout,
+        };
+        let mut shortest = live.config.idle_timeout;
+        let forget_after = shortest.max(live.config.crash_backoff.max.saturating_mul(2));
+        let clock = now.saturating_duration_since(self.epoch);
         unused.clear();
+        ahead.clear();
         {
             let mut state = self.state.lock();
             let mut quiesced = 0;
-            for tenant in state.tenants.values_mut() {
+            let mut adaptive_tenants = live.config.idle_policy == IdlePolicyKind::Adaptive;
+            let State {
+                tenants, policies, ..
+            } = &mut *state;
+            for (id, tenant) in tenants.iter_mut() {
+                let rule = policy::longest_rule(&live.config.tenant_policies, id);
+                let effective = policy::resolve(policies.get(id), rule, defaults);
+                let fixed;
+                let idle_policy = match effective.idle {
+                    IdleRule::Fixed(idle_timeout) => {
+                        shortest = shortest.min(idle_timeout);
+                        fixed = IdlePolicy::Fixed { idle_timeout };
+                        &fixed
+                    }
+                    IdleRule::Adaptive => {
+                        adaptive_tenants = true;
+                        // Its closes and pre-launches fall on min_keep
+                        // boundaries at the earliest.
+                        shortest = shortest.min(live.config.adaptive.min_keep);
+                        &live.adaptive
+                    }
+                };
+                // The same decision the replay tool makes of a trace.
+                let decision = tenant.lifecycle.decide(clock, idle_policy);
                 let Some(helper) = &tenant.helper else {
+                    let backing_off = tenant.backoff_until.is_some_and(|until| until > now);
+                    let wanted = effective.prewarm || decision.prewarm_due(clock);
+                    if wanted && !tenant.launching && !backing_off {
+                        ahead.push(id.clone());
+                    }
                     continue;
                 };
                 if !helper.is_unused() || helper.is_retired() {
                     continue;
                 }
-                if tenant
-                    .last_used
-                    .is_none_or(|at| now.duration_since(at) >= idle_timeout)
-                {
+                if effective.keep_warm {
+                    unused.push(helper.clone());
+                    continue;
+                }
+                if decision.close_due(clock) {
                     if let Some(helper) = tenant.helper.take() {
                         quiesced += 1;
                         self.telemetry.closed(CloseCause::Idle);
@@ -263,7 +326,11 @@ impl Shared {
             state.bound -= quiesced;
             state.closing += quiesced;
             self.count_late_failures(&mut state);
-            state.tenants.retain(|_, tenant| {
+            let State {
+                tenants, policies, ..
+            } = &mut *state;
+            let mut histories = 0;
+            let more_than_history = |id: &[u8], tenant: &super::tenants::Tenant| {
                 tenant.helper.is_some()
                     || tenant.failed.is_some()
                     || tenant.launching
@@ -271,7 +338,35 @@ impl Shared {
                     || tenant
                         .last_failure
                         .is_some_and(|at| now.duration_since(at) < forget_after)
+                    || policies.contains_key(id)
+            };
+            tenants.retain(|id, tenant| {
+                let busy = more_than_history(id, tenant);
+                // Under an adaptive policy a tenant's history outlives its
+                // helper: it is what predicts the next call.
+                let history = adaptive_tenants && tenant.lifecycle.last_call().is_some();
+                histories += usize::from(!busy && history);
+                busy || history
             });
+            let excess = histories.saturating_sub(live.config.max_tenant_histories);
+            if excess > 0 {
+                // The oldest last calls among the tenants kept only for
+                // their history.
+                let mut oldest: Vec<(Duration, Box<[u8]>)> = tenants
+                    .iter()
+                    .filter(|(id, tenant)| !more_than_history(id, tenant))
+                    .filter_map(|(id, tenant)| Some((tenant.lifecycle.last_call()?, id.clone())))
+                    .collect();
+                if excess < oldest.len() {
+                    oldest.select_nth_unstable_by_key(excess, |(at, _)| *at);
+                }
+                for (_, id) in oldest.into_iter().take(excess) {
+                    tenants.remove(&id);
+                }
+            }
+            for tenant in ahead.drain(..) {
+                self.prelaunch(&mut state, &tenant, now);
+            }
             if quiesced > 0 {
                 self.notify_changed();
             }
@@ -295,6 +390,7 @@ impl Shared {
                 }
             }
         }
+        shortest
     }
 }
 

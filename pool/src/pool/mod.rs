@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, TenantPolicy};
 use crate::conn::{deadline_after, deadline_from};
 use crate::error::{CallError, LaunchError};
 use crate::launch::Launcher;
@@ -123,6 +123,13 @@ pub struct Stats {
     pub launcher_restarts: u64,
     /// The running launcher process's pid, if any.
     pub launcher_pid: Option<u32>,
+    /// Tenants the pool remembers: with a helper, a launch, a failure
+    /// record, a policy of their own, or (under an adaptive policy, at
+    /// most `max_tenant_histories` of them) a call history.
+    pub tenants: usize,
+    /// Helpers launched or bound ahead of a tenant's calls (`prewarm`, or
+    /// the adaptive policy's prediction).
+    pub prelaunches: u64,
 }
 
 /// Helper failures by cause.
@@ -281,10 +288,7 @@ impl Pool {
             usage::ensure_fd_budget(config.max_helpers)?;
         }
         let limits = usage::Limits::resolve(config)?;
-        self.shared.set_live(Live {
-            config: Arc::new(config.clone()),
-            limits,
-        });
+        self.shared.set_live(Live::new(config.clone(), limits));
         self.shared.telemetry.reconfigured();
         info!(
             idle_timeout = ?config.idle_timeout,
@@ -295,6 +299,43 @@ impl Pool {
         let _ = self.shared.keeper.send(KeeperMsg::Reconfigured);
         // Callers waiting for room may fit under a larger max_helpers.
         self.shared.notify_changed();
+        Ok(())
+    }
+
+    /// Sets `tenant`'s own lifecycle policy (see [`TenantPolicy`]), over any
+    /// `tenant_policies` entry of the configuration; `None` removes it.
+    /// Applies from the keeper's next scan, which this triggers: a tenant
+    /// set to `prewarm` gets a helper then. The pool remembers a tenant
+    /// with a policy of its own until it is removed (one entry per tenant,
+    /// its id and the policy).
+    ///
+    /// Refused (the policy unchanged) for an invalid tenant id (empty or
+    /// over 256 bytes: field `tenant`) or an invalid policy.
+    pub fn set_tenant_policy(
+        &self,
+        tenant: impl AsRef<[u8]>,
+        policy: Option<TenantPolicy>,
+    ) -> Result<(), ConfigError> {
+        let tenant = tenant.as_ref();
+        sandpool_protocol::decode_bind(tenant)
+            .map_err(|err| ConfigError::new("tenant", err.to_string()))?;
+        if let Some(policy) = &policy {
+            policy.validate("tenant_policy")?;
+        }
+        {
+            let mut state = self.shared.state.lock();
+            match policy {
+                Some(policy) => {
+                    state.policies.insert(tenant.into(), policy);
+                    // Known from now on, so the keeper's scan sees it.
+                    tenants::tenant_mut(&mut state, tenant);
+                }
+                None => {
+                    state.policies.remove(tenant);
+                }
+            }
+        }
+        let _ = self.shared.keeper.send(KeeperMsg::Reconfigured);
         Ok(())
     }
 
@@ -404,6 +445,7 @@ impl Pool {
             launcher_restarts: self.shared.launcher.launcher_restarts(),
             launcher_pid: self.shared.launcher.launcher_pid(),
             memory_budget: self.shared.live().limits.budget,
+            tenants: counts.tenants,
             ..self.shared.telemetry.counters()
         }
     }

@@ -20,11 +20,12 @@ use tracing::{debug, warn};
 use super::keeper::KeeperMsg;
 use super::usage::Limits;
 use super::{CloseCause, HelperInfo};
-use crate::config::Config;
+use crate::config::{Config, TenantPolicy};
 use crate::conn::completion::Completion;
 use crate::conn::{Helper, InUse};
 use crate::error::{CallError, LaunchError};
 use crate::launch::Launcher;
+use crate::lifecycle::{IdlePolicy, TenantLifecycle};
 use crate::telemetry::Telemetry;
 
 #[derive(Default)]
@@ -45,12 +46,17 @@ pub(super) struct Tenant {
     /// failure not yet known: it is known once the helper is reaped): its
     /// failure is counted then, by the caller that saw it or the keeper.
     pub(super) failed: Option<Arc<Helper>>,
+    /// Its calls' history, for the idle policy (fixed size).
+    pub(super) lifecycle: TenantLifecycle,
 }
 
 #[derive(Default)]
 pub(super) struct State {
     pub(super) tenants: HashMap<Box<[u8]>, Tenant>,
     pub(super) spares: VecDeque<Arc<Helper>>,
+    /// Per-tenant policies set with `Pool::set_tenant_policy` (their
+    /// tenants are remembered while they have one).
+    pub(super) policies: HashMap<Box<[u8]>, TenantPolicy>,
     pub(super) bound: usize,
     pub(super) launching: usize,
     /// Helpers taken from their tenants and not yet reaped.
@@ -110,10 +116,24 @@ pub(super) struct Live {
     pub(super) config: Arc<Config>,
     /// The resource limits the keeper enforces.
     pub(super) limits: Limits,
+    /// The adaptive idle policy with the configured tuning.
+    pub(super) adaptive: IdlePolicy,
+}
+
+impl Live {
+    pub(super) fn new(config: Config, limits: Limits) -> Live {
+        Live {
+            adaptive: IdlePolicy::Adaptive(config.adaptive.clone()),
+            config: Arc::new(config),
+            limits,
+        }
+    }
 }
 
 pub(super) struct Shared {
     live: parking_lot::RwLock<Arc<Live>>,
+    /// Time zero of the tenants' lifecycle clocks.
+    pub(super) epoch: Instant,
     pub(super) launcher: Launcher,
     pub(super) state: Mutex<State>,
     /// Notified whenever a helper is installed, a launch ends, or room
@@ -145,6 +165,7 @@ pub(super) struct HelperCounts {
     pub(super) busy: usize,
     pub(super) idle: usize,
     pub(super) closing: usize,
+    pub(super) tenants: usize,
 }
 
 /// Runs `work` (a launch: no panics are expected, but a panic there must
@@ -252,10 +273,8 @@ impl Shared {
         limits: Limits,
     ) -> Shared {
         Shared {
-            live: parking_lot::RwLock::new(Arc::new(Live {
-                config: Arc::new(config),
-                limits,
-            })),
+            live: parking_lot::RwLock::new(Arc::new(Live::new(config, limits))),
+            epoch: Instant::now(),
             launcher,
             state: Mutex::new(State::default()),
             changed: Event::new(),
@@ -481,12 +500,7 @@ impl Shared {
                         started,
                         done: done.clone(),
                     };
-                    let sent = self
-                        .launches
-                        .lock()
-                        .as_ref()
-                        .is_some_and(|tx| tx.send(job).is_ok());
-                    if !sent {
+                    if !self.queue_launch(job) {
                         self.launch_ended(tenant);
                         return Err(CallError::ShutDown);
                     }
@@ -521,8 +535,10 @@ impl Shared {
             }
             if let Some(helper) = &entry.helper {
                 if !helper.is_retired() {
+                    let held = helper.use_guard();
                     entry.last_used = Some(now);
-                    return Ok(Step::Ready(helper.use_guard()));
+                    self.note_call(entry, now);
+                    return Ok(Step::Ready(held));
                 }
             }
             if let Some(retired) = entry.helper.take() {
@@ -538,6 +554,7 @@ impl Shared {
             if let Some(spare) = state.spares.pop_front() {
                 let _ = self.keeper.send(KeeperMsg::Refill);
                 if let Some(held) = self.bind_spare(&mut state, tenant, spare, now) {
+                    self.note_call(tenant_mut(&mut state, tenant), now);
                     return Ok(Step::Ready(held));
                 }
                 continue;
@@ -551,10 +568,23 @@ impl Shared {
                 self.evict_lru(&mut state, CloseCause::MemoryBudget);
             }
             self.telemetry.spare_miss(self.live().config.spares);
-            tenant_mut(&mut state, tenant).launching = true;
+            let entry = tenant_mut(&mut state, tenant);
+            entry.launching = true;
+            self.note_call(entry, now);
             state.launching += 1;
             return Ok(Step::Launch);
         }
+    }
+
+    /// Records a call arriving at `now` in the tenant's history. Gaps are
+    /// recorded whatever the tenant's policy (by the adaptive tuning's
+    /// rule), so a tenant moved to the adaptive policy live brings its
+    /// history along.
+    fn note_call(&self, entry: &mut Tenant, now: Instant) {
+        entry.lifecycle.on_call(
+            now.saturating_duration_since(self.epoch),
+            &self.live().adaptive,
+        );
     }
 
     /// Binds a spare to `tenant` (the Bind frame is queued without waiting)
@@ -658,6 +688,59 @@ impl Shared {
         state.launching -= 1;
         tenant_mut(&mut state, tenant).launching = false;
         self.notify_changed();
+    }
+
+    /// Gets `tenant` a helper ahead of its calls, in the background (its
+    /// policy's `prewarm`): binds a spare if one is ready, else queues a
+    /// launch on a launch worker. Never for a guess past the cap or the
+    /// memory budget (nothing is evicted for it), nor while the tenant
+    /// has a helper, a launch, or a back-off. Returns whether a helper is
+    /// bound or on its way.
+    pub(super) fn prelaunch(&self, state: &mut State, tenant: &[u8], now: Instant) -> bool {
+        if state.shut || sandpool_protocol::decode_bind(tenant).is_err() {
+            return false;
+        }
+        let entry = tenant_mut(state, tenant);
+        if entry.helper.is_some()
+            || entry.launching
+            || entry.backoff_until.is_some_and(|until| until > now)
+            || self.over_budget()
+        {
+            return false;
+        }
+        if let Some(spare) = state.spares.pop_front() {
+            let _ = self.keeper.send(KeeperMsg::Refill);
+            self.telemetry.prelaunched();
+            // The hold the bind returns drops here: the helper is idle.
+            return self.bind_spare(state, tenant, spare, now).is_some();
+        }
+        let live = self.live();
+        if state.live() >= live.config.max_helpers {
+            return false;
+        }
+        tenant_mut(state, tenant).launching = true;
+        state.launching += 1;
+        let job = LaunchJob {
+            tenant: tenant.into(),
+            deadline: now + live.config.request_timeout,
+            started: now,
+            done: Arc::new(Completion::new()),
+        };
+        if !self.queue_launch(job) {
+            state.launching -= 1;
+            tenant_mut(state, tenant).launching = false;
+            return false;
+        }
+        self.telemetry.prelaunched();
+        true
+    }
+
+    /// Hands `job` to the launch workers; false once they are stopped.
+    fn queue_launch(&self, job: LaunchJob) -> bool {
+        self.launches
+            .lock()
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok())
     }
 
     /// A launch worker: launches helpers for async callers until the pool
@@ -898,6 +981,7 @@ impl Shared {
             busy,
             idle: state.bound - busy,
             closing: state.closing,
+            tenants: state.tenants.len(),
         }
     }
 

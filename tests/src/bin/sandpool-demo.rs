@@ -14,6 +14,11 @@
 //! the hostile tenant sends SQL that allocates without bound, tries to
 //! attach a file or never ends.
 //!
+//! On SIGHUP it reads its `--config` file again and applies it to the
+//! running pool with `Pool::reconfigure` (the lifecycle fields; a change to
+//! a field that cannot change live is refused by name and the pool goes on
+//! as it was), printing what happened.
+//!
 //! `cargo run --release -p sandpool-tests --bin sandpool-demo -- --help`
 
 use std::collections::BTreeMap;
@@ -25,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -123,6 +129,28 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
     }
     config.validate()?;
     Ok(config)
+}
+
+/// SIGHUP: reads `--config` again and applies it to the live pool; says
+/// what happened, in one line.
+fn reload(pool: &Pool, args: &Args) -> String {
+    let Some(path) = &args.config else {
+        return "SIGHUP: no --config to reload".into();
+    };
+    match demo_config(args) {
+        Err(err) => format!("SIGHUP: {} not applied: {err}", path.display()),
+        Ok(config) => match pool.reconfigure(&config) {
+            Ok(()) => format!(
+                "SIGHUP: reloaded {}: spares {}, idle timeout {}, idle policy {:?}, max helpers {}",
+                path.display(),
+                config.spares,
+                humantime::format_duration(config.idle_timeout),
+                config.idle_policy,
+                config.max_helpers
+            ),
+            Err(err) => format!("SIGHUP: {} refused, pool unchanged: {err}", path.display()),
+        },
+    }
 }
 
 fn toml_with_default_program(text: &str) -> Result<Config, Box<dyn std::error::Error>> {
@@ -418,7 +446,22 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         config.idle_timeout,
         config.max_helpers
     );
+    // SIGHUP is blocked in every thread from here on (the pool's threads
+    // inherit the mask) and taken by one thread with sigwait: no handler.
+    let hup = SigSet::from(Signal::SIGHUP);
+    hup.thread_block()
+        .map_err(|err| format!("blocking SIGHUP: {err}"))?;
+    let hangups = Arc::new(AtomicU64::new(0));
+    {
+        let hangups = hangups.clone();
+        std::thread::spawn(move || {
+            while let Ok(Signal::SIGHUP) = hup.wait() {
+                hangups.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
     let pool = Arc::new(Pool::new(config)?);
+    println!("pid {}: SIGHUP reloads --config", std::process::id());
     let tally = Arc::new(Tally::default());
     let stop = Arc::new(AtomicBool::new(false));
     let args = Arc::new(args);
@@ -440,8 +483,20 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let mut last_calls = 0;
     let mut last_tick = Instant::now();
     let mut seen = 0;
+    let mut reloads_seen = 0;
     while started.elapsed() < args.duration {
         std::thread::sleep(Duration::from_millis(250));
+        let reloads = hangups.load(Ordering::Relaxed);
+        if reloads != reloads_seen {
+            reloads_seen = reloads;
+            let said = reload(&pool, &args);
+            if bar.is_hidden() {
+                // Not a terminal: indicatif would drop the line.
+                println!("{said}");
+            } else {
+                bar.println(said);
+            }
+        }
         let calls = tally.calls.load(Ordering::Relaxed);
         let rate = (calls - last_calls) as f64 / last_tick.elapsed().as_secs_f64();
         let mut recent: Vec<Duration> = tally.latencies.lock()[seen..].to_vec();
