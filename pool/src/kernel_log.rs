@@ -13,7 +13,11 @@
 //!
 //! The host reads `/dev/kmsg` when a helper was killed by SIGSYS (which
 //! needs root or CAP_SYSLOG, or `kernel.dmesg_restrict = 0`; where it cannot
-//! be opened, or the record has left the ring, the kill goes unnamed). The
+//! be opened, or the record has left the ring, the kill goes unnamed; and
+//! without an audit daemon the kernel prints at most
+//! `kernel.printk_ratelimit_burst` (10) audit records per
+//! `kernel.printk_ratelimit` (5 s), so in a burst of kills the later ones
+//! go unnamed: "kauditd_printk_skb: N callbacks suppressed"). The
 //! name comes from the kernel, not from the helper, so a hostile helper
 //! cannot forge it.
 
