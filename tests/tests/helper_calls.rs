@@ -864,3 +864,38 @@ fn a_reply_nobody_read_is_no_proof_that_the_helper_hung() {
     );
     assert!(!helper.is_retired());
 }
+
+/// The read syscalls `pid` has made (`syscr` in `/proc/PID/io`).
+fn reads_of(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap();
+    io.lines()
+        .find_map(|line| line.strip_prefix("syscr: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_bind_goes_out_with_the_first_request_in_one_write() {
+    for rep in 0..5 {
+        let helper = launch(&[]);
+        // The helper is blocked in its read of fd 0 after its Hello.
+        let idle = reads_of(helper.pid());
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(reads_of(helper.pid()), idle, "blocked, not polling");
+        helper.bind(b"tenant").unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            reads_of(helper.pid()),
+            idle,
+            "rep {rep}: the Bind waits for the first request"
+        );
+        let reply = helper
+            .call(&request(OP_ECHO, b"first"), deadline(5.0))
+            .unwrap();
+        assert_eq!(reply, b"first");
+        // One read took the Bind and the request; its next read blocks.
+        assert_eq!(reads_of(helper.pid()), idle + 1, "rep {rep}: one wake-up");
+    }
+}

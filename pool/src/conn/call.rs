@@ -21,11 +21,9 @@ use super::{CallResult, Conn, Done, Health, OutFrame, Reading, State};
 use crate::error::{CallError, ExitStatus, ProtocolViolation, RetireReason};
 use crate::reactor::ReactorLink;
 
-/// At most this many frames (two slices each) in one `writev`, well within
-/// IOV_MAX (1024).
+/// At most this many frames (two slices each, and a held Bind) in one
+/// `writev`, well within IOV_MAX (1024).
 const FRAMES_PER_WRITEV: usize = 256;
-/// Writes of at most this many bytes to a pipe are atomic.
-const PIPE_BUF: usize = nix::libc::PIPE_BUF;
 /// A caller whose own request is the one overdue waits for the reactor's
 /// verdict in steps of this, and gives up waiting (a bug: the reactor
 /// judges at once) after `VERDICT_MAX`.
@@ -500,19 +498,30 @@ impl Conn {
         };
         let mut poke = false;
         let queue_was_free = st.outbound.is_empty() && !st.own_writer;
+        if !queue_was_free {
+            Self::queue_pending_bind(st);
+        }
+        let bind = st.pending_bind.take();
         let mut written = 0;
         if queue_was_free {
             if let Some(stdin) = &st.stdin {
+                let bind_slice = bind.as_deref().map(IoSlice::new);
                 let result = if out.len() == 1 {
                     let bufs = [IoSlice::new(&out[0].head), IoSlice::new(out[0].payload())];
-                    write_now(stdin.as_fd(), &bufs)
+                    match bind_slice {
+                        Some(bind) => write_now(stdin.as_fd(), &[bind, bufs[0], bufs[1]]),
+                        None => write_now(stdin.as_fd(), &bufs),
+                    }
                 } else {
                     // Within IOV_MAX (1024) slices: the frames past these
                     // go to the outbound queue below like any unwritten.
-                    let bufs: Vec<IoSlice<'_>> = out
-                        .iter()
-                        .take(FRAMES_PER_WRITEV)
-                        .flat_map(|o| [IoSlice::new(&o.head), IoSlice::new(o.payload())])
+                    let bufs: Vec<IoSlice<'_>> = bind_slice
+                        .into_iter()
+                        .chain(
+                            out.iter()
+                                .take(FRAMES_PER_WRITEV)
+                                .flat_map(|o| [IoSlice::new(&o.head), IoSlice::new(o.payload())]),
+                        )
                         .collect();
                     write_now(stdin.as_fd(), &bufs)
                 };
@@ -530,6 +539,19 @@ impl Conn {
         // What did not go out is written from where the pipe stopped: by
         // its caller, or by the reactor from a copy. A frame is never cut.
         let mut skip = written;
+        if let Some(bind) = bind {
+            if skip >= bind.len() {
+                skip -= bind.len();
+            } else {
+                st.outbound.push_back(OutFrame {
+                    id: 0,
+                    started: skip > 0,
+                    offset: skip,
+                    bytes: bind,
+                });
+                skip = 0;
+            }
+        }
         for outgoing in out.iter() {
             let len = HEADER_LEN + outgoing.payload().len();
             if skip >= len {
@@ -725,19 +747,39 @@ impl Conn {
                 }
             }
             st.bound = true;
+            if st.table.is_empty() && st.outbound.is_empty() && !st.own_writer {
+                // Written with the next frame: a spare's Bind and its
+                // tenant's first request reach it in one write.
+                let mut frame = Vec::with_capacity(HEADER_LEN + payload.len());
+                frame.extend_from_slice(
+                    &Header {
+                        kind,
+                        id: 0,
+                        len: payload.len() as u32,
+                    }
+                    .encode(),
+                );
+                frame.extend_from_slice(payload);
+                st.pending_bind = Some(frame);
+                return Ok(());
+            }
         }
-        let head = Header {
-            kind,
-            id: 0,
-            len: payload.len() as u32,
-        }
-        .encode();
+        // A held Bind goes first, in the same write.
+        let mut bytes = st.pending_bind.take().unwrap_or_default();
+        bytes.extend_from_slice(
+            &Header {
+                kind,
+                id: 0,
+                len: payload.len() as u32,
+            }
+            .encode(),
+        );
+        bytes.extend_from_slice(payload);
         let outbound_was_empty = st.outbound.is_empty() && !st.own_writer;
         let mut written = 0;
         if outbound_was_empty {
             if let Some(stdin) = &st.stdin {
-                let bufs = [IoSlice::new(&head), IoSlice::new(payload)];
-                match write_now(stdin.as_fd(), &bufs) {
+                match write_now(stdin.as_fd(), &[IoSlice::new(&bytes)]) {
                     Ok(n) => written = n,
                     Err(failure) => {
                         self.io_failed(&mut st, failure, Instant::now());
@@ -748,12 +790,9 @@ impl Conn {
                 }
             }
         }
-        let len = HEADER_LEN + payload.len();
-        debug_assert!(len <= PIPE_BUF || written == 0 || written == len);
-        if written < len {
-            let mut bytes = Vec::with_capacity(len);
-            bytes.extend_from_slice(&head);
-            bytes.extend_from_slice(payload);
+        // Control frames (and a held Bind) are far below PIPE_BUF: a write
+        // takes them whole or not at all, but the queue copes with either.
+        if written < bytes.len() {
             st.outbound.push_back(OutFrame {
                 id: 0,
                 bytes,
@@ -766,6 +805,19 @@ impl Conn {
             }
         }
         Ok(())
+    }
+
+    /// Puts a held Bind frame at the back of the outbound queue (before
+    /// whatever is queued after this), for a send that cannot take it along.
+    fn queue_pending_bind(st: &mut State) {
+        if let Some(bytes) = st.pending_bind.take() {
+            st.outbound.push_back(OutFrame {
+                id: 0,
+                bytes,
+                offset: 0,
+                started: false,
+            });
+        }
     }
 
     /// The inline path: reads frames (the caller's own replies, and any

@@ -145,6 +145,9 @@ struct State {
     /// The first failure, for the calls that come after it.
     failure: Option<CallError>,
     bound: bool,
+    /// The Bind frame, held to go out in the same write as the first frame
+    /// after it (one wake-up of the helper for both, not two).
+    pending_bind: Option<Vec<u8>>,
     /// Completions of finished calls, for reuse: a warm call allocates
     /// nothing but its reply. At most as many as the table holds calls.
     completions: Vec<Arc<Completion<CallResult>>>,
@@ -407,6 +410,7 @@ impl Helper {
                 health: Health::Serving,
                 failure: None,
                 bound: false,
+                pending_bind: None,
                 // Two: a call may start while the last one's completer
                 // still holds its completion for a moment.
                 completions: (0..2).map(|_| Arc::new(Completion::new())).collect(),
@@ -515,8 +519,10 @@ impl Helper {
 
     /// Binds this helper to a tenant: at most once in its life. The label is
     /// validated here; nothing is sent for an invalid label or a second bind.
-    /// The Bind frame goes out without waiting (the reactor finishes it if
-    /// the pipe is full).
+    /// On an idle helper the Bind frame is held and goes out in the same
+    /// write as the next frame (its tenant's first request: one wake-up of
+    /// the helper, not two); otherwise it is written without waiting (the
+    /// reactor finishes it if the pipe is full).
     pub fn bind(&self, tenant: &[u8]) -> Result<(), CallError> {
         decode_bind(tenant).map_err(CallError::InvalidTenant)?;
         self.conn.send_control(Kind::Bind, tenant)?;
