@@ -24,6 +24,7 @@ mod conn;
 mod error;
 mod kernel_log;
 mod launch;
+pub mod lifecycle;
 mod pool;
 mod reactor;
 mod region;
