@@ -273,8 +273,13 @@ pub struct AdaptiveParams {
     pub prewarm_percentile: f64,
     /// A helper is always kept this long after a call, and gaps shorter
     /// than this are not recorded (they are warm whatever the history).
-    /// 100 ms to `max_keep`. Default 10 s: longer than the pauses inside a
-    /// burst of calls, short against a launch's worth of idling.
+    /// 100 ms to `max_keep`. Default 30 s: longer than the pauses inside a
+    /// burst of calls and the gaps of a tenant called every few seconds
+    /// (with 10 s, such a tenant's rare half-minute pauses became the
+    /// histogram, and the 1% of them beyond its 99th percentile cold
+    /// starts: 8.8x fixed 180 s's on steady tenants in `sandpool-replay`,
+    /// 1.5x with 30 s, 1.0x with 60 s, which costs periodic tenants 20%
+    /// more helper-seconds), short against a launch's worth of idling.
     #[serde(with = "humantime_serde")]
     pub min_keep: Duration,
     /// Never keep an idle helper longer than this after a call; a tenant
@@ -309,7 +314,7 @@ impl Default for AdaptiveParams {
         AdaptiveParams {
             keep_percentile: 0.99,
             prewarm_percentile: 0.05,
-            min_keep: Duration::from_secs(10),
+            min_keep: Duration::from_secs(30),
             max_keep: Duration::from_secs(3600),
             margin: 0.1,
             min_samples: 5,
