@@ -4,6 +4,9 @@
 //! interleaved in one process run (A B A B ...) and reports the ratio of
 //! medians, not absolute times alone.
 
+pub mod replay;
+pub mod tracegen;
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::Duration;

@@ -240,7 +240,7 @@ fn a_periodic_tenant_learns_its_period_and_gets_warm_hits() {
     }
     let last = state.last_call().unwrap();
     let right_after = state.decide(last + secs(1.0), &policy);
-    assert_eq!(right_after.keep_until, last + secs(10.0));
+    assert_eq!(right_after.keep_until, last + secs(30.0));
     let prewarm_at = right_after.prewarm_at.unwrap();
     assert!(prewarm_at > last + secs(200.0) && prewarm_at < last + secs(300.0));
     let waiting = state.decide(prewarm_at, &policy);
@@ -284,7 +284,7 @@ fn a_rare_tenant_is_not_kept_past_min_keep() {
     assert_eq!(
         state.decide(last, &policy),
         Decision {
-            keep_until: last + secs(10.0),
+            keep_until: last + secs(30.0),
             prewarm_at: None
         }
     );
@@ -389,7 +389,7 @@ fn the_default_params_are_valid_and_each_bad_value_is_named() {
         LifecycleConfigError::Duration {
             field: "fallback_idle_timeout",
             value: Duration::from_secs(7200),
-            min: Duration::from_secs(10),
+            min: Duration::from_secs(30),
             max: Duration::from_secs(3600),
         }
     );
