@@ -21,7 +21,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sandpool::{HostConfig, Pool};
 use sandpool_helper::reference::{OP_ECHO, request};
-use sandpool_tests::{fds_of, pool_config, serial, wait_for};
+use sandpool_tests::{fds_of, host_helpers, pool_config, serial, wait_for};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_sandpool-host-worker");
 
@@ -204,47 +204,6 @@ fn field(summary: &str, key: &str) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
-}
-
-/// The helpers on the host whose parent is one of `parents`, from /proc:
-/// a child named `sandpool-helper` (after its own rename) or running the
-/// helper's image (before it), zombies included, so nothing is missed.
-fn host_helpers(parents: &BTreeSet<u32>) -> BTreeMap<u32, usize> {
-    let mut per_parent = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return per_parent;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let ppid: u32 = stat[close + 2..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        if !parents.contains(&ppid) {
-            continue;
-        }
-        let helper = comm == "sandpool-helper"
-            || std::fs::read_link(format!("/proc/{pid}/exe"))
-                .is_ok_and(|exe| exe.to_string_lossy().contains("sandpool-helper"));
-        if helper {
-            *per_parent.entry(ppid).or_default() += 1;
-        }
-    }
-    per_parent
 }
 
 /// The pids holding a `flock` on `path`, from /proc/locks (waiters, the
