@@ -934,6 +934,27 @@ pub struct Config {
     pub nice: Option<i32>,
     /// The sandbox.
     pub sandbox: SandboxConfig,
+    /// Coordination with the other processes on this host that share a
+    /// directory (`[host]`): a host-wide cap on their helpers together and
+    /// one leader among them. Default none (this pool alone). Fixed at
+    /// `Pool::new`.
+    pub host: Option<HostConfig>,
+}
+
+/// `[host]`: several processes on one host, each with its own pool,
+/// coordinating through `flock(2)` locks on files in one directory (see the
+/// README's "Several processes on one host").
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// The directory the coordinating processes share, absolute, e.g.
+    /// `/run/sandpool/pageserver`; created (mode 0770 under the umask) if
+    /// missing. Its permissions decide who may take part.
+    pub dir: PathBuf,
+    /// The cap on live helpers of all those processes together (each holds
+    /// one of this many slot files locked per helper); at least 1. Every
+    /// process sharing `dir` should use the same value.
+    pub max_helpers: usize,
 }
 
 impl Default for Config {
@@ -974,6 +995,7 @@ impl Default for Config {
             sample_interval: Duration::from_secs(1),
             nice: None,
             sandbox: SandboxConfig::default(),
+            host: None,
         }
     }
 }
@@ -1061,6 +1083,7 @@ impl Config {
             sample_interval: _,
             nice,
             sandbox,
+            host,
         } = self;
         [
             ("program", *program != new.program),
@@ -1097,6 +1120,7 @@ impl Config {
             ("launch_mode", *launch_mode != new.launch_mode),
             ("nice", *nice != new.nice),
             ("sandbox", *sandbox != new.sandbox),
+            ("host", *host != new.host),
         ]
         .into_iter()
         .find_map(|(name, changed)| changed.then_some(name))
@@ -1156,6 +1180,17 @@ impl Config {
         self.helper_config().validate()?;
         if self.max_helpers == 0 {
             return Err(ConfigError::new("max_helpers", "must be at least 1"));
+        }
+        if let Some(host) = &self.host {
+            if !host.dir.is_absolute() {
+                return Err(ConfigError::new(
+                    "host.dir",
+                    format!("{} is not an absolute path", host.dir.display()),
+                ));
+            }
+            if host.max_helpers == 0 {
+                return Err(ConfigError::new("host.max_helpers", "must be at least 1"));
+            }
         }
         self.adaptive
             .validate()

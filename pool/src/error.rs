@@ -343,6 +343,16 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// A host-wide slot file (`Config.host`) could not be opened or locked
+    /// (not the cap: that is [`CallError::HostFull`]).
+    #[error("taking a host-wide helper slot ({}) failed", path.display())]
+    HostSlot {
+        /// The slot file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The launcher process died (or stopped answering and was killed)
     /// while this launch was in flight, and again on the one retry on a
     /// new launcher. Any helper it had spawned was killed and reaped.
@@ -613,6 +623,17 @@ pub enum CallError {
         /// Time until the back-off ends.
         retry_in: Duration,
     },
+    /// The host-wide cap (`host.max_helpers`) was reached by the helpers of
+    /// all the processes sharing `host.dir`, and none of this process's own
+    /// helpers was idle to make room, until the deadline. Not the tenant's
+    /// failure: nothing was launched.
+    #[error("host full: {max_helpers} helpers live across the host for {waited:?}")]
+    HostFull {
+        /// The host-wide cap.
+        max_helpers: usize,
+        /// How long the call waited for a slot.
+        waited: Duration,
+    },
     /// `max_helpers` helpers were live and busy until the deadline.
     #[error("pool full: {max_helpers} helpers live and busy for {waited:?}")]
     PoolFull {
@@ -688,7 +709,7 @@ impl CallError {
                 | CallError::Protocol { .. }
                 | CallError::Io { .. }
                 | CallError::LimitExceeded { .. }
-        ) || matches!(self, CallError::Launch(err) if !err.is_host_pressure())
+        ) || matches!(self, CallError::Launch(err) if !err.is_host_pressure() && !matches!(**err, LaunchError::HostSlot { .. }))
     }
 
     /// Whether this is a seccomp kill of the helper.

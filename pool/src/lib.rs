@@ -22,6 +22,7 @@
 mod config;
 mod conn;
 mod error;
+mod host;
 mod kernel_log;
 mod launch;
 pub mod lifecycle;
@@ -35,14 +36,15 @@ mod telemetry;
 pub use bytesize::ByteSize;
 pub use config::{
     BackoffConfig, Config, ConfigError, DEFAULT_ADDRESS_SPACE, DEFAULT_MAX_HELPER_MEMORY,
-    DEFAULT_MAX_IDLE_CPU, HelperConfig, IdlePolicyKind, KeptFdRule, LaunchMode, MAX_DURATION,
-    MIN_ADDRESS_SPACE, MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit, TenantPolicy,
-    TenantPolicyRule, TimeLimit,
+    DEFAULT_MAX_IDLE_CPU, HelperConfig, HostConfig, IdlePolicyKind, KeptFdRule, LaunchMode,
+    MAX_DURATION, MIN_ADDRESS_SPACE, MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit,
+    TenantPolicy, TenantPolicyRule, TimeLimit,
 };
 pub use conn::Helper;
 pub use error::{
     CallError, ExitStatus, HelloRefusal, LaunchError, Limit, ProtocolViolation, RetireReason,
 };
+pub use host::HostJoinError;
 pub use launch::Launcher;
 pub use lifecycle::{AdaptiveParams, IdlePolicy};
 pub use pool::{CloseCause, FailureStats, HelperInfo, HelperMemory, Pool, PoolError, Stats};

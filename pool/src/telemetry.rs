@@ -76,7 +76,7 @@ pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_calls_total",
         "counter",
-        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, launch_wait, saturated, queue_timeout, shut_down, not_sent, retired, rejected, cancelled, limit_exceeded, host_fds)",
+        "calls by outcome (ok, helper_error, timeout, died, protocol, io, launch_failed, backed_off, pool_full, launch_wait, saturated, queue_timeout, shut_down, not_sent, retired, rejected, cancelled, limit_exceeded, host_fds, host_full)",
     ),
     (
         "sandpool_backoff_engaged_total",
@@ -108,6 +108,36 @@ pub const METRICS: &[(&str, &str, &str)] = &[
         "gauge",
         "resident memory of live helpers at the keeper's last sample, by state (spare, idle, busy)",
     ),
+    (
+        "sandpool_host_helpers",
+        "gauge",
+        "with [host], from the leader only: live helpers of every process sharing host.dir (locked slot files)",
+    ),
+    (
+        "sandpool_host_processes",
+        "gauge",
+        "with [host], from the leader only: processes sharing host.dir (locked proc-<pid>.lock files)",
+    ),
+    (
+        "sandpool_host_free_slots",
+        "gauge",
+        "with [host], from the leader only: host.max_helpers less the locked slots",
+    ),
+    (
+        "sandpool_host_stale_files_removed_total",
+        "counter",
+        "with [host], from the leader: liveness files of dead processes it removed",
+    ),
+    (
+        "sandpool_host_leader",
+        "gauge",
+        "with [host], from every process: 1 while this process leads host.dir, else 0",
+    ),
+    (
+        "sandpool_host_leader_heartbeat_age_seconds",
+        "gauge",
+        "with [host], from every process: age of the leader's heartbeat (leader.info); over 5 s the leader is hung (it keeps the lock) and a warning is logged",
+    ),
 ];
 
 /// The `outcome` labels of calls; [`outcome`] returns an index into it.
@@ -131,6 +161,7 @@ const OUTCOMES: &[&str] = &[
     "cancelled",
     "limit_exceeded",
     "host_fds",
+    "host_full",
 ];
 const OK: usize = 0;
 const HELPER_ERROR: usize = 1;
@@ -158,6 +189,7 @@ fn outcome(result: &Result<Vec<u8>, CallError>) -> usize {
         Err(CallError::NotSent { .. }) => 13,
         Err(CallError::Retired { .. }) => 14,
         Err(CallError::LimitExceeded { .. }) => 17,
+        Err(CallError::HostFull { .. }) => 19,
         Err(
             CallError::RequestTooLarge { .. }
             | CallError::InvalidTenant(_)

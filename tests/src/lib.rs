@@ -90,6 +90,49 @@ pub fn children() -> Vec<(u32, char)> {
     out
 }
 
+/// The helpers on the host whose parent is one of `parents`, from /proc:
+/// a child named `sandpool-helper` (after its own rename) or running the
+/// helper's image (before it), zombies included, so nothing is missed.
+pub fn host_helpers(
+    parents: &std::collections::BTreeSet<u32>,
+) -> std::collections::BTreeMap<u32, usize> {
+    let mut per_parent = std::collections::BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return per_parent;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        let ppid: u32 = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        if !parents.contains(&ppid) {
+            continue;
+        }
+        let helper = comm == "sandpool-helper"
+            || std::fs::read_link(format!("/proc/{pid}/exe"))
+                .is_ok_and(|exe| exe.to_string_lossy().contains("sandpool-helper"));
+        if helper {
+            *per_parent.entry(ppid).or_default() += 1;
+        }
+    }
+    per_parent
+}
+
 /// Whether a process exists (in any state, zombie included).
 pub fn process_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()

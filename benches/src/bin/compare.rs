@@ -1775,8 +1775,214 @@ fn machine() -> Value {
     })
 }
 
+// ------------------------------------------------------------------- host
+
+/// `compare --hold-host-locks DIR SLOTS`: the bench's stand-in for another
+/// process on the host: takes `leader.lock` and slots `0..SLOTS` of `DIR`,
+/// says `held`, and waits to be killed.
+fn hold_host_locks_if_asked() {
+    use nix::fcntl::{Flock, FlockArg};
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) != Some("--hold-host-locks") {
+        return;
+    }
+    let (Some(dir), Some(slots)) = (
+        args.get(2),
+        args.get(3).and_then(|n| n.parse::<usize>().ok()),
+    ) else {
+        std::process::exit(2);
+    };
+    let dir = Path::new(dir);
+    let open = |name: String| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(name))
+            .expect("open a lock file")
+    };
+    let mut held = Vec::new();
+    held.push(
+        Flock::lock(open("leader.lock".into()), FlockArg::LockExclusive).expect("leader lock"),
+    );
+    for index in 0..slots {
+        held.push(
+            Flock::lock(
+                open(format!("slot-{index}.lock")),
+                FlockArg::LockExclusiveNonblock,
+            )
+            .expect("a slot"),
+        );
+    }
+    println!("held");
+    let _ = std::io::stdout().flush();
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(held);
+    std::process::exit(0);
+}
+
+/// Whether this process can take (and at once release) `path`'s lock.
+fn lock_free(path: &Path) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .is_ok_and(|file| Flock::lock(file, FlockArg::LockExclusiveNonblock).is_ok())
+}
+
+/// One SIGKILL of a process holding the leader lock and a slot, with a
+/// pool of this process waiting to lead: how long after the killed
+/// process's `wait()` returns this pool leads and the slot is free.
+#[allow(clippy::disallowed_methods)] // the lock holder is this bench again, not a helper
+fn host_takeover_once(round: usize) -> (Duration, Duration) {
+    let dir = std::env::temp_dir().join(format!(
+        "sandpool-bench-host-{}-{round}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("host dir");
+    let mut holder = Command::new(std::env::current_exe().expect("this bench"))
+        .arg("--hold-host-locks")
+        .arg(&dir)
+        .arg("1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the lock holder");
+    let mut said = [0u8; 5];
+    holder
+        .stdout
+        .as_mut()
+        .expect("piped")
+        .read_exact(&mut said)
+        .expect("held");
+    let mut config = Config::new(HELPER);
+    config.spares = 0;
+    config.host = Some(sandpool::HostConfig {
+        dir: dir.clone(),
+        max_helpers: 4,
+    });
+    let pool = Pool::new(config).expect("pool");
+    // Its leader thread is blocked in flock by now (a moment to get there).
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!pool.is_host_leader());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(holder.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    holder.wait().expect("wait");
+    let dead = Instant::now();
+    let slot = dir.join("slot-0.lock");
+    let (mut led, mut freed) = (None, None);
+    while led.is_none() || freed.is_none() {
+        if led.is_none() && pool.is_host_leader() {
+            led = Some(dead.elapsed());
+        }
+        if freed.is_none() && lock_free(&slot) {
+            freed = Some(dead.elapsed());
+        }
+        assert!(dead.elapsed() < Duration::from_secs(5), "no takeover");
+        std::thread::yield_now();
+    }
+    drop(pool);
+    let _ = std::fs::remove_dir_all(&dir);
+    (led.unwrap_or_default(), freed.unwrap_or_default())
+}
+
+fn host_coordination(run: &mut Run) -> Value {
+    run.section(
+        "8. Several processes on one host ([host])",
+        "Leader takeover and slot release after a SIGKILL: another process (this bench run again) holds leader.lock and a \
+         slot; a pool here waits to lead; times from the killed process's wait() returning until this pool leads and the \
+         slot is free (medians of the rounds). Then a cold call (launch + call of a new tenant) on a pool with a host cap \
+         against one without, interleaved in one run.",
+    );
+    let rounds = if run.quick { 2 } else { 7 };
+    let (mut takeovers, mut releases) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        let (led, freed) = host_takeover_once(round);
+        takeovers.push(led);
+        releases.push(freed);
+    }
+    let takeover = summarize(&mut takeovers);
+    let release = summarize(&mut releases);
+    let reps = if run.quick { 10 } else { 150 };
+    let dir = std::env::temp_dir().join(format!("sandpool-bench-host-{}-cost", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let make = |host: bool| {
+        let mut config = Config::new(HELPER);
+        config.spares = 0;
+        config.host = host.then(|| sandpool::HostConfig {
+            dir: dir.clone(),
+            max_helpers: 1000,
+        });
+        Pool::new(config).expect("pool")
+    };
+    let (capped, free) = (make(true), make(false));
+    let req = request(OP_ECHO, b"x");
+    for pool in [&capped, &free] {
+        pool.call("warm-up", &req).expect("warm-up call");
+    }
+    let (mut with_cap, mut without) = (Vec::new(), Vec::new());
+    for i in 0..reps {
+        let mut order = [(&capped, &mut with_cap), (&free, &mut without)];
+        // Neither always goes first.
+        if i % 2 == 1 {
+            order.reverse();
+        }
+        for (pool, samples) in order {
+            let t = Instant::now();
+            pool.call(format!("cold-{i}"), &req).expect("cold call");
+            samples.push(t.elapsed());
+        }
+    }
+    drop((capped, free));
+    let _ = std::fs::remove_dir_all(&dir);
+    let with_cap = summarize(&mut with_cap);
+    let without = summarize(&mut without);
+    let ratio = with_cap.median.as_secs_f64() / without.median.as_secs_f64();
+    run.table(
+        &["measure", "median", "p99"],
+        vec![
+            vec![
+                format!("leader takeover after SIGKILL ({rounds} rounds)"),
+                fmt_us(takeover.median),
+                fmt_us(takeover.p99),
+            ],
+            vec![
+                format!("slot free after SIGKILL ({rounds} rounds)"),
+                fmt_us(release.median),
+                fmt_us(release.p99),
+            ],
+            vec![
+                "cold call, host cap on".into(),
+                fmt_us(with_cap.median),
+                fmt_us(with_cap.p99),
+            ],
+            vec![
+                "cold call, host cap off".into(),
+                fmt_us(without.median),
+                fmt_us(without.p99),
+            ],
+            vec!["on / off".into(), format!("{ratio:.3}x"), String::new()],
+        ],
+    );
+    json!({
+        "takeover": summary_json(&takeover),
+        "slot_release": summary_json(&release),
+        "cold_call_host_cap": summary_json(&with_cap),
+        "cold_call_no_host_cap": summary_json(&without),
+        "ratio": ratio,
+    })
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     sandpool_benches::run_pipe_peer_if_asked();
+    hold_host_locks_if_asked();
     if let Ok(set) = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
         let _ = ORIGINAL_CPUS.set(set);
     }
@@ -1838,7 +2044,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     run.json.insert("machine".into(), machine);
     run.json.insert("quick".into(), json!(quick));
     type Scenario = fn(&mut Run) -> Value;
-    let scenarios: [(u32, &str, Scenario); 9] = [
+    let scenarios: [(u32, &str, Scenario); 10] = [
         (1, "launch_by_host_state", launch_by_host_state),
         (2, "concurrent_launches", concurrent_launches),
         (3, "warm_calls", warm_calls),
@@ -1848,6 +2054,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (5, "spawn_per_call", spawn_per_call),
         (6, "density", density),
         (7, "c_helper", c_helper),
+        (8, "host", host_coordination),
     ];
     for (n, key, scenario) in scenarios {
         if wanted(n) {

@@ -333,6 +333,11 @@ pub struct Helper {
     failure_counted: AtomicBool,
     /// What the keeper's last sample of the process saw.
     pub(crate) usage: Usage,
+    /// The host-wide slot this helper holds (`Config.host`), if any. The
+    /// last field, and never touched by `Drop for Helper`: fields drop
+    /// after that body has killed and reaped the process, so the slot is
+    /// released only once the helper is dead.
+    host_slot: Option<crate::host::HostSlot>,
 }
 
 /// The keeper's samples of one helper's memory and CPU time (atomics: the
@@ -430,7 +435,14 @@ impl Helper {
             users: AtomicUsize::new(0),
             failure_counted: AtomicBool::new(false),
             usage: Usage::new(),
+            host_slot: None,
         })
+    }
+
+    /// Gives the helper the host-wide slot taken for its launch; it is
+    /// released after the helper has been killed and reaped.
+    pub(crate) fn hold_host_slot(&mut self, slot: crate::host::HostSlot) {
+        self.host_slot = Some(slot);
     }
 
     /// The helper's pid.

@@ -113,6 +113,10 @@ impl Shared {
                 left.extend(reaping.into_iter().map(|(helper, _)| helper));
                 return left;
             }
+            if let Some(host) = &self.host {
+                // At most once a second: the leader's heartbeat age.
+                host.watch();
+            }
             if sampling && Instant::now() >= next_sample {
                 self.sample(&mut sampler, &mut scratch, &mut pending);
                 next_sample = Instant::now() + sample_every;
@@ -172,7 +176,9 @@ impl Shared {
     }
 
     /// Launches spares until there are `spares` of them (within
-    /// `max_helpers`). Returns false if a launch failed.
+    /// `max_helpers`, and with `Config.host` only while a host-wide slot is
+    /// free: a refill never evicts or waits for one). Returns false if a
+    /// launch failed or no host slot was free (retried on a later tick).
     fn refill_spares(&self) -> bool {
         loop {
             {
@@ -195,13 +201,33 @@ impl Shared {
                 }
                 state.launching += 1;
             }
+            let slot = match &self.host {
+                Some(host) => match host.try_acquire_spare() {
+                    Ok(Some(slot)) => Some(slot),
+                    Ok(None) => {
+                        self.state.lock().launching -= 1;
+                        self.notify_changed();
+                        return false;
+                    }
+                    Err(err) => {
+                        self.state.lock().launching -= 1;
+                        self.notify_changed();
+                        warn!(%err, "no host-wide slot for a spare helper");
+                        return false;
+                    }
+                },
+                None => None,
+            };
             let warmed = guarded(|| {
                 // Never relieved by an eviction: a spare is not worth a
                 // tenant's helper; under host pressure the refill waits.
-                let helper = self
+                let mut helper = self
                     .launcher
                     .launch()
                     .map_err(|err| CallError::Launch(Arc::new(err)))?;
+                if let Some(slot) = slot {
+                    helper.hold_host_slot(slot);
+                }
                 self.warm_up(helper)
                     .map_err(|err| CallError::Launch(Arc::new(err)))
             });

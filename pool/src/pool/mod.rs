@@ -24,6 +24,7 @@ use tracing::{info, warn};
 use crate::config::{Config, ConfigError, TenantPolicy};
 use crate::conn::{deadline_after, deadline_from};
 use crate::error::{CallError, LaunchError};
+use crate::host::Host;
 use crate::launch::Launcher;
 use crate::reactor::stderr::{Budget, StderrHub};
 use crate::telemetry::Telemetry;
@@ -197,6 +198,9 @@ pub enum PoolError {
     /// The launch configuration is invalid, or the reactor could not start.
     #[error(transparent)]
     Launch(#[from] LaunchError),
+    /// Joining the host directory (`Config.host`) failed.
+    #[error(transparent)]
+    Host(#[from] crate::host::HostJoinError),
     /// A background thread (keeper, launch worker) could not be started.
     #[error("starting a sandpool background thread failed")]
     Thread(#[source] std::io::Error),
@@ -224,11 +228,12 @@ impl Pool {
             telemetry.stderr_lines.clone(),
             telemetry.stderr_dropped.clone(),
         ));
+        let host = config.host.as_ref().map(Host::join).transpose()?;
         let launcher = Launcher::with_stderr(config.helper_config(), Some(hub))?;
         let (keeper_tx, keeper_rx) = crossbeam_channel::unbounded();
         let (launch_tx, launch_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(
-            config, launcher, keeper_tx, launch_tx, telemetry, limits,
+            config, launcher, keeper_tx, launch_tx, telemetry, limits, host,
         ));
         let keeper_shared = shared.clone();
         // A long-lived thread: helpers it spawns must not depend on the
@@ -422,6 +427,22 @@ impl Pool {
             .map(drop)
     }
 
+    /// Whether this process leads the processes sharing `host.dir` now
+    /// (`Config.host`): its pool's leader thread holds `leader.lock`, and
+    /// it exports the host-wide gauges and sweeps the files of dead
+    /// processes. Exactly one process sharing the directory leads; when it
+    /// dies (or its pool is dropped) another takes over within
+    /// milliseconds. Always false without `Config.host`.
+    ///
+    /// The leader thread waits for the lock with a blocking `flock`. A
+    /// pool dropped while its thread still waits leaves that thread
+    /// blocked (no signal can be sent to it without a handler, and the
+    /// library installs none), holding one open fd of `leader.lock`; if it
+    /// ever gets the lock it releases it at once and exits.
+    pub fn is_host_leader(&self) -> bool {
+        self.shared.host.as_ref().is_some_and(Host::is_leader)
+    }
+
     /// The tenant's current helper, if it has one.
     pub fn helper_info(&self, tenant: impl AsRef<[u8]>) -> Option<HelperInfo> {
         self.shared.helper_info(tenant.as_ref())
@@ -480,6 +501,10 @@ impl Pool {
             shared.telemetry.closed(CloseCause::Shutdown)
         });
         shared.reaped_all();
+        if let Some(host) = &shared.host {
+            // Every slot went with its helper above.
+            host.leave();
+        }
         if count > 0 {
             info!(helpers = count, "sandpool shut down");
         }

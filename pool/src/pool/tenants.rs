@@ -24,6 +24,7 @@ use crate::config::{Config, TenantPolicy};
 use crate::conn::completion::Completion;
 use crate::conn::{Helper, InUse};
 use crate::error::{CallError, LaunchError};
+use crate::host::{Host, HostSlot};
 use crate::launch::Launcher;
 use crate::lifecycle::{IdlePolicy, TenantLifecycle};
 use crate::telemetry::Telemetry;
@@ -75,6 +76,9 @@ pub(super) struct LaunchJob {
     tenant: Box<[u8]>,
     deadline: Instant,
     started: Instant,
+    /// A launch ahead of calls (`prewarm`, the adaptive prediction): it
+    /// takes a free host slot or none, never evicting or waiting for one.
+    ahead: bool,
     done: Arc<Completion<Result<InUse, CallError>>>,
 }
 
@@ -155,6 +159,8 @@ pub(super) struct Shared {
     /// refills wait (crash_backoff, doubling); cleared when a spare is
     /// bound.
     pub(super) spare_strikes: Mutex<(u32, Option<Instant>)>,
+    /// This process's membership of a host directory (`Config.host`).
+    pub(super) host: Option<Host>,
 }
 
 /// Counts of helpers by state, from one pass over the tenants.
@@ -271,6 +277,7 @@ impl Shared {
         launches: Sender<LaunchJob>,
         telemetry: Telemetry,
         limits: Limits,
+        host: Option<Host>,
     ) -> Shared {
         Shared {
             live: parking_lot::RwLock::new(Arc::new(Live::new(config, limits))),
@@ -285,6 +292,7 @@ impl Shared {
             resident_total: AtomicU64::new(0),
             budget_reachable: AtomicBool::new(true),
             spare_strikes: Mutex::new((0, None)),
+            host,
         }
     }
 
@@ -456,7 +464,7 @@ impl Shared {
                         return Err(wait_for.timed_out(self, started.elapsed()));
                     }
                 }
-                Step::Launch => return self.launch_for(tenant, deadline, started),
+                Step::Launch => return self.launch_for(tenant, deadline, started, false),
             }
             now = Instant::now();
         }
@@ -498,6 +506,7 @@ impl Shared {
                         tenant: tenant.into(),
                         deadline,
                         started,
+                        ahead: false,
                         done: done.clone(),
                     };
                     if !self.queue_launch(job) {
@@ -613,15 +622,17 @@ impl Shared {
     }
 
     /// Launches a helper for `tenant` (marked launching by [`step`]) and
-    /// installs it.
+    /// installs it. `ahead`: a launch ahead of the tenant's calls, which
+    /// never evicts or waits for a host-wide slot.
     fn launch_for(
         &self,
         tenant: &[u8],
         deadline: Instant,
         started: Instant,
+        ahead: bool,
     ) -> Result<InUse, CallError> {
         let launched = guarded(|| {
-            let helper = self.launch_relieved(deadline)?;
+            let helper = self.launch_relieved(deadline, !ahead)?;
             helper.bind(tenant)?;
             Ok(helper)
         });
@@ -643,6 +654,15 @@ impl Shared {
                 warn!(%err, "launch failed: the host is out of fds");
                 Err(CallError::Launch(err))
             }
+            // The host-wide cap: nothing was launched, and it is nobody's
+            // failure.
+            Err(err @ CallError::HostFull { .. }) => Err(err),
+            Err(CallError::Launch(err)) if matches!(*err, LaunchError::HostSlot { .. }) => {
+                // The host directory is unusable: the host's problem.
+                self.telemetry.launch_failed();
+                warn!(%err, "launch failed: no host-wide slot could be taken");
+                Err(CallError::Launch(err))
+            }
             Err(err) => {
                 if matches!(err, CallError::Launch(_)) {
                     self.telemetry.launch_failed();
@@ -655,8 +675,78 @@ impl Shared {
 
     /// Launches a helper; if the host is out of fds, evicts the least
     /// recently used idle helper (its fds are closed once the keeper has
-    /// reaped it) and tries once more.
-    pub(super) fn launch_relieved(&self, deadline: Instant) -> Result<Helper, CallError> {
+    /// reaped it) and tries once more. With `Config.host`, first takes a
+    /// host-wide slot for it ([`host_slot`](Self::host_slot); `relieve`:
+    /// by evicting and waiting if need be), which the helper then holds
+    /// until it is reaped.
+    pub(super) fn launch_relieved(
+        &self,
+        deadline: Instant,
+        relieve: bool,
+    ) -> Result<Helper, CallError> {
+        let slot = match &self.host {
+            Some(host) => Some(self.host_slot(host, deadline, relieve)?),
+            None => None,
+        };
+        let mut helper = self.launch_with_fds(deadline)?;
+        if let Some(slot) = slot {
+            helper.hold_host_slot(slot);
+        }
+        Ok(helper)
+    }
+
+    /// A host-wide slot for a launch: a free one; else (`relieve`) this
+    /// process's least recently used idle helper is killed, which frees its
+    /// slot once it is reaped (at once), and the caller waits for a slot,
+    /// retrying with a short back-off (1 ms doubling to 20 ms, woken early
+    /// when one of this process's own slots is released) until `deadline`:
+    /// then [`CallError::HostFull`]. Without `relieve` (a launch ahead of
+    /// calls) it is a free slot or `HostFull` at once.
+    fn host_slot(
+        &self,
+        host: &Host,
+        deadline: Instant,
+        relieve: bool,
+    ) -> Result<HostSlot, CallError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(1);
+        loop {
+            // Listening before trying: a release in between is not missed.
+            let freed = host.listen_freed();
+            if let Some(slot) = host
+                .try_acquire()
+                .map_err(|err| CallError::Launch(Arc::new(err)))?
+            {
+                return Ok(slot);
+            }
+            let now = Instant::now();
+            if !relieve || now >= deadline {
+                return Err(CallError::HostFull {
+                    max_helpers: host.max_helpers(),
+                    waited: started.elapsed(),
+                });
+            }
+            let victim = self.take_lru(&mut self.state.lock(), CloseCause::Evicted);
+            if let Some(victim) = victim {
+                debug!(
+                    pid = victim.pid(),
+                    "host-wide cap reached: evicting this process's least recently used idle helper for its slot"
+                );
+                // Idle: nothing waits on it. Killed and reaped here; its
+                // slot goes with its last handle (this one, unless the
+                // keeper holds it for a moment).
+                victim.kill();
+                drop(victim);
+                self.notify_changed();
+            }
+            let _woken = freed.wait_deadline((now + backoff).min(deadline));
+            backoff = (backoff * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// The launch of [`launch_relieved`](Self::launch_relieved): if the
+    /// host is out of fds, one eviction and one retry.
+    fn launch_with_fds(&self, deadline: Instant) -> Result<Helper, CallError> {
         match self.launcher.launch_until(deadline) {
             Err(err) if err.is_host_pressure() => {
                 let victim = self.take_lru(&mut self.state.lock(), CloseCause::Evicted);
@@ -724,6 +814,7 @@ impl Shared {
             tenant: tenant.into(),
             deadline: now + live.config.request_timeout,
             started: now,
+            ahead: true,
             done: Arc::new(Completion::new()),
         };
         if !self.queue_launch(job) {
@@ -747,7 +838,7 @@ impl Shared {
     /// shuts down.
     pub(super) fn launch_worker(&self, jobs: Receiver<LaunchJob>) {
         for job in jobs {
-            let result = self.launch_for(&job.tenant, job.deadline, job.started);
+            let result = self.launch_for(&job.tenant, job.deadline, job.started, job.ahead);
             // A caller that gave up leaves the helper installed for the
             // tenant's next call; its hold on it drops here.
             drop(job.done.complete(result, false));

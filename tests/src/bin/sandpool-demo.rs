@@ -19,7 +19,14 @@
 //! a field that cannot change live is refused by name and the pool goes on
 //! as it was), printing what happened.
 //!
+//! `--workers N` runs N demo processes sharing one `[host]` directory and
+//! host-wide cap (`--host-max-helpers`, or `[host]` of `--config`): the
+//! demo runs itself again N times with an internal flag (a fresh exec, no
+//! fork of this threaded process), samples /proc for the helpers of all of
+//! them, and reports the host-wide peak and which process led.
+//!
 //! `cargo run --release -p sandpool-tests --bin sandpool-demo -- --help`
+#![allow(clippy::disallowed_methods)] // --workers runs the demo itself again, not a helper
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -71,6 +78,17 @@ struct Args {
     /// SQL helper, an in-memory SQLite per tenant).
     #[arg(long, value_enum, default_value_t = Workload::Redo)]
     workload: Workload,
+    /// Run this many demo processes sharing one host directory and cap
+    /// (this process supervises them).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// The host-wide cap on helpers with --workers (default: `[host]` of
+    /// --config, else 40).
+    #[arg(long)]
+    host_max_helpers: Option<usize>,
+    /// Internal (set by --workers): the shared host directory.
+    #[arg(long, hide = true)]
+    host_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -119,6 +137,12 @@ fn demo_config(args: &Args) -> Result<Config, Box<dyn std::error::Error>> {
         // The hostile tenant's endless query holds a client thread until
         // its deadline.
         config.request_timeout = config.request_timeout.min(Duration::from_secs(1));
+    }
+    if let (Some(dir), Some(max_helpers)) = (&args.host_dir, args.host_max_helpers) {
+        config.host = Some(sandpool::HostConfig {
+            dir: dir.clone(),
+            max_helpers,
+        });
     }
     // The hostile ops of the reference helper need this flag; a real
     // deployment would not pass it.
@@ -193,6 +217,7 @@ fn error_kind(err: &CallError) -> String {
         CallError::QueueTimeout { .. } => "deadline passed while queued".into(),
         CallError::Protocol { .. } => "protocol violation".into(),
         CallError::PoolFull { .. } | CallError::LaunchWait { .. } => "pool full".into(),
+        CallError::HostFull { .. } => "host full (host.max_helpers)".into(),
         CallError::Launch(_) => "launch failed".into(),
         CallError::Helper(_) => "helper error".into(),
         other => format!("other: {other}"),
@@ -422,8 +447,157 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--workers N`: runs the demo N times as worker processes sharing one
+/// host directory, samples the host's helpers from /proc while they run,
+/// and reports the host-wide peak and the leaders seen in `leader.info`.
+fn supervise(args: &Args, workers: usize) -> Result<bool, Box<dyn std::error::Error>> {
+    use std::io::Read;
+    let config = demo_config(args)?;
+    let configured = config.host.clone();
+    let max_helpers = args
+        .host_max_helpers
+        .or(configured.as_ref().map(|h| h.max_helpers))
+        .unwrap_or(40);
+    let dir = configured.map_or_else(
+        || std::env::temp_dir().join(format!("sandpool-demo-host-{}", std::process::id())),
+        |h| h.dir,
+    );
+    println!(
+        "sandpool demo: {workers} worker processes sharing {} with a host-wide cap of {max_helpers} helpers",
+        dir.display()
+    );
+    let exe = std::env::current_exe()?;
+    // The same arguments, minus --workers, plus the host.
+    let mut passed = Vec::new();
+    let mut skip = false;
+    for arg in std::env::args().skip(1) {
+        if skip {
+            skip = false;
+            continue;
+        }
+        if ["--workers", "--host-max-helpers", "--host-dir", "--seed"].contains(&arg.as_str()) {
+            skip = true;
+            continue;
+        }
+        if [
+            "--workers=",
+            "--host-max-helpers=",
+            "--host-dir=",
+            "--seed=",
+        ]
+        .iter()
+        .any(|flag| arg.starts_with(flag))
+        {
+            continue;
+        }
+        passed.push(arg);
+    }
+    let mut children = Vec::new();
+    for index in 0..workers {
+        let child = std::process::Command::new(&exe)
+            .args(&passed)
+            .arg("--host-dir")
+            .arg(&dir)
+            .args(["--host-max-helpers", &max_helpers.to_string()])
+            .args(["--seed", &(args.seed + index as u64).to_string()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|err| format!("starting worker {index}: {err}"))?;
+        children.push(child);
+    }
+    let pids: Vec<u32> = children.iter().map(std::process::Child::id).collect();
+    let outputs: Vec<_> = children
+        .iter_mut()
+        .map(|child| {
+            let mut stdout = child.stdout.take();
+            std::thread::spawn(move || {
+                let mut text = String::new();
+                if let Some(out) = &mut stdout {
+                    let _ = out.read_to_string(&mut text);
+                }
+                text
+            })
+        })
+        .collect();
+    let parents: std::collections::BTreeSet<u32> = pids.iter().copied().collect();
+    let mut peak = 0;
+    let mut leaders: Vec<u32> = Vec::new();
+    let mut statuses = vec![None; children.len()];
+    let mut last_leader_check = Instant::now() - Duration::from_secs(1);
+    while statuses.iter().any(Option::is_none) {
+        peak = peak.max(
+            sandpool_tests::host_helpers(&parents)
+                .values()
+                .sum::<usize>(),
+        );
+        if last_leader_check.elapsed() >= Duration::from_millis(100) {
+            last_leader_check = Instant::now();
+            let leader = std::fs::read_to_string(dir.join("leader.info"))
+                .ok()
+                .and_then(|text| {
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("pid ")?.parse::<u32>().ok())
+                });
+            if let Some(pid) = leader.filter(|pid| leaders.last() != Some(pid)) {
+                leaders.push(pid);
+            }
+        }
+        for (child, status) in children.iter_mut().zip(&mut statuses) {
+            if status.is_none() {
+                *status = child.try_wait()?;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut ok = true;
+    for (index, (output, status)) in outputs.into_iter().zip(&statuses).enumerate() {
+        let text = output.join().unwrap_or_default();
+        println!(
+            "\n[worker {index}, pid {}: {}]",
+            pids[index],
+            status.map_or("?".into(), |s| s.to_string())
+        );
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with('|') || l.starts_with("OK") || l.starts_with("FAILED"))
+        {
+            println!("{line}");
+        }
+        ok &= status.is_some_and(|s| s.success());
+    }
+    let leader_names: Vec<String> = leaders
+        .iter()
+        .map(|pid| match pids.iter().position(|p| p == pid) {
+            Some(index) => format!("pid {pid} (worker {index})"),
+            None => format!("pid {pid}"),
+        })
+        .collect();
+    println!("\n| host | value |\n|---|---|");
+    println!("| worker processes | {workers} |");
+    println!("| host-wide cap (host.max_helpers) | {max_helpers} |");
+    println!("| host-wide peak of live helpers (/proc) | {peak} |");
+    println!(
+        "| leader (leader.info, in order) | {} |",
+        leader_names.join(", ")
+    );
+    if args.host_dir.is_none() && args.config.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if peak > max_helpers {
+        println!("FAILED: {peak} helpers live on the host, over the cap of {max_helpers}");
+        return Ok(false);
+    }
+    Ok(ok)
+}
+
 fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if let Some(workers) = args.workers.filter(|_| args.host_dir.is_none()) {
+        if workers == 0 {
+            return Err("--workers must be at least 1".into());
+        }
+        return supervise(&args, workers);
+    }
     if args.tenants == 0 || args.threads == 0 {
         return Err("--tenants and --threads must be at least 1".into());
     }
