@@ -118,6 +118,13 @@ fn launches_calls_quiesce_crashes_and_stderr_are_all_observable() {
     config.idle_timeout = Duration::from_millis(300);
     config.slow_launch_threshold = Duration::from_nanos(1);
     config.stderr_bytes_per_second = bytesize::ByteSize::kib(4);
+    // With a host directory of its own (it leads it), so the host metrics
+    // are recorded too.
+    let host_dir = std::env::temp_dir().join(format!("sandpool-obs-{}", std::process::id()));
+    config.host = Some(sandpool::HostConfig {
+        dir: host_dir.clone(),
+        max_helpers: 64,
+    });
     let pool = Pool::new(config).unwrap();
 
     // Launch and a spare hit.
@@ -243,5 +250,7 @@ fn launches_calls_quiesce_crashes_and_stderr_are_all_observable() {
             .any(|key| key.starts_with(&format!("{name}{{")));
         assert!(seen, "{name} was never recorded");
     }
+    assert!(pool.is_host_leader(), "alone in its host directory");
     drop(pool);
+    let _ = std::fs::remove_dir_all(&host_dir);
 }
