@@ -120,12 +120,64 @@ pub(crate) fn probe_order(slots: usize, start: usize) -> impl Iterator<Item = us
 
 /// Opens (creating it if `create`) a lock file of the host directory:
 /// O_CLOEXEC (std's `File` always is), read-write so any process may lock it.
+/// The directory is shared, so whatever is at `path` is not trusted: a
+/// symlink is never followed (O_NOFOLLOW: nothing is created or opened
+/// outside the directory), a FIFO or device never blocks the open
+/// (O_NONBLOCK, which `flock` ignores), and anything but a regular file is
+/// refused.
 pub(crate) fn open_lock(path: &Path, create: bool) -> io::Result<File> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(create)
         .mode(FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    regular(file)
+}
+
+/// `file` if it is a regular file, else an error naming what it is.
+pub(crate) fn regular(file: File) -> io::Result<File> {
+    let kind = file.metadata()?.file_type();
+    if kind.is_file() {
+        Ok(file)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("not a regular file ({kind:?})"),
+        ))
+    }
+}
+
+/// Reads at most `max` bytes of a small file of the host directory, with
+/// the same distrust as [`open_lock`] (no symlink, no blocking open, a
+/// regular file only).
+pub(crate) fn read_small(path: &Path, max: u64) -> io::Result<String> {
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let mut text = String::new();
+    regular(file)?.take(max).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Creates `path` anew for writing (O_CREAT | O_EXCL, so never through a
+/// symlink or into an existing file), after removing whatever had the name
+/// (a leftover of a crash, or something planted: `remove_file` removes a
+/// symlink itself, not its target).
+pub(crate) fn create_fresh(path: &Path) -> io::Result<File> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
 }
 

@@ -65,7 +65,7 @@ fn parse_heartbeat(text: &str) -> Option<Heartbeat> {
 
 /// The heartbeat in `dir`, if there is a readable one.
 pub(super) fn read_heartbeat(dir: &Path) -> Option<Heartbeat> {
-    parse_heartbeat(&std::fs::read_to_string(dir.join(files::LEADER_INFO)).ok()?)
+    parse_heartbeat(&files::read_small(&dir.join(files::LEADER_INFO), 256).ok()?)
 }
 
 /// How old `beat` is at `now` (zero if it is from the future: clocks of
@@ -222,8 +222,7 @@ impl Run {
                 .map_or(0, |since| since.as_millis() as u64),
         };
         let tmp = self.dir.join(files::LEADER_INFO_TMP);
-        let mut out = files::open_lock(&tmp, true)?;
-        out.set_len(0)?;
+        let mut out = files::create_fresh(&tmp)?;
         out.write_all(format_heartbeat(beat).as_bytes())?;
         std::fs::rename(&tmp, self.dir.join(files::LEADER_INFO))
     }
@@ -231,20 +230,26 @@ impl Run {
     fn count_and_sweep(&self) -> io::Result<Counts> {
         let mut counts = Counts::default();
         for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
+            let Ok(entry) = entry else {
+                continue;
+            };
             let Some(name) = entry.file_name().to_str().map(files::classify) else {
                 continue;
             };
             let path = entry.path();
+            // One unusable entry (a directory under a slot's name, a file
+            // it may not open) is skipped, not the whole pass.
             match name {
                 HostFile::Slot(index) => {
-                    if files::probe(&path)? {
+                    if files::probe(&path).unwrap_or(false) {
                         counts.slots += 1;
                         counts.slots_in_range += usize::from(index < self.slots.len());
                     }
                 }
                 HostFile::Proc(_) | HostFile::ProcTmp(_) => {
-                    let locked = sweep_if_stale(&path, name)?;
+                    let Ok(locked) = sweep_if_stale(&path, name) else {
+                        continue;
+                    };
                     if !locked {
                         counts.swept += 1;
                     } else if matches!(name, HostFile::Proc(_)) {

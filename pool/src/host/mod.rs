@@ -41,7 +41,7 @@ use metrics::Gauge;
 use nix::fcntl::Flock;
 use parking_lot::Mutex;
 use thiserror::Error;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::HostConfig;
 use crate::error::LaunchError;
@@ -216,30 +216,48 @@ impl Host {
     pub(crate) fn try_acquire(&self) -> Result<Option<HostSlot>, LaunchError> {
         let mut held = self.slots.held.lock();
         let start = self.cursor.load(Ordering::Relaxed);
+        // A slot file that cannot be opened or locked (planted in the
+        // shared directory, or made unusable) is skipped: the others still
+        // serve. Only if no slot is usable at all is that an error (none
+        // free, none taken that could come free).
+        let mut failure = None;
+        // Slots that are only taken (by this process or another) may come
+        // free: then the host is full, not broken.
+        let mut taken = false;
         for index in files::probe_order(self.slot_paths.len(), start) {
             if held[index] {
+                taken = true;
                 continue;
             }
             let path = &self.slot_paths[index];
-            let failed = |source| {
-                LaunchError::HostSlot {
-                    path: path.clone(),
-                    source,
+            let locked = files::open_lock(path, true).and_then(files::try_lock);
+            match locked {
+                Ok(Some(lock)) => {
+                    held[index] = true;
+                    self.cursor.store(index + 1, Ordering::Relaxed);
+                    return Ok(Some(HostSlot {
+                        table: self.slots.clone(),
+                        index,
+                        lock: Some(lock),
+                    }));
                 }
-                .classify()
-            };
-            let file = files::open_lock(path, true).map_err(failed)?;
-            if let Some(lock) = files::try_lock(file).map_err(failed)? {
-                held[index] = true;
-                self.cursor.store(index + 1, Ordering::Relaxed);
-                return Ok(Some(HostSlot {
-                    table: self.slots.clone(),
-                    index,
-                    lock: Some(lock),
-                }));
+                Ok(None) => taken = true,
+                Err(source) => {
+                    debug!(path = %path.display(), %source, "host slot file unusable: skipped");
+                    failure.get_or_insert_with(|| {
+                        LaunchError::HostSlot {
+                            path: path.clone(),
+                            source,
+                        }
+                        .classify()
+                    });
+                }
             }
         }
-        Ok(None)
+        match failure {
+            Some(err) if !taken => Err(err),
+            _ => Ok(None),
+        }
     }
 
     /// [`try_acquire`](Self::try_acquire) for a spare refill, which never
@@ -257,6 +275,12 @@ impl Host {
         let slot = self.try_acquire()?;
         *full_at = slot.is_none().then(|| (Instant::now(), released));
         Ok(slot)
+    }
+
+    /// Wakes every caller waiting for a slot (the pool is shutting down:
+    /// they see it and stop waiting).
+    pub(crate) fn wake_waiters(&self) {
+        self.slots.freed.notify(usize::MAX);
     }
 
     /// Something to wait on for one of this process's slots being released
@@ -325,9 +349,16 @@ fn lock_proc(dir: &Path, pid: u32) -> io::Result<Flock<File>> {
         attempts += 1;
         let file = files::open_lock(&tmp, true)?;
         let Some(lock) = files::try_lock(file)? else {
+            // The leader's sweep probes a file for an instant; another
+            // pool of this process creating its own holds it a little
+            // longer. Either lets go soon.
+            if attempts < 50 {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
             return Err(io::Error::new(
                 io::ErrorKind::WouldBlock,
-                "another pool of this process is creating its file",
+                "proc file held by another pool of this process or a sweep for 50 ms",
             ));
         };
         match std::fs::rename(&tmp, &path) {

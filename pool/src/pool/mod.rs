@@ -479,6 +479,10 @@ impl Pool {
         let shared = &self.shared;
         let deadline = deadline_after(grace);
         let mut helpers = shared.take_all();
+        if let Some(host) = &shared.host {
+            // Calls waiting for a host-wide slot see the shutdown now.
+            host.wake_waiters();
+        }
         let _ = shared.keeper.send(KeeperMsg::Shutdown);
         for helper in &helpers {
             helper.close_stdin();

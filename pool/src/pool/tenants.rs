@@ -711,8 +711,12 @@ impl Shared {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(1);
         loop {
-            // Listening before trying: a release in between is not missed.
+            // Listening before trying: a release in between is not missed
+            // (nor a shutdown, which notifies the same event).
             let freed = host.listen_freed();
+            if self.state.lock().shut {
+                return Err(CallError::ShutDown);
+            }
             if let Some(slot) = host
                 .try_acquire()
                 .map_err(|err| CallError::Launch(Arc::new(err)))?
