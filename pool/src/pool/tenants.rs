@@ -146,6 +146,9 @@ pub(super) struct Shared {
     /// Calls waiting for room under `max_helpers`: a call that finishes
     /// makes its helper evictable, and must then wake them.
     waiting_for_room: AtomicUsize,
+    /// A call took a spare: the keeper is told when that call is done (it
+    /// refills on its own scans regardless, at most a tick later).
+    refill_wanted: AtomicBool,
     pub(super) keeper: Sender<KeeperMsg>,
     launches: Mutex<Option<Sender<LaunchJob>>>,
     pub(super) telemetry: Telemetry,
@@ -286,6 +289,7 @@ impl Shared {
             state: Mutex::new(State::default()),
             changed: Event::new(),
             waiting_for_room: AtomicUsize::new(0),
+            refill_wanted: AtomicBool::new(false),
             keeper,
             launches: Mutex::new(Some(launches)),
             telemetry,
@@ -440,6 +444,11 @@ impl Shared {
         if self.waiting_for_room.load(Ordering::Acquire) > 0 {
             self.notify_changed();
         }
+        if self.refill_wanted.load(Ordering::Relaxed)
+            && self.refill_wanted.swap(false, Ordering::Relaxed)
+        {
+            let _ = self.keeper.send(KeeperMsg::Refill);
+        }
     }
 
     /// The tenant's helper, for a thread: its current one, a spare bound to
@@ -561,7 +570,10 @@ impl Shared {
                 return Ok(Step::Wait(self.changed.listen(), WaitFor::Launch));
             }
             if let Some(spare) = state.spares.pop_front() {
-                let _ = self.keeper.send(KeeperMsg::Refill);
+                // The keeper hears of it once the call is done
+                // (`call_done`): woken now, it would take the CPU from
+                // this very call.
+                self.refill_wanted.store(true, Ordering::Relaxed);
                 if let Some(held) = self.bind_spare(&mut state, tenant, spare, now) {
                     self.note_call(tenant_mut(&mut state, tenant), now);
                     return Ok(Step::Ready(held));
