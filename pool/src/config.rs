@@ -612,15 +612,15 @@ impl HelperConfig {
             ));
         }
         if let Some(size) = self.region_size {
-            if let Some(limit) = self.sandbox.rlimits.address_space.bytes() {
-                if limit <= size.saturating_add(MIN_ADDRESS_SPACE) {
-                    return Err(ConfigError::new(
-                        "sandbox.rlimits.address_space",
-                        format!(
-                            "{limit} leaves less than {MIN_ADDRESS_SPACE} bytes beside the {size}-byte region"
-                        ),
-                    ));
-                }
+            if let Some(limit) = self.sandbox.rlimits.address_space.bytes()
+                && limit <= size.saturating_add(MIN_ADDRESS_SPACE)
+            {
+                return Err(ConfigError::new(
+                    "sandbox.rlimits.address_space",
+                    format!(
+                        "{limit} leaves less than {MIN_ADDRESS_SPACE} bytes beside the {size}-byte region"
+                    ),
+                ));
             }
             if !(8192..=(1u64 << 32)).contains(&size) {
                 return Err(ConfigError::new(
@@ -639,25 +639,25 @@ impl HelperConfig {
                 ));
             }
         }
-        if let Some(limit) = self.sandbox.rlimits.address_space.bytes() {
-            if limit < MIN_ADDRESS_SPACE {
-                return Err(ConfigError::new(
-                    "sandbox.rlimits.address_space",
-                    format!(
-                        "{limit} is less than {MIN_ADDRESS_SPACE} bytes (16 MiB): no helper could start"
-                    ),
-                ));
-            }
+        if let Some(limit) = self.sandbox.rlimits.address_space.bytes()
+            && limit < MIN_ADDRESS_SPACE
+        {
+            return Err(ConfigError::new(
+                "sandbox.rlimits.address_space",
+                format!(
+                    "{limit} is less than {MIN_ADDRESS_SPACE} bytes (16 MiB): no helper could start"
+                ),
+            ));
         }
-        if let Some(nice) = self.nice {
-            if !(0..=19).contains(&nice) {
-                return Err(ConfigError::new(
-                    "nice",
-                    format!(
-                        "{nice} is outside 0..=19 (a helper may only be made less favoured than the host)"
-                    ),
-                ));
-            }
+        if let Some(nice) = self.nice
+            && !(0..=19).contains(&nice)
+        {
+            return Err(ConfigError::new(
+                "nice",
+                format!(
+                    "{nice} is outside 0..=19 (a helper may only be made less favoured than the host)"
+                ),
+            ));
         }
         if self.spin_wait > Duration::from_millis(10) {
             return Err(ConfigError::new(
@@ -713,20 +713,19 @@ impl HelperConfig {
                 ));
             }
         }
-        if !self.sandbox.kept_fds.is_empty() {
-            if let Some(name) = self
+        if !self.sandbox.kept_fds.is_empty()
+            && let Some(name) = self
                 .sandbox
                 .extra_syscalls
                 .iter()
                 .find(|name| FD_CREATING_SYSCALLS.contains(&name.as_str()))
-            {
-                return Err(ConfigError::new(
-                    "sandbox.extra_syscalls",
-                    format!(
-                        "{name:?} creates or places fds: with sandbox.kept_fds it would let a tenant put another file at a kept fd's number"
-                    ),
-                ));
-            }
+        {
+            return Err(ConfigError::new(
+                "sandbox.extra_syscalls",
+                format!(
+                    "{name:?} creates or places fds: with sandbox.kept_fds it would let a tenant put another file at a kept fd's number"
+                ),
+            ));
         }
         if let Some(name) = self
             .env_allowlist
@@ -1248,29 +1247,29 @@ impl Config {
                 format!("{:?} is outside 10ms..=1min", self.sample_interval),
             ));
         }
-        if let Some(max) = self.max_idle_cpu.time() {
-            if max.is_zero() || max > MAX_DURATION {
-                return Err(ConfigError::new(
-                    "max_idle_cpu",
-                    "must be greater than zero and at most a day (or \"unlimited\")",
-                ));
-            }
+        if let Some(max) = self.max_idle_cpu.time()
+            && (max.is_zero() || max > MAX_DURATION)
+        {
+            return Err(ConfigError::new(
+                "max_idle_cpu",
+                "must be greater than zero and at most a day (or \"unlimited\")",
+            ));
         }
-        if let Some(max) = self.max_helper_memory.bytes() {
-            if max < MIN_ADDRESS_SPACE {
-                return Err(ConfigError::new(
-                    "max_helper_memory",
-                    format!("{max} is less than 16 MiB: no helper could serve"),
-                ));
-            }
+        if let Some(max) = self.max_helper_memory.bytes()
+            && max < MIN_ADDRESS_SPACE
+        {
+            return Err(ConfigError::new(
+                "max_helper_memory",
+                format!("{max} is less than 16 MiB: no helper could serve"),
+            ));
         }
-        if let MemoryBudget::Bytes(size) = self.memory_budget {
-            if size.as_u64() < MIN_ADDRESS_SPACE {
-                return Err(ConfigError::new(
-                    "memory_budget",
-                    format!("{} is less than 16 MiB", size.as_u64()),
-                ));
-            }
+        if let MemoryBudget::Bytes(size) = self.memory_budget
+            && size.as_u64() < MIN_ADDRESS_SPACE
+        {
+            return Err(ConfigError::new(
+                "memory_budget",
+                format!("{} is less than 16 MiB", size.as_u64()),
+            ));
         }
         if self.crash_backoff.max < self.crash_backoff.initial {
             return Err(ConfigError::new(
@@ -1278,13 +1277,13 @@ impl Config {
                 "is shorter than crash_backoff.initial",
             ));
         }
-        if let Some(warmup) = &self.warmup_request {
-            if warmup.len() as u64 > self.max_frame.as_u64() {
-                return Err(ConfigError::new(
-                    "warmup_request",
-                    "is larger than max_frame",
-                ));
-            }
+        if let Some(warmup) = &self.warmup_request
+            && warmup.len() as u64 > self.max_frame.as_u64()
+        {
+            return Err(ConfigError::new(
+                "warmup_request",
+                "is larger than max_frame",
+            ));
         }
         Ok(())
     }

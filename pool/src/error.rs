@@ -426,10 +426,9 @@ fn chain_has_fd_exhaustion(err: &(dyn std::error::Error + 'static)) -> bool {
             refusal: HelloRefusal::ProcUnreadable { source, .. },
             ..
         }) = err.downcast_ref::<LaunchError>()
+            && exhausted(source)
         {
-            if exhausted(source) {
-                return true;
-            }
+            return true;
         }
         next = err.source();
     }

@@ -44,10 +44,10 @@ pub(crate) fn seccomp_kill_syscall(pid: u32) -> Option<String> {
         match file.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
-                if let Some((killed, nr)) = parse_record(&buf[..n]) {
-                    if killed == pid {
-                        found = Some(nr);
-                    }
+                if let Some((killed, nr)) = parse_record(&buf[..n])
+                    && killed == pid
+                {
+                    found = Some(nr);
                 }
             }
             // EPIPE: records were overwritten while being read; the next

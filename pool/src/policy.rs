@@ -93,13 +93,13 @@ impl TenantPolicy {
     /// Checks the fields; `field` names where the policy came from in the
     /// error (e.g. `tenant_policies[2].idle_timeout`).
     pub fn validate(&self, field: &'static str) -> Result<(), ConfigError> {
-        if let Some(timeout) = self.idle_timeout {
-            if timeout.is_zero() || timeout > MAX_DURATION {
-                return Err(ConfigError::new(
-                    field,
-                    format!("idle_timeout {timeout:?} is outside (0, 1 day]"),
-                ));
-            }
+        if let Some(timeout) = self.idle_timeout
+            && (timeout.is_zero() || timeout > MAX_DURATION)
+        {
+            return Err(ConfigError::new(
+                field,
+                format!("idle_timeout {timeout:?} is outside (0, 1 day]"),
+            ));
         }
         Ok(())
     }

@@ -585,10 +585,8 @@ fn warm_calls(run: &mut Run) -> Value {
                     }
                     let pool = Pool::new(config).expect("pool");
                     pool.call("t", &req).expect("warm-up");
-                    if pinned {
-                        if let Some(info) = pool.helper_info("t") {
-                            pin_to_cpu0(nix::unistd::Pid::from_raw(info.pid as i32));
-                        }
+                    if pinned && let Some(info) = pool.helper_info("t") {
+                        pin_to_cpu0(nix::unistd::Pid::from_raw(info.pid as i32));
                     }
                     for _ in 0..per_round {
                         let t = Instant::now();

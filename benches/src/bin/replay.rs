@@ -125,11 +125,11 @@ fn main() -> ExitCode {
     } else {
         print!("{}", table(&runs, trace.tenants.len(), trace.calls.len()));
     }
-    if let Some(path) = &args.svg {
-        if let Err(err) = pareto_plot(path, &runs) {
-            eprintln!("sandpool-replay: writing {}: {err}", path.display());
-            return ExitCode::FAILURE;
-        }
+    if let Some(path) = &args.svg
+        && let Err(err) = pareto_plot(path, &runs)
+    {
+        eprintln!("sandpool-replay: writing {}: {err}", path.display());
+        return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
 }

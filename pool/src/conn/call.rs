@@ -503,36 +503,34 @@ impl Conn {
         }
         let bind = st.pending_bind.take();
         let mut written = 0;
-        if queue_was_free {
-            if let Some(stdin) = &st.stdin {
-                let bind_slice = bind.as_deref().map(IoSlice::new);
-                let result = if out.len() == 1 {
-                    let bufs = [IoSlice::new(&out[0].head), IoSlice::new(out[0].payload())];
-                    match bind_slice {
-                        Some(bind) => write_now(stdin.as_fd(), &[bind, bufs[0], bufs[1]]),
-                        None => write_now(stdin.as_fd(), &bufs),
-                    }
-                } else {
-                    // Within IOV_MAX (1024) slices: the frames past these
-                    // go to the outbound queue below like any unwritten.
-                    let bufs: Vec<IoSlice<'_>> = bind_slice
-                        .into_iter()
-                        .chain(
-                            out.iter()
-                                .take(FRAMES_PER_WRITEV)
-                                .flat_map(|o| [IoSlice::new(&o.head), IoSlice::new(o.payload())]),
-                        )
-                        .collect();
-                    write_now(stdin.as_fd(), &bufs)
-                };
-                match result {
-                    Ok(n) => written = n,
-                    Err(failure) => {
-                        // The calls just queued fail with the helper.
-                        self.io_failed(st, failure, now);
-                        self.poke();
-                        return Ok(sent);
-                    }
+        if queue_was_free && let Some(stdin) = &st.stdin {
+            let bind_slice = bind.as_deref().map(IoSlice::new);
+            let result = if out.len() == 1 {
+                let bufs = [IoSlice::new(&out[0].head), IoSlice::new(out[0].payload())];
+                match bind_slice {
+                    Some(bind) => write_now(stdin.as_fd(), &[bind, bufs[0], bufs[1]]),
+                    None => write_now(stdin.as_fd(), &bufs),
+                }
+            } else {
+                // Within IOV_MAX (1024) slices: the frames past these
+                // go to the outbound queue below like any unwritten.
+                let bufs: Vec<IoSlice<'_>> = bind_slice
+                    .into_iter()
+                    .chain(
+                        out.iter()
+                            .take(FRAMES_PER_WRITEV)
+                            .flat_map(|o| [IoSlice::new(&o.head), IoSlice::new(o.payload())]),
+                    )
+                    .collect();
+                write_now(stdin.as_fd(), &bufs)
+            };
+            match result {
+                Ok(n) => written = n,
+                Err(failure) => {
+                    // The calls just queued fail with the helper.
+                    self.io_failed(st, failure, now);
+                    self.poke();
+                    return Ok(sent);
                 }
             }
         }
@@ -558,12 +556,14 @@ impl Conn {
                 skip -= len;
                 continue;
             }
-            if keep_partial && skip > 0 && out.len() == 1 {
-                if let Some(fd) = st.stdin.clone() {
-                    st.own_writer = true;
-                    sent.partial = Some(Partial { fd, offset: skip });
-                    break;
-                }
+            if keep_partial
+                && skip > 0
+                && out.len() == 1
+                && let Some(fd) = st.stdin.clone()
+            {
+                st.own_writer = true;
+                sent.partial = Some(Partial { fd, offset: skip });
+                break;
             }
             st.outbound.push_back(OutFrame {
                 id: outgoing.id,
@@ -777,16 +777,14 @@ impl Conn {
         bytes.extend_from_slice(payload);
         let outbound_was_empty = st.outbound.is_empty() && !st.own_writer;
         let mut written = 0;
-        if outbound_was_empty {
-            if let Some(stdin) = &st.stdin {
-                match write_now(stdin.as_fd(), &[IoSlice::new(&bytes)]) {
-                    Ok(n) => written = n,
-                    Err(failure) => {
-                        self.io_failed(&mut st, failure, Instant::now());
-                        drop(st);
-                        self.poke();
-                        return Ok(());
-                    }
+        if outbound_was_empty && let Some(stdin) = &st.stdin {
+            match write_now(stdin.as_fd(), &[IoSlice::new(&bytes)]) {
+                Ok(n) => written = n,
+                Err(failure) => {
+                    self.io_failed(&mut st, failure, Instant::now());
+                    drop(st);
+                    self.poke();
+                    return Ok(());
                 }
             }
         }
@@ -974,10 +972,10 @@ impl Conn {
             return;
         };
         st.outbound.remove(at);
-        if let Some(entry) = st.table.remove(id, now) {
-            if let Some(slot) = entry.slot {
-                st.free_slots.push(slot);
-            }
+        if let Some(entry) = st.table.remove(id, now)
+            && let Some(slot) = entry.slot
+        {
+            st.free_slots.push(slot);
         }
         let reactor_reads = st.reading == Reading::Reactor;
         self.room.notify(usize::MAX);

@@ -59,10 +59,11 @@ impl Conn {
     pub(crate) fn service(&self, now: Instant, _events: Events) -> Interest {
         let mut done = Done::new();
         let mut st = self.state.lock();
-        if matches!(st.health, Health::Serving) && !st.outbound.is_empty() {
-            if let Err(failure) = self.drain_outbound(&mut st) {
-                self.io_failed(&mut st, failure, now);
-            }
+        if matches!(st.health, Health::Serving)
+            && !st.outbound.is_empty()
+            && let Err(failure) = self.drain_outbound(&mut st)
+        {
+            self.io_failed(&mut st, failure, now);
         }
         let mut again = false;
         if matches!(st.health, Health::Serving) && st.reading == Reading::Reactor {
@@ -70,14 +71,14 @@ impl Conn {
         }
         if matches!(st.health, Health::Serving) && st.reading == Reading::Reactor {
             // The hang rule, with everything that has arrived read.
-            if let Some(front) = st.table.front() {
-                if front.overdue_at() <= now {
-                    let err = CallError::Timeout {
-                        pid: self.pid,
-                        after: now.saturating_duration_since(front.sent),
-                    };
-                    self.retire(&mut st, err);
-                }
+            if let Some(front) = st.table.front()
+                && front.overdue_at() <= now
+            {
+                let err = CallError::Timeout {
+                    pid: self.pid,
+                    after: now.saturating_duration_since(front.sent),
+                };
+                self.retire(&mut st, err);
             }
         }
         if let Health::Dying { until, .. } = st.health {

@@ -123,10 +123,10 @@ impl<C> CallTable<C> {
         if entry.abandoned {
             self.abandoned -= 1;
         }
-        if self.entries.is_empty() {
-            if let Some(since) = self.owed_since.take() {
-                self.owed_total += now.saturating_duration_since(since);
-            }
+        if self.entries.is_empty()
+            && let Some(since) = self.owed_since.take()
+        {
+            self.owed_total += now.saturating_duration_since(since);
         }
     }
 
@@ -181,10 +181,10 @@ impl<C> CallTable<C> {
         let at = self.entries.iter().position(|entry| entry.id == id)?;
         let entry = self.entries.remove(at)?;
         self.left(&entry, now);
-        if at == 0 {
-            if let Some(next) = self.entries.front_mut() {
-                next.turn.get_or_insert(now);
-            }
+        if at == 0
+            && let Some(next) = self.entries.front_mut()
+        {
+            next.turn.get_or_insert(now);
         }
         Some(entry)
     }

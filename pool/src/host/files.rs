@@ -80,10 +80,10 @@ pub(crate) fn classify(name: &str) -> HostFile {
     if name == LEADER_INFO || name == LEADER_INFO_TMP {
         return HostFile::LeaderInfo;
     }
-    if let Some(rest) = name.strip_prefix("slot-") {
-        if let Some(index) = number(rest, ".lock").and_then(|n| usize::try_from(n).ok()) {
-            return HostFile::Slot(index);
-        }
+    if let Some(rest) = name.strip_prefix("slot-")
+        && let Some(index) = number(rest, ".lock").and_then(|n| usize::try_from(n).ok())
+    {
+        return HostFile::Slot(index);
     }
     if let Some(rest) = name.strip_prefix("proc-") {
         if let Some(pid) = number(rest, ".lock").and_then(|n| u32::try_from(n).ok()) {

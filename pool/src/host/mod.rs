@@ -267,10 +267,11 @@ impl Host {
     pub(crate) fn try_acquire_spare(&self) -> Result<Option<HostSlot>, LaunchError> {
         let mut full_at = self.full_at.lock();
         let released = self.slots.released.load(Ordering::Relaxed);
-        if let Some((at, seen)) = *full_at {
-            if at.elapsed() < Duration::from_millis(50) && seen == released {
-                return Ok(None);
-            }
+        if let Some((at, seen)) = *full_at
+            && at.elapsed() < Duration::from_millis(50)
+            && seen == released
+        {
+            return Ok(None);
         }
         let slot = self.try_acquire()?;
         *full_at = slot.is_none().then(|| (Instant::now(), released));

@@ -409,10 +409,10 @@ impl Shared {
                     .iter()
                     .find(|(_, t)| t.helper.as_ref().is_some_and(|h| Arc::ptr_eq(h, &helper)))
                     .map(|(key, _)| key.clone());
-                if let Some(tenant) = tenant {
-                    if self.unbind(&mut state, &tenant, &helper) {
-                        self.count_failure(&mut state, &tenant, &helper);
-                    }
+                if let Some(tenant) = tenant
+                    && self.unbind(&mut state, &tenant, &helper)
+                {
+                    self.count_failure(&mut state, &tenant, &helper);
                 }
             }
         }

@@ -551,13 +551,13 @@ impl Shared {
                     retry_in: until - now,
                 });
             }
-            if let Some(helper) = &entry.helper {
-                if !helper.is_retired() {
-                    let held = helper.use_guard();
-                    entry.last_used = Some(now);
-                    self.note_call(entry, now);
-                    return Ok(Step::Ready(held));
-                }
+            if let Some(helper) = &entry.helper
+                && !helper.is_retired()
+            {
+                let held = helper.use_guard();
+                entry.last_used = Some(now);
+                self.note_call(entry, now);
+                return Ok(Step::Ready(held));
             }
             if let Some(retired) = entry.helper.take() {
                 // Retired while bound: whoever takes it from its tenant

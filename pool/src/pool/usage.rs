@@ -352,13 +352,13 @@ impl Shared {
     /// reply is caught however often it is called, and one that spins
     /// slowly over several intervals.
     fn judge(&self, helper: &Helper, stat: ProcStat, tick_ns: u64) -> Option<Limit> {
-        if let Some(max) = self.live().limits.max_memory {
-            if stat.resident > max {
-                return Some(Limit::Memory {
-                    resident: stat.resident,
-                    max,
-                });
-            }
+        if let Some(max) = self.live().limits.max_memory
+            && stat.resident > max
+        {
+            return Some(Limit::Memory {
+                resident: stat.resident,
+                max,
+            });
         }
         let usage = &helper.usage;
         let owed = u64::try_from(helper.owed_time().as_nanos()).unwrap_or(u64::MAX);

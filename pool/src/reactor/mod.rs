@@ -103,10 +103,11 @@ impl Drop for Guard {
     fn drop(&mut self) {
         self.inner.stop.store(true, Ordering::Release);
         self.inner.wake_up();
-        if let Some(thread) = self.thread.lock().take() {
-            if thread.thread().id() != std::thread::current().id() && thread.join().is_err() {
-                error!("the sandpool reactor thread panicked");
-            }
+        if let Some(thread) = self.thread.lock().take()
+            && thread.thread().id() != std::thread::current().id()
+            && thread.join().is_err()
+        {
+            error!("the sandpool reactor thread panicked");
         }
     }
 }
@@ -481,11 +482,11 @@ impl Loop {
             // other helpers' events.
             self.inner.kick(Kick::Poke(token));
         }
-        if let Some(at) = interest.timer {
-            if w.timer.is_none_or(|armed| at < armed) {
-                w.timer = Some(at);
-                self.timers.push(Reverse((at, token)));
-            }
+        if let Some(at) = interest.timer
+            && w.timer.is_none_or(|armed| at < armed)
+        {
+            w.timer = Some(at);
+            self.timers.push(Reverse((at, token)));
         }
     }
 

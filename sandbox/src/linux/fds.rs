@@ -109,10 +109,9 @@ fn walk_and_close() -> Result<(), CloseFdsError> {
             .file_name()
             .to_str()
             .and_then(|s| s.parse::<i32>().ok())
+            && fd >= 3
         {
-            if fd >= 3 {
-                fds.push(fd);
-            }
+            fds.push(fd);
         }
     }
     for fd in fds {
