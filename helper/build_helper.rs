@@ -1,7 +1,8 @@
 // Shared by the build scripts of the test and bench crates (`include!`d):
 // builds the reference helper binary with a nested `cargo build`.
 
-/// Builds `sandpool-helper` in release mode into `<target>/helper` (or, with
+/// Builds `sandpool-helper` with the workspace's `helper` profile (release
+/// with fat LTO and one codegen unit) into `<target>/helper` (or, with
 /// `static_crt`, linked statically against glibc into `<target>/helper-static`)
 /// and returns the binary's path. Re-runs when the helper's sources change.
 #[allow(dead_code)]
@@ -32,16 +33,16 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--release", "--package", package, "--bin", bin, "--target-dir"])
+        .args(["build", "--profile", "helper", "--package", package, "--bin", bin, "--target-dir"])
         .arg(&target);
-    let mut out_dir = target.join("release");
+    let mut out_dir = target.join("helper");
     if static_crt {
         // With an explicit --target, RUSTFLAGS reach only the target crates,
         // not build scripts or proc macros (which cannot be static).
         let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
         command.args(["--target", &triple]);
         command.env("RUSTFLAGS", "-C target-feature=+crt-static");
-        out_dir = target.join(&triple).join("release");
+        out_dir = target.join(&triple).join("helper");
     } else {
         command.env_remove("RUSTFLAGS");
     }

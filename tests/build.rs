@@ -1,4 +1,4 @@
-//! Builds the reference helper binary (release profile, its own target dir so
+//! Builds the reference helper binary (the `helper` profile, its own target dir so
 //! the nested cargo never waits on the outer build's lock) and tells the test
 //! crate where it is through `SANDPOOL_HELPER_BIN`. A fresh clone's
 //! `cargo test` needs no manual step.

@@ -9,7 +9,7 @@
 #[allow(dead_code)]
 const CAPI_NATIVE_LIBS: &[&str] = &["-lutil", "-lrt", "-lpthread", "-lm", "-ldl"];
 
-/// Builds `libsandpool_helper_capi.a` (release, `+crt-static` so the Rust
+/// Builds `libsandpool_helper_capi.a` (the `helper` profile, `+crt-static` so the Rust
 /// standard library in it unwinds with libgcc_eh, which a `-static` link
 /// has) into `<target>/helper-static`, the static reference helper's
 /// target directory: same profile, same flags, so the two share every
@@ -35,7 +35,7 @@ fn build_capi_staticlib() -> std::path::PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(&root)
-        .args(["build", "--release", "--package", "sandpool-helper-capi", "--lib", "--target", &triple, "--target-dir"])
+        .args(["build", "--profile", "helper", "--package", "sandpool-helper-capi", "--lib", "--target", &triple, "--target-dir"])
         .arg(&target)
         // With an explicit --target, RUSTFLAGS reach only the target crates.
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
@@ -46,7 +46,7 @@ fn build_capi_staticlib() -> std::path::PathBuf {
         .status()
         .expect("running cargo to build sandpool-helper-capi");
     assert!(status.success(), "building sandpool-helper-capi failed: {status}");
-    target.join(&triple).join("release")
+    target.join(&triple).join("helper")
 }
 
 /// Compiles the C helper `source` (C99) and links it statically against the
