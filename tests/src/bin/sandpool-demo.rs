@@ -417,23 +417,44 @@ fn helper_memory_kib(pool: &Pool, tenants: usize) -> (usize, u64) {
     (pids.len(), total)
 }
 
+/// The progress line: the figures that move, shortest first, so that what
+/// an 80-column terminal cuts off (`wide_msg` truncates, never wraps) is
+/// the least telling; the summary has them all.
 fn status_line(stats: &Stats, calls: u64, rate: f64, recent: &mut [Duration]) -> String {
     recent.sort_unstable();
     format!(
-        "{calls} calls ({rate:.0}/s) p50 {:?} p99 {:?} | helpers live {} spare {} idle {} busy {} | launches {} spare hits {} | quiesced {} evicted {} | killed {} backed off {}",
-        percentile(recent, 0.5),
-        percentile(recent, 0.99),
+        "{calls} calls {rate:.0}/s p50 {} p99 {} live {} spare {} killed {} quiesced {} evicted {}",
+        short(percentile(recent, 0.5)),
+        short(percentile(recent, 0.99)),
         stats.live,
         stats.spare,
-        stats.idle,
-        stats.busy,
-        stats.launches,
-        stats.spare_hits,
+        stats.failures.seccomp + stats.failures.signaled + stats.failures.exited,
         stats.quiesced_idle,
         stats.evicted,
-        stats.failures.seccomp + stats.failures.signaled + stats.failures.exited,
-        stats.backed_off_calls,
     )
+}
+
+/// A duration to 3 significant digits in the unit that fits: `987ns`,
+/// `12.3us`, `1.23ms`, `4.56s`.
+fn short(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (value, unit) = if ns < 1e3 {
+        (ns, "ns")
+    } else if ns < 1e6 {
+        (ns / 1e3, "us")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    let decimals = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{value:.decimals$}{unit}")
 }
 
 fn main() -> std::process::ExitCode {
@@ -610,14 +631,14 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     }
     let config = demo_config(&args)?;
     println!(
-        "sandpool demo ({:?} workload): {} tenants (Zipf 1.2), {} client threads, {:?}; tenant {} is hostile; spares {}, idle timeout {:?}, max helpers {}",
+        "sandpool demo ({:?} workload): {} tenants (Zipf 1.2), {} client threads, {}; tenant {} is hostile; spares {}, idle timeout {}, max helpers {}",
         args.workload,
         args.tenants,
         args.threads,
-        args.duration,
+        humantime::format_duration(args.duration),
         tenant_name(args.hostile),
         config.spares,
-        config.idle_timeout,
+        humantime::format_duration(config.idle_timeout),
         config.max_helpers
     );
     // SIGHUP is blocked in every thread from here on (the pool's threads
@@ -649,7 +670,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
 
     let bar = ProgressBar::new(args.duration.as_millis() as u64);
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:20}] {msg}")
+        ProgressStyle::with_template("{elapsed_precise} [{bar:10}] {wide_msg}")
             .map_err(|err| err.to_string())?
             .progress_chars("=> "),
     );
@@ -705,12 +726,12 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         tally.ok.load(Ordering::Relaxed)
     );
     for (kind, count) in tally.errors.lock().iter() {
-        println!("| errors: {kind} | {count} |");
+        println!("| errors: {kind} (failed calls) | {count} |");
     }
     println!("| errors of non-hostile tenants | {innocent} |");
     println!("| response mismatches | {mismatches} |");
     for (name, q) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0)] {
-        println!("| latency {name} | {:?} |", percentile(&latencies, q));
+        println!("| latency {name} | {} |", short(percentile(&latencies, q)));
     }
     println!(
         "| launches | {} ({} failed) |",
@@ -725,7 +746,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     println!("| quiesced (idle) | {} |", stats.quiesced_idle);
     println!("| evicted | {} |", stats.evicted);
     println!(
-        "| helper kills: seccomp / other | {} / {} |",
+        "| helper kills: seccomp / other (helpers; one kill fails every call in flight on it, so failed calls can outnumber kills) | {} / {} |",
         stats.failures.seccomp,
         stats.failures.signaled
             + stats.failures.exited
@@ -744,4 +765,19 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
     }
     println!("OK: every response verified; only the hostile tenant saw errors");
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_have_three_significant_digits() {
+        assert_eq!(short(Duration::from_nanos(987)), "987ns");
+        assert_eq!(short(Duration::from_nanos(12_345)), "12.3us");
+        assert_eq!(short(Duration::from_nanos(2_837_864)), "2.84ms");
+        assert_eq!(short(Duration::from_millis(456)), "456ms");
+        assert_eq!(short(Duration::from_secs_f64(4.5612)), "4.56s");
+    }
 }
