@@ -61,33 +61,43 @@ pub fn fds_of(pid: u32) -> BTreeSet<i32> {
         .collect()
 }
 
+/// One process of `/proc`: its pid, command name, state and parent.
+struct ProcStat {
+    pid: u32,
+    comm: String,
+    state: char,
+    ppid: u32,
+}
+
+/// Every process `/proc` lists and whose `stat` can still be read (one
+/// that exited in between is skipped).
+fn proc_stats() -> std::io::Result<impl Iterator<Item = ProcStat>> {
+    Ok(std::fs::read_dir("/proc")?.flatten().filter_map(|entry| {
+        let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is parenthesised and may hold anything; the
+        // fields after its last ')' are state, ppid, ...
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let mut fields = stat.get(close + 2..)?.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        Some(ProcStat {
+            pid,
+            comm: stat[open + 1..close].to_owned(),
+            state,
+            ppid,
+        })
+    }))
+}
+
 /// The children of this process (any state, zombies included), from /proc.
 pub fn children() -> Vec<(u32, char)> {
     let me = std::process::id();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // Fields after the parenthesised command name: state, ppid, ...
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        if ppid == me {
-            out.push((pid, state));
-        }
-    }
-    out
+    proc_stats()
+        .unwrap()
+        .filter(|proc| proc.ppid == me)
+        .map(|proc| (proc.pid, proc.state))
+        .collect()
 }
 
 /// The helpers on the host whose parent is one of `parents`, from /proc:
@@ -97,37 +107,15 @@ pub fn host_helpers(
     parents: &std::collections::BTreeSet<u32>,
 ) -> std::collections::BTreeMap<u32, usize> {
     let mut per_parent = std::collections::BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(procs) = proc_stats() else {
         return per_parent;
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let comm = &stat[open + 1..close];
-        let ppid: u32 = stat[close + 2..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        if !parents.contains(&ppid) {
-            continue;
-        }
-        let helper = comm == "sandpool-helper"
-            || std::fs::read_link(format!("/proc/{pid}/exe"))
+    for proc in procs.filter(|proc| parents.contains(&proc.ppid)) {
+        let helper = proc.comm == "sandpool-helper"
+            || std::fs::read_link(format!("/proc/{}/exe", proc.pid))
                 .is_ok_and(|exe| exe.to_string_lossy().contains("sandpool-helper"));
         if helper {
-            *per_parent.entry(ppid).or_default() += 1;
+            *per_parent.entry(proc.ppid).or_default() += 1;
         }
     }
     per_parent
