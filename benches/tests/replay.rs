@@ -249,18 +249,25 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
     path
 }
 
+/// Runs `sandpool-replay` with `args` to its end.
+fn replay(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn replay_json_is_one_array_of_the_contract_objects() {
     let path = write_temp("json.csv", &generate(3, 10, 1.0, &Mix::default()));
     let svg = path.with_extension("svg");
-    let out = Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
-        .arg("--trace")
-        .arg(&path)
-        .arg("--json")
-        .arg("--svg")
-        .arg(&svg)
-        .output()
-        .unwrap();
+    let out = replay(&[
+        "--trace".as_ref(),
+        path.as_ref(),
+        "--json".as_ref(),
+        "--svg".as_ref(),
+        svg.as_ref(),
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -304,11 +311,7 @@ fn replay_json_is_one_array_of_the_contract_objects() {
     let plot = std::fs::read_to_string(&svg).unwrap();
     assert!(plot.starts_with("<svg") && plot.contains("adaptive"));
     // Without --json: the table, with the ratio columns.
-    let out = Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
-        .arg("--trace")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = replay(&["--trace".as_ref(), path.as_ref()]);
     let table = String::from_utf8(out.stdout).unwrap();
     assert!(table.contains("cold-start ratio") && table.contains("| fixed 180s | 1s |"));
     assert!(table.contains("| 1.00x |"));
@@ -319,11 +322,7 @@ fn replay_json_is_one_array_of_the_contract_objects() {
 #[test]
 fn replay_of_a_bad_trace_exits_2_naming_the_line() {
     let path = write_temp("bad.csv", "# t\n0,a\n3,b\n2,a\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
-        .arg("--trace")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = replay(&["--trace".as_ref(), path.as_ref()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
@@ -332,11 +331,7 @@ fn replay_of_a_bad_trace_exits_2_naming_the_line() {
     );
     assert!(out.stdout.is_empty());
     std::fs::write(&path, "0,a\nzero,b\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
-        .arg("--trace")
-        .arg(&path)
-        .output()
-        .unwrap();
+    let out = replay(&["--trace".as_ref(), path.as_ref()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8(out.stderr).unwrap().contains("line 2"));
     let _ = std::fs::remove_file(&path);
@@ -346,10 +341,7 @@ fn replay_of_a_bad_trace_exits_2_naming_the_line() {
         &["--trace", "/nonexistent/trace"][..],
         &["--frobnicate"][..],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_sandpool-replay"))
-            .args(args)
-            .output()
-            .unwrap();
+        let out = replay(&args.iter().map(std::ffi::OsStr::new).collect::<Vec<_>>());
         assert_eq!(out.status.code(), Some(2), "{args:?}");
     }
 }

@@ -159,6 +159,19 @@ fn a_kept_fd_the_configuration_does_not_allow_is_refused_by_name() {
     assert_eq!(helper.hello().kept_fds[0].access, FdAccess::ReadWrite);
 }
 
+/// What the Hello declared and what the kernel shows of fd 3, from a
+/// `KeptFdMismatch` (any other refusal fails the test).
+fn mismatch_on_fd_3(refused: &HelloRefusal) -> (&str, &str) {
+    match refused {
+        HelloRefusal::KeptFdMismatch {
+            fd: 3,
+            declared,
+            kernel,
+        } => (declared.as_str(), kernel.as_str()),
+        other => panic!("expected a mismatch on fd 3, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_helper_that_lies_about_a_kept_fd_is_caught_by_the_kernel_view() {
     // Says its fd 3 is /dev/zero (allowed); the kernel says /dev/urandom.
@@ -166,34 +179,13 @@ fn a_helper_that_lies_about_a_kept_fd_is_caught_by_the_kernel_view() {
         &["--misbehave", "lie-kept-path"],
         &[("/dev/zero", false), ("/dev/urandom", false)],
     ));
-    match &refused {
-        HelloRefusal::KeptFdMismatch {
-            fd: 3,
-            declared,
-            kernel,
-        } => {
-            assert_eq!(
-                (declared.as_str(), kernel.as_str()),
-                ("/dev/zero", "/dev/urandom")
-            );
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
+    assert_eq!(mismatch_on_fd_3(&refused), ("/dev/zero", "/dev/urandom"));
     // Says its read-write fd is read-only (so a read-only entry would pass).
     let refused = refusal(keeping(
         &["--misbehave", "lie-kept-access"],
         &[("/dev/null", false)],
     ));
-    match &refused {
-        HelloRefusal::KeptFdMismatch {
-            fd: 3,
-            declared,
-            kernel,
-        } => {
-            assert_eq!((declared.as_str(), kernel.as_str()), ("read", "read-write"));
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
+    assert_eq!(mismatch_on_fd_3(&refused), ("read", "read-write"));
 }
 
 #[test]
