@@ -127,7 +127,7 @@ impl Shared {
             }
             if Instant::now() >= next_scan {
                 let shortest = self.quiesce_idle(&mut pending, &mut unused, &mut ahead);
-                tick = tick_of(&live).min(scan_tick(shortest));
+                tick = scan_tick(shortest);
                 next_scan = Instant::now() + tick;
                 let counts = self.helper_counts();
                 self.telemetry.set_helpers(
