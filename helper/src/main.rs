@@ -383,12 +383,18 @@ fn misbehaving_start(options: &Options, misbehave: &str) -> Result<Session, Stri
     let mut sandboxed = sandpool_helper::sandbox_with_init(&options, spec, |declared| {
         match misbehave {
             "thread-in-init" => {
-                // A thread the host's view of the fd table does not cover.
-                std::thread::spawn(|| {
+                // A thread the host's view of the fd table does not cover;
+                // running (its start-up syscalls done) before the filter.
+                let (running, started) = std::sync::mpsc::sync_channel(0);
+                std::thread::spawn(move || {
+                    let _ = running.send(());
                     loop {
                         std::thread::sleep(Duration::from_secs(3600));
                     }
                 });
+                started
+                    .recv()
+                    .map_err(|_| "the init thread did not start")?;
                 Ok(())
             }
             "kept-other-ns" => keep_from_own_mount_namespace(declared),
