@@ -220,6 +220,15 @@ pub struct Sandboxed {
     region: Option<SharedRegion>,
 }
 
+/// The helper program's own path, as the host resolved it (absolute), from
+/// [`PROGRAM_ENV`](sandpool_protocol::PROGRAM_ENV); `None` outside a sandpool
+/// launch. Use it, not `std::env::current_exe()`, to find files beside the
+/// helper: with the host's `pin_image` (the default) `/proc/self/exe` names
+/// the sealed memfd the helper was executed from, not the file.
+pub fn program_path() -> Option<std::path::PathBuf> {
+    std::env::var_os(sandpool_protocol::PROGRAM_ENV).map(std::path::PathBuf::from)
+}
+
 /// Runs the startup sequence (steps 1 to 7) with the spec from the environment.
 pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
     let text = std::env::var(SPEC_ENV).map_err(|_| StartupError::MissingSpec)?;

@@ -1,12 +1,14 @@
 //! Configuration: [`Config`] for a pool (serde, from the embedding server's
 //! own TOML), [`HelperConfig`] for launching one helper.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use sandpool_protocol::{
-    DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, RlimitSpec, SandboxSpec, SeccompMode,
+    DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, RESERVED_ENV_PREFIX, RlimitSpec,
+    SandboxSpec, SeccompMode,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -518,14 +520,21 @@ mod seccomp_mode {
 /// How to launch one helper and what to accept from it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HelperConfig {
-    /// The helper executable (an absolute or working-directory-relative path;
-    /// there is no `PATH` search).
+    /// The helper executable: an absolute path, a path relative to the
+    /// working directory, or `@exe_dir/NAME`, relative to the directory of
+    /// the running executable (see [`resolve_program`](Self::resolve_program));
+    /// there is no `PATH` search.
     pub program: PathBuf,
     /// Arguments after the program name.
     pub args: Vec<String>,
     /// Host environment variables passed through; every other variable is
     /// cleared. Default none.
     pub env_allowlist: Vec<String>,
+    /// Variables set for every helper to these values (`LD_LIBRARY_PATH`, a
+    /// data directory, ...), beside those of `env_allowlist`; a name may not
+    /// be in both, nor start with `SANDPOOL_` (the launch contract's own).
+    /// Default none.
+    pub env: BTreeMap<String, String>,
     /// How long a launch may take from spawn to a verified Hello. Default 5 s.
     pub spawn_timeout: Duration,
     /// The largest frame payload either side may send. Default 1 MiB.
@@ -573,6 +582,7 @@ impl HelperConfig {
             program: program.into(),
             args: Vec::new(),
             env_allowlist: Vec::new(),
+            env: BTreeMap::new(),
             spawn_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME,
             max_in_flight: 16,
@@ -593,6 +603,10 @@ impl HelperConfig {
         if self.program.as_os_str().is_empty() {
             return Err(ConfigError::new("program", "is empty"));
         }
+        if self.program.as_os_str().as_encoded_bytes().contains(&0) {
+            return Err(ConfigError::new("program", "contains a NUL byte"));
+        }
+        exe_dir_relative(&self.program)?;
         if !(MIN_FRAME_LIMIT..=MAX_FRAME_CEILING).contains(&self.max_frame) {
             return Err(ConfigError::new(
                 "max_frame",
@@ -730,12 +744,40 @@ impl HelperConfig {
         if let Some(name) = self
             .env_allowlist
             .iter()
-            .find(|name| name.is_empty() || name.contains('=') || name.contains('\0'))
+            .find(|name| !is_variable_name(name))
         {
             return Err(ConfigError::new(
                 "env_allowlist",
                 format!("{name:?} is not a variable name"),
             ));
+        }
+        if let Some(name) = self
+            .env_allowlist
+            .iter()
+            .find(|name| name.starts_with(RESERVED_ENV_PREFIX))
+        {
+            return Err(ConfigError::new(
+                "env_allowlist",
+                format!("{name:?}: names starting with {RESERVED_ENV_PREFIX} are the launch's own"),
+            ));
+        }
+        for (name, value) in &self.env {
+            let problem = if !is_variable_name(name) {
+                Some("is not a variable name".to_owned())
+            } else if name.starts_with(RESERVED_ENV_PREFIX) {
+                Some(format!(
+                    "starts with {RESERVED_ENV_PREFIX}, which the launch reserves for its own variables"
+                ))
+            } else if value.contains('\0') {
+                Some("has a value with a NUL byte".to_owned())
+            } else if self.env_allowlist.contains(name) {
+                Some("is also in env_allowlist: say once where its value comes from".to_owned())
+            } else {
+                None
+            };
+            if let Some(problem) = problem {
+                return Err(ConfigError::new("env", format!("{name:?} {problem}")));
+            }
         }
         if let Some(arg) = self.args.iter().find(|arg| arg.contains('\0')) {
             return Err(ConfigError::new(
@@ -761,6 +803,75 @@ impl HelperConfig {
             gid,
         })
     }
+
+    /// The helper's path as launches use it: `program` itself, or for
+    /// `@exe_dir/NAME` the directory of the running executable
+    /// (`std::env::current_exe`) joined with `NAME`. A pool resolves it once,
+    /// at `Pool::new` (and a [`Launcher`](crate::Launcher) at `Launcher::new`),
+    /// so it names the file beside the server as it was started, wherever
+    /// the server's working directory is.
+    pub fn resolve_program(&self) -> Result<PathBuf, ConfigError> {
+        let Some(rest) = exe_dir_relative(&self.program)? else {
+            return Ok(self.program.clone());
+        };
+        let exe = std::env::current_exe().map_err(|err| {
+            ConfigError::new(
+                "program",
+                format!("{EXE_DIR}: the running executable's path could not be read: {err}"),
+            )
+        })?;
+        let dir = exe.parent().ok_or_else(|| {
+            ConfigError::new(
+                "program",
+                format!(
+                    "{EXE_DIR}: the running executable {} has no directory",
+                    exe.display()
+                ),
+            )
+        })?;
+        Ok(dir.join(rest))
+    }
+}
+
+/// The prefix of a `program` found beside the running executable:
+/// `@exe_dir/sandpool-helper` is `sandpool-helper` in the directory of the
+/// server's own binary (see [`HelperConfig::resolve_program`]).
+pub const EXE_DIR: &str = "@exe_dir";
+
+/// For `@exe_dir/REST`, `REST` (a relative path, not empty); `None` for a
+/// plain path. A path starting with any other `@` word is refused, so a
+/// misspelt prefix is not taken for a file name.
+fn exe_dir_relative(program: &Path) -> Result<Option<&Path>, ConfigError> {
+    let mut components = program.components();
+    let Some(Component::Normal(first)) = components.next() else {
+        return Ok(None);
+    };
+    if first == EXE_DIR {
+        let rest = components.as_path();
+        if rest.as_os_str().is_empty() {
+            return Err(ConfigError::new(
+                "program",
+                format!("{EXE_DIR} must be followed by /NAME, the helper's file name"),
+            ));
+        }
+        return Ok(Some(rest));
+    }
+    if first.as_encoded_bytes().starts_with(b"@") {
+        return Err(ConfigError::new(
+            "program",
+            format!(
+                "{:?}: the only placeholder is {EXE_DIR}/ (for a file whose name starts with @, write ./{})",
+                first,
+                program.display()
+            ),
+        ));
+    }
+    Ok(None)
+}
+
+/// An environment variable name: not empty, no `=`, no NUL.
+fn is_variable_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains('=') && !name.contains('\0')
 }
 
 /// Exponential back-off for a tenant whose helpers keep failing.
@@ -802,12 +913,19 @@ impl BackoffConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The helper executable (required; no `PATH` search).
+    /// The helper executable (required; no `PATH` search): absolute,
+    /// relative to the working directory, or `"@exe_dir/NAME"` for `NAME`
+    /// beside the server's own executable (resolved once, at `Pool::new`;
+    /// see [`HelperConfig::resolve_program`]).
     pub program: PathBuf,
     /// Arguments after the program name. Default none.
     pub args: Vec<String>,
     /// Host environment variables passed to helpers; all others are cleared.
     pub env_allowlist: Vec<String>,
+    /// Variables set for every helper (a `[env]` table: `LD_LIBRARY_PATH =
+    /// "/opt/redo/lib"`), beside those passed through by `env_allowlist`; a
+    /// name may not be in both, nor start with `SANDPOOL_`. Default none.
+    pub env: BTreeMap<String, String>,
     /// Fresh helpers kept ready for tenants that have none. Default 2.
     pub spares: usize,
     /// A helper idle this long is quiesced (under the `"fixed"` idle
@@ -962,6 +1080,7 @@ impl Default for Config {
             program: PathBuf::new(),
             args: Vec::new(),
             env_allowlist: Vec::new(),
+            env: BTreeMap::new(),
             spares: 2,
             idle_timeout: Duration::from_secs(300),
             idle_policy: IdlePolicyKind::Fixed,
@@ -1050,6 +1169,7 @@ impl Config {
             program,
             args,
             env_allowlist,
+            env,
             spares: _,
             idle_timeout: _,
             idle_policy: _,
@@ -1088,6 +1208,7 @@ impl Config {
             ("program", *program != new.program),
             ("args", *args != new.args),
             ("env_allowlist", *env_allowlist != new.env_allowlist),
+            ("env", *env != new.env),
             ("max_in_flight", *max_in_flight != new.max_in_flight),
             ("spawn_timeout", *spawn_timeout != new.spawn_timeout),
             ("max_frame", *max_frame != new.max_frame),
@@ -1148,6 +1269,7 @@ impl Config {
             program: self.program.clone(),
             args: self.args.clone(),
             env_allowlist: self.env_allowlist.clone(),
+            env: self.env.clone(),
             spawn_timeout: self.spawn_timeout,
             max_frame: u32::try_from(self.max_frame.as_u64()).unwrap_or(u32::MAX),
             max_in_flight: self.max_in_flight,

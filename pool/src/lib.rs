@@ -36,9 +36,9 @@ mod telemetry;
 pub use bytesize::ByteSize;
 pub use config::{
     BackoffConfig, Config, ConfigError, DEFAULT_ADDRESS_SPACE, DEFAULT_MAX_HELPER_MEMORY,
-    DEFAULT_MAX_IDLE_CPU, HelperConfig, HostConfig, IdlePolicyKind, KeptFdRule, LaunchMode,
-    MAX_DURATION, MIN_ADDRESS_SPACE, MemoryBudget, RlimitConfig, SandboxConfig, SizeLimit,
-    TenantPolicy, TenantPolicyRule, TimeLimit,
+    DEFAULT_MAX_IDLE_CPU, EXE_DIR, HelperConfig, HostConfig, IdlePolicyKind, KeptFdRule,
+    LaunchMode, MAX_DURATION, MIN_ADDRESS_SPACE, MemoryBudget, RlimitConfig, SandboxConfig,
+    SizeLimit, TenantPolicy, TenantPolicyRule, TimeLimit,
 };
 pub use conn::Helper;
 pub use error::{

@@ -27,4 +27,4 @@ pub use hello::{
     MAX_KEPT_PATH, MAX_TENANT_LEN, PayloadError, SeccompMode, decode_bind,
 };
 pub use region::{REGION_REF_LEN, REGION_REQUEST_LEN, RegionError, RegionRef, RegionRequest};
-pub use spec::{RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};
+pub use spec::{PROGRAM_ENV, RESERVED_ENV_PREFIX, RlimitSpec, SPEC_ENV, SandboxSpec, SpecError};

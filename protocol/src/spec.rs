@@ -13,6 +13,17 @@ use crate::{DEFAULT_MAX_FRAME, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, SeccompMode};
 /// The environment variable carrying the encoded [`SandboxSpec`].
 pub const SPEC_ENV: &str = "SANDPOOL_SANDBOX";
 
+/// The environment variable carrying the helper program's own path, as the
+/// host resolved it (absolute). Set for every helper, because with a pinned
+/// image `/proc/self/exe` names a sealed memfd, not the file: a helper that
+/// finds its own files from its executable's path reads this instead.
+pub const PROGRAM_ENV: &str = "SANDPOOL_PROGRAM";
+
+/// The prefix of every environment variable the launch contract reserves
+/// ([`SPEC_ENV`], [`PROGRAM_ENV`], and any later ones): a host never passes
+/// one of its own under it.
+pub const RESERVED_ENV_PREFIX: &str = "SANDPOOL_";
+
 /// Resource limits a helper applies to itself (soft and hard alike).
 /// `None` leaves the inherited limit. The core-dump limit is always set to 0.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -157,6 +157,11 @@ typedef int (*sandpool_handler)(void *ctx, const uint8_t *request, size_t len,
  * written to stderr. Return the value from main().
  *
  * See THE START-UP CONTRACT at the top of this file: call it first thing.
+ *
+ * The helper's own path: getenv("SANDPOOL_PROGRAM"), set by the host to the
+ * program's absolute path. With the host's pin_image (its default),
+ * /proc/self/exe names a sealed memfd, not that file, so a helper that finds
+ * its data beside its executable must use this variable.
  */
 int sandpool_serve(const char *build_id, sandpool_handler handler, void *ctx);
 

@@ -22,7 +22,7 @@ use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_s
 use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::{Pid, pipe2};
 use rustix::process::PidfdFlags;
-use sandpool_protocol::SPEC_ENV;
+use sandpool_protocol::{PROGRAM_ENV, SPEC_ENV};
 
 use super::server::{ChildEnds, LaunchServer};
 use crate::config::{HelperConfig, LaunchMode};
@@ -113,6 +113,14 @@ pub(crate) struct Spawned {
     pub(crate) region: Option<HostRegion>,
 }
 
+/// `NAME=VALUE`, as the bytes of one `envp` entry.
+fn env_pair(name: &str, value: &OsStr) -> Vec<u8> {
+    let mut pair = name.as_bytes().to_vec();
+    pair.push(b'=');
+    pair.extend_from_slice(value.as_bytes());
+    pair
+}
+
 fn cstring(field: &'static str, bytes: &[u8]) -> Result<CString, LaunchError> {
     CString::new(bytes)
         .map_err(|_| LaunchError::Config(crate::ConfigError::new(field, "contains a NUL byte")))
@@ -123,45 +131,54 @@ impl LaunchPlan {
     /// spec plus the allowlisted host variables, nothing else.
     pub(crate) fn new(config: &HelperConfig) -> Result<LaunchPlan, LaunchError> {
         config.validate()?;
-        let program_bytes = config.program.as_os_str().as_bytes();
-        let program = cstring("program", program_bytes)?;
+        let resolved = config.resolve_program()?;
+        let program = cstring("program", resolved.as_os_str().as_bytes())?;
         let mut argv = vec![program.clone()];
         for arg in &config.args {
             argv.push(cstring("args", arg.as_bytes())?);
         }
-        let spec = config.sandbox_spec()?;
-        let mut envp = vec![cstring(
-            "sandbox",
-            format!("{SPEC_ENV}={}", spec.encode()).as_bytes(),
-        )?];
-        for name in &config.env_allowlist {
-            if let Some(value) = std::env::var_os(name) {
-                let mut pair = OsStr::new(name).as_bytes().to_vec();
-                pair.push(b'=');
-                pair.extend_from_slice(value.as_bytes());
-                envp.push(cstring("env_allowlist", &pair)?);
-            }
-        }
-        let (image, program) = if config.pin_image {
-            let (image, path) = pin_image(&config.program)?;
-            (Some(image), path)
-        } else if config.launch_mode == LaunchMode::Launcher && config.program.is_relative() {
-            // The launcher resolves a relative path against its own working
-            // directory, the host's when the launcher started; resolve it now
-            // so a restarted launcher runs the same file.
-            let absolute = std::env::current_dir()
+        // The launcher resolves a relative path against its own working
+        // directory, the host's when the launcher started, and the helper
+        // is told its path (PROGRAM_ENV): resolve it now, so a restarted
+        // launcher runs the same file and the helper gets a path that holds
+        // wherever it runs.
+        let absolute = if resolved.is_relative() {
+            std::env::current_dir()
                 .map_err(|source| LaunchError::Spawn {
                     program: config.program.display().to_string(),
                     source,
                 })?
-                .join(&config.program);
+                .join(&resolved)
+        } else {
+            resolved.clone()
+        };
+        let spec = config.sandbox_spec()?;
+        let mut envp = vec![
+            cstring(
+                "sandbox",
+                format!("{SPEC_ENV}={}", spec.encode()).as_bytes(),
+            )?,
+            cstring("program", &env_pair(PROGRAM_ENV, absolute.as_os_str()))?,
+        ];
+        for name in &config.env_allowlist {
+            if let Some(value) = std::env::var_os(name) {
+                envp.push(cstring("env_allowlist", &env_pair(name, &value))?);
+            }
+        }
+        for (name, value) in &config.env {
+            envp.push(cstring("env", &env_pair(name, OsStr::new(value)))?);
+        }
+        let (image, program) = if config.pin_image {
+            let (image, path) = pin_image(&resolved)?;
+            (Some(image), path)
+        } else if config.launch_mode == LaunchMode::Launcher {
             (None, cstring("program", absolute.as_os_str().as_bytes())?)
         } else {
             (None, program)
         };
         Ok(LaunchPlan {
             program,
-            program_display: config.program.display().to_string(),
+            program_display: resolved.display().to_string(),
             argv,
             envp,
             pipe_size: config

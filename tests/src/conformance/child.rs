@@ -125,6 +125,7 @@ impl Spawned {
                 .args(args)
                 .env_clear()
                 .env(sandpool_protocol::SPEC_ENV, spec)
+                .env(sandpool_protocol::PROGRAM_ENV, program)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
