@@ -817,6 +817,31 @@ pub const EXIT_PROTOCOL_ERROR: i32 = 76;
 /// the process: 0 on EOF or Shutdown, [`EXIT_STARTUP_FAILED`] if the sandbox
 /// could not be set up (fail closed), [`EXIT_PROTOCOL_ERROR`] if the host broke
 /// the protocol. The reason goes to stderr, which the host reads.
+///
+/// A whole helper (its `main`; the handler answers each request of the
+/// tenant the helper is bound to, in order):
+///
+/// ```no_run
+/// use sandpool_helper::{Options, serve_main};
+///
+/// fn main() {
+///     let options = match Options::new(concat!("upper-helper ", env!("CARGO_PKG_VERSION"))) {
+///         Ok(options) => options,
+///         Err(err) => {
+///             eprintln!("upper-helper: {err}");
+///             std::process::exit(sandpool_helper::EXIT_STARTUP_FAILED);
+///         }
+///     };
+///     serve_main(&options, |request, out| {
+///         if request.payload.is_empty() {
+///             // An Err becomes an Error frame; the helper serves on.
+///             return Err("empty request".into());
+///         }
+///         out.extend(request.payload.iter().map(u8::to_ascii_uppercase));
+///         Ok(())
+///     })
+/// }
+/// ```
 pub fn serve_main<H>(options: &Options, handler: H) -> !
 where
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,

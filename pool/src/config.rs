@@ -910,6 +910,33 @@ impl BackoffConfig {
 /// (`"200ms"`, `"5m"`), sizes are human (`"1MiB"`). Every field but `program`
 /// has a default that suits the model user (a page server with thousands of
 /// tenants); unknown fields are errors.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// use sandpool::{Config, IdlePolicyKind};
+///
+/// // From a server's own configuration file (the `toml` feature)...
+/// let config = Config::from_toml(
+///     r#"
+///     program = "@exe_dir/redo-helper"
+///     spares = 4
+///     idle_policy = "adaptive"
+///     [env]
+///     LD_LIBRARY_PATH = "/usr/lib/pageserver"
+///     [sandbox.rlimits]
+///     address_space = "2GiB"
+///     "#,
+/// )?;
+/// assert_eq!(config.idle_policy, IdlePolicyKind::Adaptive);
+///
+/// // ... or in code; `validate` names the first invalid field.
+/// let mut config = Config::new("/usr/libexec/pageserver/redo-helper");
+/// config.idle_timeout = Duration::from_secs(600);
+/// config.max_helpers = 0;
+/// assert_eq!(config.validate().unwrap_err().field, "max_helpers");
+/// # Ok::<(), sandpool::ConfigError>(())
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -1254,8 +1281,11 @@ impl Config {
         }
     }
 
-    /// Parses a TOML document (e.g. the `[sandpool]` table of a server's
-    /// configuration file) and validates it.
+    /// Parses a TOML document whose top-level keys are `Config`'s fields
+    /// (`program = ...`, `[sandbox]`, ...) and validates it. A server that
+    /// keeps sandpool's settings in a table of its own file (`[sandpool]`)
+    /// deserializes `Config` from that table with serde instead, then calls
+    /// [`validate`](Self::validate).
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config =
             toml::from_str(text).map_err(|err| ConfigError::new("toml", err.to_string()))?;

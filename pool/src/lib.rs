@@ -16,6 +16,21 @@
 //! The host must not leave SIGPIPE at its default disposition (Rust binaries
 //! ignore it at startup): a write to a helper that died would otherwise kill
 //! the host instead of returning `EPIPE`.
+//!
+//! ```no_run
+//! use sandpool::{Config, Pool};
+//!
+//! // The helper binary ships beside the server's own executable.
+//! let pool = Pool::new(Config::new("@exe_dir/redo-helper"))?;
+//! let page = pool.call("tenant-42", b"GetPage 1663/16384/2619 blk 0")?;
+//! # drop(page);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! A helper is a program that calls `sandpool_helper::serve_main` (Rust, the
+//! `sandpool-helper` crate) or `sandpool_serve` (C, `sandpool_helper.h`)
+//! first thing; see the README's "Writing a helper in Rust" and "... in C",
+//! and PROTOCOL.md for any other language.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -174,6 +174,31 @@ pub struct HelperInfo {
 /// `Arc` of it) between threads and tasks and call it from all of them.
 ///
 /// Dropping the pool shuts it down with the configured `shutdown_grace`.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use sandpool::{Config, Pool};
+///
+/// let mut config = Config::new("/usr/libexec/pageserver/redo-helper");
+/// config.spares = 4;
+/// config.idle_timeout = Duration::from_secs(600);
+/// let pool = Arc::new(Pool::new(config)?);
+///
+/// let workers: Vec<_> = (0..4)
+///     .map(|worker| {
+///         let pool = Arc::clone(&pool);
+///         std::thread::spawn(move || pool.call(format!("tenant-{worker}"), b"request"))
+///     })
+///     .collect();
+/// for worker in workers {
+///     let reply = worker.join().expect("the worker thread panicked")?;
+///     println!("{} bytes", reply.len());
+/// }
+/// println!("{:?}", pool.stats());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct Pool {
     shared: Arc<Shared>,
     keeper: Mutex<Option<JoinHandle<Vec<Arc<crate::Helper>>>>>,
@@ -368,6 +393,16 @@ impl Pool {
     /// thread (as many frames per `writev` as `max_in_flight` allows), all
     /// within `request_timeout`. The results come in the order of
     /// `requests`; each succeeds or fails on its own.
+    ///
+    /// ```no_run
+    /// # fn redo(pool: &sandpool::Pool) -> Result<(), sandpool::CallError> {
+    /// let requests: Vec<&[u8]> = vec![b"GetPage blk 0", b"GetPage blk 1", b"GetPage blk 2"];
+    /// for (block, page) in pool.call_batch("tenant-42", &requests).into_iter().enumerate() {
+    ///     println!("block {block}: {} bytes", page?.len());
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn call_batch(
         &self,
         tenant: impl AsRef<[u8]>,
@@ -397,6 +432,45 @@ impl Pool {
     /// runs on the pool's launch workers. Dropping the future cancels the
     /// call: a request not yet sent is never sent; one already sent has its
     /// reply discarded when it comes; the helper is not blamed.
+    ///
+    /// With tokio, for example (any executor will do; `Pool` is `Sync`, so an
+    /// `Arc<Pool>` moves into tasks):
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// use sandpool::{Config, Pool};
+    ///
+    /// #[tokio::main]
+    /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    ///     let pool = Arc::new(Pool::new(Config::new("@exe_dir/redo-helper"))?);
+    ///     let task = tokio::spawn({
+    ///         let pool = Arc::clone(&pool);
+    ///         async move {
+    ///             // A timeout drops the call's future, which cancels the call.
+    ///             let call = pool.call_async("tenant-42", b"GetPage blk 0");
+    ///             tokio::time::timeout(Duration::from_millis(50), call).await
+    ///         }
+    ///     });
+    ///     match task.await? {
+    ///         Ok(reply) => println!("{} bytes", reply?.len()),
+    ///         Err(_) => println!("timed out; the call was cancelled"),
+    ///     }
+    ///     Ok(())
+    /// }
+    /// ```
+    ///
+    /// The future itself needs nothing of a runtime:
+    ///
+    /// ```no_run
+    /// async fn page(pool: &sandpool::Pool, tenant: &str) -> Result<Vec<u8>, sandpool::CallError> {
+    ///     let page = pool.call_async(tenant, b"GetPage 1663/16384/2619 blk 0").await?;
+    ///     Ok(page)
+    /// }
+    /// # fn is_send<T: Send>(_: T) {}
+    /// # fn check(pool: &sandpool::Pool) { is_send(page(pool, "t")); }
+    /// ```
     pub fn call_async<'a>(
         &'a self,
         tenant: impl AsRef<[u8]> + Send + 'a,
