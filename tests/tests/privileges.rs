@@ -186,6 +186,34 @@ fn a_helper_runs_as_the_configured_user() {
 }
 
 #[test]
+fn a_helper_started_without_cap_setpcap_reports_its_bounding_set_kept() {
+    beside_a_bystander(|| {
+        // setpriv(1) execs the helper with CAP_SETPCAP out of its bounding
+        // set, so this root helper holds every capability but the one that
+        // drops the others from the bounding set: it must say the set is
+        // not empty, and this host, which could have emptied it, refuses it.
+        assert!(host_can_drop_bounding());
+        let mut config = config(&[]);
+        config.program = "/usr/bin/setpriv".into();
+        config.args = vec![
+            "--bounding-set=-setpcap".into(),
+            helper_bin().display().to_string(),
+        ];
+        let err = Launcher::new(config).unwrap().launch().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LaunchError::HelloRefused {
+                    refusal: HelloRefusal::BoundingSetKept,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    });
+}
+
+#[test]
 fn a_helper_that_lies_about_its_capabilities_is_refused() {
     beside_a_bystander(|| {
         let launcher = Launcher::new(config(&["--misbehave", "keep-caps"])).unwrap();
