@@ -1134,7 +1134,8 @@ impl Config {
     }
 
     /// Parses a TOML document (e.g. the `[sandpool]` table of a server's
-    /// configuration file) and validates it.
+    /// configuration file) and validates it. Needs the `toml` feature.
+    #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config =
             toml::from_str(text).map_err(|err| ConfigError::new("toml", err.to_string()))?;
