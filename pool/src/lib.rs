@@ -16,6 +16,17 @@
 //! The host must not leave SIGPIPE at its default disposition (Rust binaries
 //! ignore it at startup): a write to a helper that died would otherwise kill
 //! the host instead of returning `EPIPE`.
+//!
+//! # Cargo features
+//!
+//! Both on by default:
+//!
+//! - `toml`: `Config::from_toml` (the `toml` crate). Without it a
+//!   [`Config`] still deserializes through serde from any format.
+//! - `metrics`: the pool records every metric of [`METRICS`] into the
+//!   `metrics` facade. Without it nothing is recorded, at no cost;
+//!   [`Pool::stats`] still counts.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
