@@ -1,13 +1,15 @@
 // Shared by the build scripts of the test and bench crates (`include!`d):
 // builds the reference helper binary with a nested `cargo build`.
 
-/// Builds `sandpool-helper` with the workspace's `helper` profile (release
-/// with fat LTO and one codegen unit) into `<target>/helper` (or, with
-/// `static_crt`, linked statically against glibc into `<target>/helper-static`)
-/// and returns the binary's path. Re-runs when the helper's sources change.
+/// Builds the reference helper binary `sandpool-helper` (package
+/// `sandpool-reference-helper`, `helper/reference`) with the workspace's
+/// `helper` profile (release with fat LTO and one codegen unit) into
+/// `<target>/helper` (or, with `static_crt`, linked statically against glibc
+/// into `<target>/helper-static`) and returns the binary's path. Re-runs
+/// when the helper's sources change.
 #[allow(dead_code)]
 fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
-    build_helper_bin("sandpool-helper", "sandpool-helper", static_crt)
+    build_helper_bin("sandpool-reference-helper", "sandpool-helper", static_crt)
 }
 
 /// Builds the binary `bin` of the workspace package `package` the way
@@ -25,6 +27,8 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join(if static_crt { "helper-static" } else { "helper" });
+    // `helper` holds the runtime and every helper package built here
+    // (`helper/reference`, `helper/sql`).
     for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }

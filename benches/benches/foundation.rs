@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use sandpool::{HelperConfig, Launcher};
 use sandpool_benches::{row, summarize};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 
 fn main() {
     sandpool_benches::run_pipe_peer_if_asked();

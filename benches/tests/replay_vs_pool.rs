@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use sandpool::{Config, IdlePolicy, Pool};
 use sandpool_benches::replay::{keeper_tick, parse_trace, simulate};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 
 const HELPER: &str = env!("SANDPOOL_HELPER_BIN");
 

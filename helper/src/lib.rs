@@ -27,14 +27,8 @@
 //! write a Response (or an Error frame if the handler failed or panicked).
 //! It returns cleanly on stdin EOF or a Shutdown frame. Any protocol
 //! violation by the host ends the helper: a helper never guesses.
-//!
-//! The module [`redo`] holds the page-redo workload of the reference helper,
-//! shared so a host can check responses against the same computation.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-
-pub mod redo;
-pub mod reference;
 
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, RawFd};

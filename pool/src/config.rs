@@ -1285,7 +1285,8 @@ impl Config {
     /// (`program = ...`, `[sandbox]`, ...) and validates it. A server that
     /// keeps sandpool's settings in a table of its own file (`[sandpool]`)
     /// deserializes `Config` from that table with serde instead, then calls
-    /// [`validate`](Self::validate).
+    /// [`validate`](Self::validate). Needs the `toml` feature.
+    #[cfg(feature = "toml")]
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
         let config: Config =
             toml::from_str(text).map_err(|err| ConfigError::new("toml", err.to_string()))?;

@@ -31,6 +31,17 @@
 //! `sandpool-helper` crate) or `sandpool_serve` (C, `sandpool_helper.h`)
 //! first thing; see the README's "Writing a helper in Rust" and "... in C",
 //! and PROTOCOL.md for any other language.
+//!
+//! # Cargo features
+//!
+//! Both on by default:
+//!
+//! - `toml`: `Config::from_toml` (the `toml` crate). Without it a
+//!   [`Config`] still deserializes through serde from any format.
+//! - `metrics`: the pool records every metric of [`METRICS`] into the
+//!   `metrics` facade. Without it nothing is recorded, at no cost;
+//!   [`Pool::stats`] still counts.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

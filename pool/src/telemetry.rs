@@ -5,18 +5,162 @@
 //!
 //! Metric names carry the `sandpool_` prefix and base units; labels are
 //! bounded enums (never a tenant id, unless `metrics_tenant_label` is set).
+//!
+//! The rest of the crate records through [`Counter`], [`Gauge`] and
+//! [`Histogram`] here, never through `metrics::` directly: with the
+//! `metrics` feature they wrap the facade's handles; without it they are
+//! empty and every record is a no-op (the atomics behind `Pool::stats`
+//! still count).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram, Unit};
 use tracing::warn;
 
 use crate::error::{CallError, ExitStatus};
 use crate::pool::{CloseCause, FailureStats, Stats};
 
+/// Bounded labels of one metric: `(key, value)` pairs.
+type Labels<'a> = &'a [(&'static str, &'static str)];
+
+pub(crate) use facade::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+/// With the `metrics` feature: the facade's handles, registered with
+/// whatever recorder is installed.
+#[cfg(feature = "metrics")]
+mod facade {
+    use super::Labels;
+
+    /// A counter of the `metrics` facade.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Counter(metrics::Counter);
+
+    /// A gauge of the `metrics` facade.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Gauge(metrics::Gauge);
+
+    /// A histogram of the `metrics` facade.
+    #[derive(Clone, Debug)]
+    pub(crate) struct Histogram(metrics::Histogram);
+
+    /// Registers the counter `name` with `labels`.
+    pub(crate) fn counter(name: &'static str, labels: Labels<'_>) -> Counter {
+        Counter(metrics::counter!(name, labels))
+    }
+
+    /// Registers the gauge `name` with `labels`.
+    pub(crate) fn gauge(name: &'static str, labels: Labels<'_>) -> Gauge {
+        Gauge(metrics::gauge!(name, labels))
+    }
+
+    /// Registers the histogram `name` with `labels`.
+    pub(crate) fn histogram(name: &'static str, labels: Labels<'_>) -> Histogram {
+        Histogram(metrics::histogram!(name, labels))
+    }
+
+    impl Counter {
+        #[inline]
+        pub(crate) fn increment(&self, value: u64) {
+            self.0.increment(value);
+        }
+    }
+
+    impl Gauge {
+        #[inline]
+        pub(crate) fn set(&self, value: f64) {
+            self.0.set(value);
+        }
+
+        #[inline]
+        pub(crate) fn increment(&self, value: f64) {
+            self.0.increment(value);
+        }
+
+        #[inline]
+        pub(crate) fn decrement(&self, value: f64) {
+            self.0.decrement(value);
+        }
+    }
+
+    impl Histogram {
+        #[inline]
+        pub(crate) fn record(&self, value: f64) {
+            self.0.record(value);
+        }
+    }
+}
+
+/// Without the `metrics` feature: empty handles, every record a no-op.
+#[cfg(not(feature = "metrics"))]
+mod facade {
+    use super::Labels;
+
+    /// Records nothing (no `metrics` feature).
+    #[derive(Clone, Debug)]
+    pub(crate) struct Counter;
+
+    /// Records nothing (no `metrics` feature).
+    #[derive(Clone, Debug)]
+    pub(crate) struct Gauge;
+
+    /// Records nothing (no `metrics` feature).
+    #[derive(Clone, Debug)]
+    pub(crate) struct Histogram;
+
+    pub(crate) fn counter(_name: &'static str, _labels: Labels<'_>) -> Counter {
+        Counter
+    }
+
+    pub(crate) fn gauge(_name: &'static str, _labels: Labels<'_>) -> Gauge {
+        Gauge
+    }
+
+    pub(crate) fn histogram(_name: &'static str, _labels: Labels<'_>) -> Histogram {
+        Histogram
+    }
+
+    impl Counter {
+        #[inline]
+        pub(crate) fn increment(&self, _value: u64) {}
+    }
+
+    impl Gauge {
+        #[inline]
+        pub(crate) fn set(&self, _value: f64) {}
+
+        #[inline]
+        pub(crate) fn increment(&self, _value: f64) {}
+
+        #[inline]
+        pub(crate) fn decrement(&self, _value: f64) {}
+    }
+
+    impl Histogram {
+        #[inline]
+        pub(crate) fn record(&self, _value: f64) {}
+    }
+}
+
+/// One call of `tenant` with `metrics_tenant_label` set: the per-tenant
+/// counter and histogram (labels built per call: a tenant id is not bounded).
+#[cfg(feature = "metrics")]
+fn record_tenant_call(tenant: &[u8], outcome: &'static str, took: Duration) {
+    let tenant = String::from_utf8_lossy(tenant).into_owned();
+    metrics::counter!("sandpool_tenant_calls_total", "tenant" => tenant.clone(), "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("sandpool_tenant_call_seconds", "tenant" => tenant)
+        .record(took.as_secs_f64());
+}
+
+#[cfg(not(feature = "metrics"))]
+#[inline]
+fn record_tenant_call(_tenant: &[u8], _outcome: &'static str, _took: Duration) {}
+
 /// Every metric the pool emits: name, kind, unit, meaning. The README's
 /// metrics table is this list.
+///
+/// The pool records them only with the `metrics` feature (on by default);
+/// without it this list stays, as plain data, and nothing is recorded.
 pub const METRICS: &[(&str, &str, &str)] = &[
     (
         "sandpool_launch_seconds",
@@ -206,13 +350,9 @@ struct Count {
 
 impl Count {
     fn new(name: &'static str, labels: &[(&'static str, &'static str)]) -> Count {
-        let labels: Vec<metrics::Label> = labels
-            .iter()
-            .map(|(k, v)| metrics::Label::new(*k, *v))
-            .collect();
         Count {
             value: AtomicU64::new(0),
-            metric: metrics::counter!(name, labels),
+            metric: counter(name, labels),
         }
     }
 
@@ -273,7 +413,10 @@ impl std::fmt::Debug for Telemetry {
     }
 }
 
+/// Describes every metric of [`METRICS`] to the installed recorder.
+#[cfg(feature = "metrics")]
 fn describe() {
+    use metrics::Unit;
     for (name, kind, meaning) in METRICS {
         match *kind {
             "histogram" => metrics::describe_histogram!(*name, Unit::Seconds, *meaning),
@@ -283,19 +426,22 @@ fn describe() {
     }
 }
 
+#[cfg(not(feature = "metrics"))]
+fn describe() {}
+
 impl Telemetry {
     pub(crate) fn new(tenant_label: bool, slow_launch: Duration) -> Telemetry {
         describe();
         let death = |cause| Count::new("sandpool_helper_deaths_total", &[("cause", cause)]);
         let quiesced = |cause| Count::new("sandpool_quiesced_total", &[("cause", cause)]);
-        let helpers = |state| metrics::gauge!("sandpool_helpers", "state" => state);
+        let helpers = |state| gauge("sandpool_helpers", &[("state", state)]);
         Telemetry {
-            launch_seconds: metrics::histogram!("sandpool_launch_seconds"),
-            queue_wait_seconds: metrics::histogram!("sandpool_queue_wait_seconds"),
-            fd_close_seconds: metrics::histogram!("sandpool_helper_fd_close_seconds"),
+            launch_seconds: histogram("sandpool_launch_seconds", &[]),
+            queue_wait_seconds: histogram("sandpool_queue_wait_seconds", &[]),
+            fd_close_seconds: histogram("sandpool_helper_fd_close_seconds", &[]),
             call_seconds: OUTCOMES
                 .iter()
-                .map(|o| metrics::histogram!("sandpool_call_seconds", "outcome" => *o))
+                .map(|o| histogram("sandpool_call_seconds", &[("outcome", o)]))
                 .collect(),
             calls: OUTCOMES
                 .iter()
@@ -324,10 +470,10 @@ impl Telemetry {
             evicted_budget: quiesced("memory_budget"),
             memory: Default::default(),
             memory_gauges: ["spare", "idle", "busy"]
-                .map(|state| metrics::gauge!("sandpool_helper_memory_bytes", "state" => state)),
+                .map(|state| gauge("sandpool_helper_memory_bytes", &[("state", state)])),
             backoff_engaged: Count::new("sandpool_backoff_engaged_total", &[]),
-            stderr_lines: metrics::counter!("sandpool_helper_stderr_lines_total"),
-            stderr_dropped: metrics::counter!("sandpool_helper_stderr_dropped_bytes_total"),
+            stderr_lines: counter("sandpool_helper_stderr_lines_total", &[]),
+            stderr_dropped: counter("sandpool_helper_stderr_dropped_bytes_total", &[]),
             helpers: [
                 helpers("spare"),
                 helpers("idle"),
@@ -335,7 +481,7 @@ impl Telemetry {
                 helpers("launching"),
                 helpers("closing"),
             ],
-            in_flight: metrics::gauge!("sandpool_calls_in_flight"),
+            in_flight: gauge("sandpool_calls_in_flight", &[]),
             tenant_label,
             slow_launch,
             warned_fd_walk: AtomicBool::new(false),
@@ -480,11 +626,7 @@ impl Telemetry {
         self.calls[index].bump();
         self.call_seconds[index].record(took.as_secs_f64());
         if self.tenant_label {
-            let tenant = String::from_utf8_lossy(tenant).into_owned();
-            metrics::counter!("sandpool_tenant_calls_total", "tenant" => tenant.clone(), "outcome" => OUTCOMES[index])
-                .increment(1);
-            metrics::histogram!("sandpool_tenant_call_seconds", "tenant" => tenant)
-                .record(took.as_secs_f64());
+            record_tenant_call(tenant, OUTCOMES[index], took);
         }
     }
 

@@ -1,8 +1,8 @@
 /*
  * The C reference helper: the Rust reference helper's request format
- * (helper/src/reference.rs, helper/src/redo.rs) served through the C
- * runtime (helper/capi/include/sandpool_helper.h), so the same tests can
- * check its answers and its sandbox.
+ * (helper/reference/src/reference.rs, helper/reference/src/redo.rs) served
+ * through the C runtime (helper/capi/include/sandpool_helper.h), so the
+ * same tests can check its answers and its sandbox.
  *
  * A request is one op byte, then its body:
  *

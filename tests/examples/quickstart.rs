@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, HelperConfig, Launcher};
-use sandpool_helper::redo;
-use sandpool_helper::reference::{OP_ECHO, OP_OPEN, OP_REDO, request};
+use sandpool_reference_helper::redo;
+use sandpool_reference_helper::reference::{OP_ECHO, OP_OPEN, OP_REDO, request};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = HelperConfig::new(env!("SANDPOOL_HELPER_BIN"));

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sandpool::{Config, Pool};
-use sandpool_helper::reference::{OP_ECHO, request, sleep_request};
+use sandpool_reference_helper::reference::{OP_ECHO, request, sleep_request};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -199,7 +199,7 @@ impl Bystanders {
     /// Starts `threads` threads, each calling tenant `good-N` of `pool`
     /// with echoes until [`finish`](Self::finish).
     pub fn start(pool: &std::sync::Arc<sandpool::Pool>, threads: usize) -> Bystanders {
-        use sandpool_helper::reference::{OP_ECHO, request};
+        use sandpool_reference_helper::reference::{OP_ECHO, request};
         use std::sync::atomic::Ordering;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let ok = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));

@@ -7,7 +7,7 @@
 use std::alloc::System;
 
 use sandpool::Pool;
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::pool_config;
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 

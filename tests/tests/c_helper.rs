@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sandpool::{CallError, ExitStatus, HelperConfig, LaunchError, LaunchMode, Launcher, Pool};
-use sandpool_helper::redo;
-use sandpool_helper::reference::*;
 use sandpool_protocol::{FdCloseMethod, MAX_ERROR_MESSAGE, SeccompMode};
+use sandpool_reference_helper::redo;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{Bystanders, c_helper_bin, deadline, fds_of, process_exists};
 
 /// C helper only: answers the bound tenant, or fails when there is none.

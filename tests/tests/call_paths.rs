@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, Launcher, Pool, RetireReason};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{children, config, deadline, pool_config, process_exists, wait_for};
 
 /// The simplest executor there is: polls one future on this thread and

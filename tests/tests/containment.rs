@@ -12,7 +12,7 @@ use sandpool::{
     ByteSize, CallError, Config, Launcher, Limit, MemoryBudget, Pool, ProtocolViolation, SizeLimit,
     TimeLimit,
 };
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{Bystanders, children, config, pool_config, process_exists, serial, wait_for};
 
 /// Bystanders on `pool`, or on a pool of well-behaved helpers of their own

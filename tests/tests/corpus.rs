@@ -19,9 +19,9 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 use sandpool::{CallError, Launcher, ProtocolViolation};
-use sandpool_helper::reference::{OP_ECHO, request};
 use sandpool_protocol::corpus::{self, Expect};
 use sandpool_protocol::{DecodeError, Direction, HEADER_LEN, Kind, SPEC_ENV, SandboxSpec};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{config, deadline, helper_bin, process_exists};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 

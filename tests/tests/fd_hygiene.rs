@@ -21,7 +21,7 @@ use std::time::Duration;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use sandpool::{CallError, LaunchMode, Launcher, SeccompMode};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{children, config, deadline, fds_of, open_fds};
 
 const LEAKED: usize = 10_000;

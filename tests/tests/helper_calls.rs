@@ -7,9 +7,9 @@ use std::time::Duration;
 use sandpool::{
     CallError, ExitStatus, HelloRefusal, LaunchError, Launcher, ProtocolViolation, SeccompMode,
 };
-use sandpool_helper::redo;
-use sandpool_helper::reference::*;
 use sandpool_protocol::FdCloseMethod;
+use sandpool_reference_helper::redo;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{config, deadline, helper_bin, process_exists};
 
 /// The helper is alive and answers an echo.

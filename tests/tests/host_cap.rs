@@ -20,7 +20,7 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use sandpool::{HostConfig, Pool};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{fds_of, host_helpers, pool_config, serial, wait_for};
 
 const WORKER: &str = env!("CARGO_BIN_EXE_sandpool-host-worker");

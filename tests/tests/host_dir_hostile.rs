@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
 use sandpool::{CallError, HostConfig, Pool};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{pool_config, serial, wait_for};
 
 fn fresh(name: &str) -> PathBuf {

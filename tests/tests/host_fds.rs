@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 use sandpool::{CallError, FailureStats, Pool, PoolError};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{children, open_fds, pool_config, serial, wait_for};
 
 fn set_soft(soft: u64) {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViolation};
-use sandpool_helper::reference::*;
 use sandpool_protocol::DecodeError;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{
     Bystanders, children, open_fds, pool_config, process_exists, rss_kib, serial, wait_for,
 };

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use sandpool::{ExitStatus, FdAccess, HelloRefusal, KeptFd, KeptFdRule, LaunchError, Launcher};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{config, deadline, fds_of};
 
 /// After the init, the filter is in force: an open is a kill.

@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rand::{Rng, SeedableRng};
 use sandpool::{LaunchError, Launcher};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{children, config, deadline, open_fds, wait_for};
 
 /// The tests count this process's children: one at a time.
@@ -165,7 +165,10 @@ fn a_seccomp_kill_through_the_launcher_is_reaped_as_sigsys_by_the_host() {
     assert_eq!(ppid(helper.pid()), std::process::id());
     let err = helper
         .call(
-            &request(sandpool_helper::reference::OP_OPEN, b"/etc/passwd"),
+            &request(
+                sandpool_reference_helper::reference::OP_OPEN,
+                b"/etc/passwd",
+            ),
             deadline(5.0),
         )
         .unwrap_err();

@@ -11,7 +11,7 @@ use sandpool::{
     AdaptiveParams, Config, IdlePolicyKind, LaunchMode, Pool, SeccompMode, TenantPolicy,
     TenantPolicyRule,
 };
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{pool_config, process_exists, wait_for};
 
 const SECOND: Duration = Duration::from_secs(1);

@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use sandpool::{LaunchMode, Launcher};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{config, deadline};
 use seccompiler::{
     SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,

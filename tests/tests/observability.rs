@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use sandpool::{CallError, Pool};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{pool_config, wait_for};
 
 /// Accumulates snapshots (the debugging recorder resets counters and drains

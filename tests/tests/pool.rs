@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, Config, Pool};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{pool_config, process_exists, wait_for};
 
 const SECOND: Duration = Duration::from_secs(1);

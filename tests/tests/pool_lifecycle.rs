@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sandpool::{CallError, Pool};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{children, open_fds, pool_config, wait_for};
 
 fn busy_life(pool: &Arc<Pool>) {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sandpool::{CallError, HelloRefusal, LaunchError, Launcher, Pool};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{config, deadline, helper_bin, pool_config, wait_for};
 
 /// A tenant of its own pool calling echo in a loop while a test runs.

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use sandpool::{Config, LaunchMode, Pool};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{helper_bin, pool_config};
 
 /// The helper's initial environment, from `/proc/PID/environ`.

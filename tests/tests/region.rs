@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use sandpool::{CallError, Launcher, ProtocolViolation};
-use sandpool_helper::reference::*;
+use sandpool_reference_helper::reference::*;
 use sandpool_tests::{config, deadline, fds_of};
 
 fn region_config(args: &[&str]) -> sandpool::HelperConfig {

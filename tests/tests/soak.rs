@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sandpool::{CallError, ExitStatus, Pool};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use sandpool_tests::{children, open_fds, pool_config, rss_kib};
 
 const TENANTS: usize = 1000;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use plotters::prelude::*;
 use sandpool::{Config, HelperConfig, LaunchMode, Launcher, Pool};
 use sandpool_benches::{Summary, summarize};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 use serde_json::{Value, json};
 
 const HELPER: &str = env!("SANDPOOL_HELPER_STATIC_BIN");
@@ -1087,7 +1087,7 @@ fn async_callers(run: &mut Run) -> Value {
     config.args = vec!["--test-ops".into()];
     let pool = Pool::new(config).expect("pool");
     let echo = request(OP_ECHO, b"next");
-    let sleep = sandpool_helper::reference::sleep_request(sleep_ms, b"abandoned");
+    let sleep = sandpool_reference_helper::reference::sleep_request(sleep_ms, b"abandoned");
     pool.call("c", &echo).expect("warm-up");
     let helper = pool.helper_info("c").expect("a helper").pid;
     let timer = tokio::runtime::Builder::new_current_thread()

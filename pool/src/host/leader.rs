@@ -21,7 +21,6 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use metrics::{Counter, Gauge};
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use parking_lot::Mutex;
@@ -29,6 +28,7 @@ use tracing::{debug, info, warn};
 
 use super::HostJoinError;
 use super::files::{self, HostFile, Sweep};
+use crate::telemetry::{self, Counter, Gauge};
 
 /// How often the leader beats and counts.
 const BEAT: Duration = Duration::from_secs(1);
@@ -102,10 +102,10 @@ impl Leader {
         let leading = Arc::new(AtomicBool::new(false));
         let (stop, stopped) = crossbeam_channel::bounded(0);
         let gauges = Gauges {
-            helpers: metrics::gauge!("sandpool_host_helpers"),
-            processes: metrics::gauge!("sandpool_host_processes"),
-            free_slots: metrics::gauge!("sandpool_host_free_slots"),
-            swept: metrics::counter!("sandpool_host_stale_files_removed_total"),
+            helpers: telemetry::gauge("sandpool_host_helpers", &[]),
+            processes: telemetry::gauge("sandpool_host_processes", &[]),
+            free_slots: telemetry::gauge("sandpool_host_free_slots", &[]),
+            swept: telemetry::counter("sandpool_host_stale_files_removed_total", &[]),
         };
         let run = Run {
             dir: dir.to_path_buf(),

@@ -37,7 +37,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
-use metrics::Gauge;
 use nix::fcntl::Flock;
 use parking_lot::Mutex;
 use thiserror::Error;
@@ -45,6 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::HostConfig;
 use crate::error::LaunchError;
+use crate::telemetry::{self, Gauge};
 use leader::Leader;
 
 /// A heartbeat older than this is stale: the leader is hung (it keeps the
@@ -200,8 +200,8 @@ impl Host {
                 next: Instant::now(),
                 warned: false,
             }),
-            leader_gauge: metrics::gauge!("sandpool_host_leader"),
-            heartbeat_age: metrics::gauge!("sandpool_host_leader_heartbeat_age_seconds"),
+            leader_gauge: telemetry::gauge("sandpool_host_leader", &[]),
+            heartbeat_age: telemetry::gauge("sandpool_host_leader_heartbeat_age_seconds", &[]),
         })
     }
 

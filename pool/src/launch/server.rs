@@ -119,7 +119,7 @@ pub(crate) struct LaunchServer {
     restarts: AtomicU64,
     /// `sandpool_launcher_restarts_total`, registered at start so it reads
     /// 0 until a restart.
-    restarts_metric: metrics::Counter,
+    restarts_metric: crate::telemetry::Counter,
 }
 
 /// Why a launch lost its launcher.
@@ -166,7 +166,7 @@ impl LaunchServer {
             state: Mutex::new(State::default()),
             room: Condvar::new(),
             restarts: AtomicU64::new(0),
-            restarts_metric: metrics::counter!("sandpool_launcher_restarts_total"),
+            restarts_metric: crate::telemetry::counter("sandpool_launcher_restarts_total", &[]),
         };
         {
             let mut state = server.state.lock();

@@ -14,10 +14,11 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
 
-use metrics::Counter;
 use nix::errno::Errno;
 use parking_lot::Mutex;
 use tracing::info;
+
+use crate::telemetry::Counter;
 
 /// Longest line forwarded; the rest of a longer line is dropped.
 pub(crate) const MAX_LINE: usize = 1024;

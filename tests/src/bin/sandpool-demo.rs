@@ -43,8 +43,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Zipf};
 use sandpool::{CallError, Config, Pool, Stats};
-use sandpool_helper::redo;
-use sandpool_helper::reference::{OP_OPEN, OP_REDO, request};
+use sandpool_reference_helper::redo;
+use sandpool_reference_helper::reference::{OP_OPEN, OP_REDO, request};
 
 #[derive(Parser, Debug)]
 #[command(about = "A multi-tenant page server in miniature, on sandpool")]

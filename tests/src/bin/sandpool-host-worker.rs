@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sandpool::{CallError, Config, HostConfig, Pool};
-use sandpool_helper::reference::{OP_ECHO, request};
+use sandpool_reference_helper::reference::{OP_ECHO, request};
 
 #[derive(Parser, Debug)]
 struct Args {

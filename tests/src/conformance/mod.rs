@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use sandpool::{CallError, HelperConfig, KeptFdRule, LaunchMode, Launcher};
 use sandpool_helper::EXIT_PROTOCOL_ERROR;
-use sandpool_helper::reference::{OP_ECHO, OP_OPEN, request};
 use sandpool_protocol::{FdCloseMethod, Hello, Kind, MAGIC, SeccompMode, VERSION};
+use sandpool_reference_helper::reference::{OP_ECHO, OP_OPEN, request};
 
 use child::{ReadError, Spawned, describe, frame, raw_frame};
 

@@ -1,6 +1,6 @@
 //! `sandpool-helper`: the reference helper binary.
 //!
-//! Serves `echo` and page `redo` requests (see `sandpool_helper::reference`).
+//! Serves `echo` and page `redo` requests (see `sandpool_reference_helper::reference`).
 //! Flags, for tests and the demo:
 //!
 //! - `--test-ops`: accept the hostile test ops (forbidden syscalls, panics, sleeps);
@@ -31,14 +31,15 @@
 use std::io::Write;
 use std::time::Duration;
 
-use sandpool_helper::reference::*;
 use sandpool_helper::{
     EXIT_PROTOCOL_ERROR, EXIT_STARTUP_FAILED, FdCloseStrategy, HandlerError, Incoming, Options,
-    Request, Session, redo,
+    Request, Session,
 };
 use sandpool_protocol::{
     HEADER_LEN, Kind, MAX_FRAME_CEILING, SPEC_ENV, SandboxSpec, SeccompMode, corpus, encode_frame,
 };
+use sandpool_reference_helper::redo;
+use sandpool_reference_helper::reference::*;
 
 /// The init hooks `--init` knows.
 const INITS: &[&str] = &["urandom", "keep-fd", "keep-urandom", "keep-null-rw"];
