@@ -99,6 +99,11 @@ impl Launcher {
         self.reactor.link()
     }
 
+    /// Sets what the reactor runs when a `notify_later` comes due.
+    pub(crate) fn set_later_action(&self, action: Box<dyn Fn() + Send + Sync>) {
+        self.reactor.set_later_action(action);
+    }
+
     /// Spawns a helper and waits (up to `spawn_timeout`) for a Hello that
     /// proves the startup contract. On any failure the child is killed and
     /// reaped before the error is returned.

@@ -17,7 +17,11 @@ use crate::lifecycle::IdlePolicy;
 use crate::policy::{self, Defaults, IdlePolicyKind, IdleRule};
 
 pub(super) enum KeeperMsg {
+    /// Refill the spares after [`REFILL_DELAY`].
     Refill,
+    /// Refill the spares now: the reactor's delayed notice of a spare
+    /// taken, [`REFILL_DELAY`] after the call that took it was done.
+    RefillDue,
     /// `Pool::reconfigure` replaced the live configuration: recompute the
     /// tick and scan now.
     Reconfigured,
@@ -26,7 +30,7 @@ pub(super) enum KeeperMsg {
 }
 
 /// How long after a spare is taken the keeper launches its replacement.
-const REFILL_DELAY: Duration = Duration::from_millis(10);
+pub(super) const REFILL_DELAY: Duration = Duration::from_millis(10);
 
 /// The keeper's scan interval for a shortest idle timeout: a quarter of
 /// it, within 5 ms to 1 s.
@@ -95,6 +99,7 @@ impl Shared {
                         // millisecond of it); a moment later it does not.
                         refill_after = refill_after.max(Instant::now() + REFILL_DELAY);
                     }
+                    KeeperMsg::RefillDue => {}
                     KeeperMsg::Reconfigured => {
                         live = self.live();
                         tick = tick_of(&live);

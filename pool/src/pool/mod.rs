@@ -256,6 +256,10 @@ impl Pool {
         let host = config.host.as_ref().map(Host::join).transpose()?;
         let launcher = Launcher::with_stderr(config.helper_config(), Some(hub))?;
         let (keeper_tx, keeper_rx) = crossbeam_channel::unbounded();
+        let later_tx = keeper_tx.clone();
+        launcher.set_later_action(Box::new(move || {
+            let _ = later_tx.send(KeeperMsg::RefillDue);
+        }));
         let (launch_tx, launch_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared::new(
             config, launcher, keeper_tx, launch_tx, telemetry, limits, host,

@@ -34,6 +34,8 @@ use nix::errno::Errno;
 use nix::poll::PollTimeout;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::time::TimeSpec;
+use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
@@ -41,6 +43,7 @@ use crate::conn::{Conn, Events, Interest};
 use crate::reactor::stderr::StderrHub;
 
 const WAKE_TOKEN: u64 = u64::MAX;
+const LATER_TOKEN: u64 = u64::MAX - 1;
 /// The low bits of a token name which of a helper's fds it is.
 const STDOUT: u64 = 0;
 const STDIN: u64 = 1;
@@ -69,9 +72,25 @@ struct Timers {
     planned: Option<Instant>,
 }
 
+/// What runs on the reactor thread when a [`ReactorLink::notify_later`]
+/// comes due.
+type LaterAction = Box<dyn Fn() + Send + Sync>;
+
+/// A notice delivered later without waking anyone now: a timerfd in the
+/// reactor's epoll set, armed by the notifying thread (one
+/// `timerfd_settime`, no wake-up), and the action the reactor runs when it
+/// fires.
+struct Later {
+    timer: TimerFd,
+    /// Set while the timer is armed: notices until it fires share it.
+    armed: AtomicBool,
+    action: Mutex<Option<LaterAction>>,
+}
+
 struct Inner {
     epoll: Epoll,
     wake: EventFd,
+    later: Later,
     kicked: AtomicBool,
     kicks: Mutex<Vec<Kick>>,
     timers: Mutex<Timers>,
@@ -81,6 +100,12 @@ struct Inner {
 }
 
 impl Inner {
+    fn run_later_action(&self) {
+        if let Some(action) = &*self.later.action.lock() {
+            action();
+        }
+    }
+
     fn kick(&self, kick: Kick) {
         self.kicks.lock().push(kick);
         self.wake_up();
@@ -143,6 +168,28 @@ impl ReactorLink {
         self.0.kick(Kick::Poke(token));
     }
 
+    /// Runs the reactor's later action (see [`Reactor::set_later_action`])
+    /// `delay` from now, or with the notice already pending. Wakes nobody
+    /// now: the calling thread arms a timer and goes on, and the kernel
+    /// wakes the reactor when it is due. For work that must not take the
+    /// CPU from the caller that asks for it.
+    pub(crate) fn notify_later(&self, delay: std::time::Duration) {
+        let later = &self.0.later;
+        if later.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let at = Expiration::OneShot(TimeSpec::from_duration(
+            delay.max(std::time::Duration::from_nanos(1)),
+        ));
+        if let Err(err) = later.timer.set(at, TimerSetTimeFlags::empty()) {
+            // Cannot happen for a valid timerfd and delay; run it now
+            // rather than never.
+            warn!(%err, "arming the reactor's timer failed");
+            later.armed.store(false, Ordering::Release);
+            self.0.run_later_action();
+        }
+    }
+
     /// Wakes `waker` at `at`; returns the timer's key.
     pub(crate) fn add_timer(&self, at: Instant, waker: Waker) -> (Instant, u64) {
         let mut timers = self.0.timers.lock();
@@ -186,9 +233,22 @@ impl Reactor {
             wake.as_fd(),
             EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN),
         )?;
+        let timer = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )?;
+        epoll.add(
+            timer.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, LATER_TOKEN),
+        )?;
         let inner = Arc::new(Inner {
             epoll,
             wake,
+            later: Later {
+                timer,
+                armed: AtomicBool::new(false),
+                action: Mutex::new(None),
+            },
             kicked: AtomicBool::new(false),
             kicks: Mutex::new(Vec::with_capacity(64)),
             timers: Mutex::new(Timers::default()),
@@ -209,6 +269,13 @@ impl Reactor {
             }),
             inner,
         })
+    }
+
+    /// Sets what runs on the reactor thread when a
+    /// [`ReactorLink::notify_later`] comes due (the pool's: tell the keeper
+    /// to refill its spares). It must not block.
+    pub(crate) fn set_later_action(&self, action: LaterAction) {
+        *self.inner.later.action.lock() = Some(action);
     }
 
     /// The stderr hub helpers forward through, if any.
@@ -339,6 +406,15 @@ impl Loop {
                 let data = event.data();
                 if data == WAKE_TOKEN {
                     let _ = self.inner.wake.read();
+                    continue;
+                }
+                if data == LATER_TOKEN {
+                    // Disarmed first: a notice from here on arms it again.
+                    // (A read of a non-blocking timerfd that has not
+                    // expired fails with EAGAIN; one that has, returns.)
+                    self.inner.later.armed.store(false, Ordering::Release);
+                    let _ = self.inner.later.timer.wait();
+                    self.inner.run_later_action();
                     continue;
                 }
                 let token = data & !((1 << KIND_BITS) - 1);
@@ -514,5 +590,51 @@ impl Loop {
                 }
             });
         }
+    }
+}
+
+#[cfg(all(test, not(sandpool_loom)))]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, mpsc};
+    use std::time::{Duration, Instant};
+
+    use super::Reactor;
+
+    #[test]
+    fn a_later_notice_runs_the_action_once_after_its_delay_and_can_be_given_again() {
+        let reactor = Reactor::start(None).expect("reactor");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let counted = runs.clone();
+        reactor.set_later_action(Box::new(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = tx.send(Instant::now());
+        }));
+        let link = reactor.link();
+        let delay = Duration::from_millis(30);
+        let asked = Instant::now();
+        // Notices while one is pending share it.
+        link.notify_later(delay);
+        link.notify_later(delay);
+        link.notify_later(Duration::from_millis(1));
+        let ran = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the action ran");
+        assert!(
+            ran - asked >= delay,
+            "ran {:?} after the notice",
+            ran - asked
+        );
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "three notices while armed run the action once"
+        );
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        // Fired, it can be armed again.
+        link.notify_later(Duration::from_millis(1));
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("the action ran again");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }
