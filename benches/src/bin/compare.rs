@@ -1240,30 +1240,52 @@ fn large_payloads(run: &mut Run) -> Value {
 fn idle_gap(run: &mut Run) -> Value {
     run.section(
         "4. First call after an idle gap",
-        "The tenant's first call after its helper went idle: still warm (no quiesce), quiesced with spares ready, \
-         quiesced without spares (the cold-start cliff). Interleaved.",
+        "The tenant's first call after its helper went idle: still warm (no quiesce), quiesced with spares ready \
+         (with warmup_request, as the README recommends, and without), quiesced without spares (the cold-start \
+         cliff). Interleaved; 100 ms gaps, the warm case on one tenant, the others on a new tenant per round.",
     );
-    let reps = if run.quick { 3 } else { 100 };
-    let pool_with = |idle_ms: u64, spares: usize| {
+    let reps = if run.quick { 3 } else { 200 };
+    let req = request(OP_ECHO, b"first call");
+    let pool_with = |idle_ms: u64, spares: usize, warm_up: bool| {
         let mut config = Config::new(HELPER);
         config.spares = spares;
         config.idle_timeout = Duration::from_millis(idle_ms);
+        if warm_up {
+            config.warmup_request = Some(req.clone());
+        }
         Pool::new(config).expect("pool")
     };
     let cases = [
-        ("warm helper (idle_timeout 1 h)", pool_with(3_600_000, 0)),
-        ("quiesced, 2 spares ready", pool_with(50, 2)),
-        ("quiesced, no spares", pool_with(50, 0)),
+        (
+            "warm helper (idle_timeout 1 h)",
+            pool_with(3_600_000, 0, false),
+        ),
+        (
+            "quiesced, 2 spares ready (warmup_request)",
+            pool_with(30, 2, true),
+        ),
+        (
+            "quiesced, 2 spares ready, no warm-up",
+            pool_with(30, 2, false),
+        ),
+        ("quiesced, no spares", pool_with(30, 0, false)),
     ];
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
-    let req = request(OP_ECHO, b"first call");
     for rep in 0..reps {
-        for ((_, pool), samples) in cases.iter().zip(samples.iter_mut()) {
-            let tenant = format!("t{rep}");
+        for (case, ((_, pool), samples)) in cases.iter().zip(samples.iter_mut()).enumerate() {
+            // The warm case keeps one helper (a helper per round would pile
+            // up: an hour's idle_timeout); the others take a spare or
+            // launch for a tenant whose helper was quiesced.
+            let tenant = if case == 0 {
+                "warm".to_owned()
+            } else {
+                format!("t{rep}")
+            };
             pool.call(&tenant, &req).expect("call");
-            // The gap: long enough for a 50 ms idle_timeout to quiesce it
-            // (scanned every 12.5 ms) and for spares to be refilled.
-            std::thread::sleep(Duration::from_millis(150));
+            // The gap: long enough for a 30 ms idle_timeout to quiesce it
+            // (scanned every 7.5 ms) and for spares to be refilled (10 ms
+            // after the call that took one).
+            std::thread::sleep(Duration::from_millis(100));
             let t = Instant::now();
             pool.call(&tenant, &req).expect("call");
             samples.push(t.elapsed());
