@@ -8,7 +8,11 @@ include!("../helper/capi/build_capi.rs");
 #[allow(clippy::disallowed_methods)] // runs the C compiler, not a helper
 fn main() {
     let dynamic = build_reference_helper(false);
-    let static_ = build_reference_helper(true);
+    // The same one nested cargo as the test crate's build script (so both
+    // get the same files, built with the same features): the static
+    // reference helper and the C runtime come from it.
+    let built = build_static_helpers();
+    let static_ = built.reference;
     println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", dynamic.display());
     println!(
         "cargo:rustc-env=SANDPOOL_HELPER_STATIC_BIN={}",
@@ -29,10 +33,9 @@ fn main() {
     println!("cargo:rustc-env=SANDPOOL_FLOOR_BIN={}", out.display());
 
     // The C reference helper, on the C runtime, beside the Rust one.
-    let lib_dir = build_capi_staticlib();
     let c_bin = build_c_helper(
         std::path::Path::new("../tests/c/reference_helper.c"),
-        &lib_dir,
+        &built.capi_lib_dir,
         "sandpool-c-helper",
     );
     println!("cargo:rustc-env=SANDPOOL_C_HELPER_BIN={}", c_bin.display());

@@ -62,3 +62,73 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
     assert!(status.success(), "building {bin} failed: {status}");
     out_dir.join(bin)
 }
+
+/// The static helper binaries and the C runtime's library, from
+/// [`build_static_helpers`].
+#[allow(dead_code)]
+struct StaticHelpers {
+    /// The reference helper, `sandpool-helper`.
+    reference: std::path::PathBuf,
+    /// The SQL helper, `sandpool-sql-helper`.
+    sql: std::path::PathBuf,
+    /// The directory holding `libsandpool_helper_capi.a`.
+    capi_lib_dir: std::path::PathBuf,
+}
+
+/// Builds the static reference helper, the static SQL helper and the C
+/// runtime's static library in ONE nested cargo (the `helper` profile,
+/// `+crt-static`, `<target>/helper-static`): cargo then compiles SQLite's
+/// C and the Rust crates side by side and runs the three fat-LTO links at
+/// once, where three cargo runs one after the other left a core idle
+/// through each single-threaded link. Same profile, flags and directory as
+/// [`build_helper_bin`]'s static builds. `libsandpool_helper_capi.a` is built
+/// `+crt-static` so the Rust standard library in it unwinds with
+/// libgcc_eh, which a `-static` link has.
+#[allow(dead_code)]
+#[allow(clippy::disallowed_methods)] // runs cargo, not a helper
+fn build_static_helpers() -> StaticHelpers {
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = manifest_dir.parent().expect("member crates live one level below the workspace root").to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+        .join("helper-static");
+    // `helper` holds the runtime, the reference and SQL helpers and the C
+    // runtime.
+    for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
+        println!("cargo:rerun-if-changed={}", root.join(path).display());
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+    let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--profile", "helper", "--target", &triple, "--target-dir"])
+        .arg(&target)
+        .args([
+            "--package", "sandpool-reference-helper", "--bin", "sandpool-helper",
+            "--package", "sandpool-sql-helper", "--bin", "sandpool-sql-helper",
+            "--package", "sandpool-helper-capi", "--lib",
+        ])
+        // With an explicit --target, RUSTFLAGS reach only the target crates,
+        // not build scripts or proc macros (which cannot be static).
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        // Flags meant for the outer build (coverage, sanitizers, -D warnings
+        // from clippy) must not leak into the helpers' build.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO_BUILD_TARGET_DIR")
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .expect("running cargo to build the static helpers");
+    assert!(status.success(), "building the static helpers failed: {status}");
+    let out_dir = target.join(&triple).join("helper");
+    StaticHelpers {
+        reference: out_dir.join("sandpool-helper"),
+        sql: out_dir.join("sandpool-sql-helper"),
+        capi_lib_dir: out_dir,
+    }
+}

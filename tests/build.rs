@@ -20,15 +20,17 @@ include!("../helper/build_helper.rs");
 include!("../helper/capi/build_capi.rs");
 
 fn main() {
-    let bin = build_reference_helper(true);
-    println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", bin.display());
-    let sql_bin = build_helper_bin("sandpool-sql-helper", "sandpool-sql-helper", true);
+    // One nested cargo for the three: see `build_static_helpers`.
+    let built = build_static_helpers();
+    println!(
+        "cargo:rustc-env=SANDPOOL_HELPER_BIN={}",
+        built.reference.display()
+    );
     println!(
         "cargo:rustc-env=SANDPOOL_SQL_HELPER_BIN={}",
-        sql_bin.display()
+        built.sql.display()
     );
-    let lib_dir = build_capi_staticlib();
     let source = std::path::Path::new("c/reference_helper.c");
-    let c_bin = build_c_helper(source, &lib_dir, "sandpool-c-helper");
+    let c_bin = build_c_helper(source, &built.capi_lib_dir, "sandpool-c-helper");
     println!("cargo:rustc-env=SANDPOOL_C_HELPER_BIN={}", c_bin.display());
 }
