@@ -214,6 +214,42 @@ fn a_helper_started_without_cap_setpcap_reports_its_bounding_set_kept() {
 }
 
 #[test]
+fn a_bounding_set_drop_that_is_refused_or_faked_never_reads_as_cleared() {
+    beside_a_bystander(|| {
+        // A seccomp filter from the process that execs the helper answers
+        // its PR_CAPBSET_DROPs with EINVAL, or with a success that did
+        // nothing. Even without the host's /proc check (verify_with_proc
+        // off), the helper must fail its start-up or say the set is kept.
+        for mode in ["einval", "fake"] {
+            let mut config = config(&[]);
+            config.program = env!("SANDPOOL_CAPBSET_FILTER_BIN").into();
+            config.args = vec![mode.into(), helper_bin().display().to_string()];
+            config.sandbox.verify_with_proc = false;
+            let launched = Launcher::new(config).unwrap().launch();
+            match (mode, launched) {
+                ("einval", Err(LaunchError::HelloRefused { .. })) => {
+                    panic!("{mode}: the helper sent a Hello")
+                }
+                ("einval", Err(err)) => {
+                    assert!(
+                        err.to_string().contains("PR_CAPBSET_DROP"),
+                        "{mode}: the start-up failure names the drop: {err}"
+                    );
+                }
+                (
+                    "fake",
+                    Err(LaunchError::HelloRefused {
+                        refusal: HelloRefusal::BoundingSetKept,
+                        ..
+                    }),
+                ) => {}
+                (mode, other) => panic!("{mode}: {other:?}"),
+            }
+        }
+    });
+}
+
+#[test]
 fn a_helper_that_lies_about_its_capabilities_is_refused() {
     beside_a_bystander(|| {
         let launcher = Launcher::new(config(&["--misbehave", "keep-caps"])).unwrap();

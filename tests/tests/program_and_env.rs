@@ -252,3 +252,49 @@ fn env_is_a_toml_table_and_cannot_change_live() {
     let err = Config::from_toml("program = \"x\"\n[env]\nSANDPOOL_X = \"1\"\n").unwrap_err();
     assert_eq!(err.field, "env", "{err}");
 }
+
+/// `path` relative to this process's working directory (`..` as needed).
+fn relative_to_cwd(path: &Path) -> PathBuf {
+    let cwd = std::env::current_dir().unwrap();
+    let common = cwd
+        .components()
+        .zip(path.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut relative = PathBuf::new();
+    for _ in cwd.components().skip(common) {
+        relative.push("..");
+    }
+    for part in path.components().skip(common) {
+        relative.push(part);
+    }
+    relative
+}
+
+#[test]
+fn a_relative_program_is_made_absolute_once_for_every_launch_mode() {
+    let relative = relative_to_cwd(&helper_bin());
+    assert!(relative.is_relative(), "{}", relative.display());
+    let absolute = std::env::current_dir().unwrap().join(&relative);
+    for mode in [LaunchMode::Launcher, LaunchMode::Direct] {
+        let mut config = pool_config(&[]);
+        config.program = relative.clone();
+        config.pin_image = false;
+        config.launch_mode = mode;
+        config.spares = 0;
+        let pool = Pool::new(config).unwrap();
+        assert_eq!(pool.call("t", &request(OP_ECHO, b"hi")).unwrap(), b"hi");
+        let pid = pool.helper_info("t").unwrap().pid;
+        // What it runs, what it is told, and its argv[0] agree: the
+        // absolute path, not one relative to wherever the host is now.
+        assert_eq!(
+            exe_of(pid),
+            std::fs::canonicalize(helper_bin()).unwrap(),
+            "{mode:?}"
+        );
+        assert_eq!(Path::new(&environ_of(pid)["SANDPOOL_PROGRAM"]), absolute);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap();
+        assert_eq!(Path::new(std::str::from_utf8(argv0).unwrap()), absolute);
+    }
+}

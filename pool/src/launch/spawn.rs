@@ -25,7 +25,7 @@ use rustix::process::PidfdFlags;
 use sandpool_protocol::{PROGRAM_ENV, SPEC_ENV};
 
 use super::server::{ChildEnds, LaunchServer};
-use crate::config::{HelperConfig, LaunchMode};
+use crate::config::HelperConfig;
 use crate::error::LaunchError;
 use crate::region::HostRegion;
 
@@ -132,16 +132,12 @@ impl LaunchPlan {
     pub(crate) fn new(config: &HelperConfig) -> Result<LaunchPlan, LaunchError> {
         config.validate()?;
         let resolved = config.resolve_program()?;
-        let program = cstring("program", resolved.as_os_str().as_bytes())?;
-        let mut argv = vec![program.clone()];
-        for arg in &config.args {
-            argv.push(cstring("args", arg.as_bytes())?);
-        }
-        // The launcher resolves a relative path against its own working
-        // directory, the host's when the launcher started, and the helper
-        // is told its path (PROGRAM_ENV): resolve it now, so a restarted
-        // launcher runs the same file and the helper gets a path that holds
-        // wherever it runs.
+        // A relative path is made absolute once, here, against the host's
+        // working directory at Pool::new: every launch (direct, or by a
+        // launcher whose own working directory is the host's when it
+        // started, or a restarted one) runs the same file however the host
+        // changes directory later, and the helper is told that path
+        // (PROGRAM_ENV, and argv[0]).
         let absolute = if resolved.is_relative() {
             std::env::current_dir()
                 .map_err(|source| LaunchError::Spawn {
@@ -152,6 +148,11 @@ impl LaunchPlan {
         } else {
             resolved.clone()
         };
+        let program = cstring("program", absolute.as_os_str().as_bytes())?;
+        let mut argv = vec![program.clone()];
+        for arg in &config.args {
+            argv.push(cstring("args", arg.as_bytes())?);
+        }
         let spec = config.sandbox_spec()?;
         let mut envp = vec![
             cstring(
@@ -169,10 +170,8 @@ impl LaunchPlan {
             envp.push(cstring("env", &env_pair(name, OsStr::new(value)))?);
         }
         let (image, program) = if config.pin_image {
-            let (image, path) = pin_image(&resolved)?;
+            let (image, path) = pin_image(&absolute)?;
             (Some(image), path)
-        } else if config.launch_mode == LaunchMode::Launcher {
-            (None, cstring("program", absolute.as_os_str().as_bytes())?)
         } else {
             (None, program)
         };

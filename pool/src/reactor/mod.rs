@@ -409,11 +409,17 @@ impl Loop {
                     continue;
                 }
                 if data == LATER_TOKEN {
-                    // Disarmed first: a notice from here on arms it again.
-                    // (A read of a non-blocking timerfd that has not
-                    // expired fails with EAGAIN; one that has, returns.)
-                    self.inner.later.armed.store(false, Ordering::Release);
+                    // The expiry is read first, then the timer counts as
+                    // disarmed, then the action runs: a notice given before
+                    // the flag clears is covered by this action, one given
+                    // after it arms the timer anew. (Cleared before the
+                    // read, a notice in between would arm the timer, this
+                    // read could consume that expiry, and the flag would
+                    // stay set with no timer pending: every later notice
+                    // lost.) A non-blocking read of a timer that has not
+                    // expired fails with EAGAIN, harmlessly.
                     let _ = self.inner.later.timer.wait();
+                    self.inner.later.armed.store(false, Ordering::Release);
                     self.inner.run_later_action();
                     continue;
                 }

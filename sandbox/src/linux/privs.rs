@@ -75,28 +75,44 @@ pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
                 source,
             }
         })?;
+    // The kernel's highest capability number: an EINVAL at or below it is
+    // a failure (something in the way, such as a filter of the process
+    // that started this one), not the end of the list.
+    let last = last_capability();
+    let refused = |op: &str, cap: libc::c_ulong, errno: Errno| CapabilityError {
+        set: "bounding",
+        source: CapsError::from(format!("{op} of capability {cap} failed: {errno}")),
+    };
     let bounding_cleared = if can_drop {
-        // One PR_CAPBSET_DROP per capability number, up to the first the
-        // kernel does not know (EINVAL): every number the running kernel
-        // has, including any newer than the `caps` crate's list. A drop
-        // that succeeds has removed the capability (dropping one already
-        // gone succeeds too), so the set is empty when the loop ends; the
-        // host reads `CapBnd` from `/proc` anyway. (`caps::clear` reads
-        // each capability before dropping it and `caps::read` reads them
-        // all again: about 120 syscalls, 70-80 us of every launch here,
-        // against about 41.)
+        // One PR_CAPBSET_DROP per capability number, up to the kernel's
+        // last (from /proc/sys/kernel/cap_last_cap; where that cannot be
+        // read, up to the first number the kernel refuses), including any
+        // newer than the `caps` crate's list. (`caps::clear` reads each
+        // capability before dropping it and `caps::read` reads them all
+        // again: about 120 syscalls, 70-80 us of every launch here, against
+        // about 41.)
+        let mut top = 0;
         for cap in 0..=MAX_CAPABILITY {
             match bounding_prctl(libc::PR_CAPBSET_DROP, cap) {
-                Ok(_) => {}
-                Err(Errno::EINVAL) => break,
-                Err(errno) => {
-                    return Err(CapabilityError {
-                        set: "bounding",
-                        source: CapsError::from(format!(
-                            "PR_CAPBSET_DROP of capability {cap} failed: {errno}"
-                        )),
+                Ok(_) => top = cap,
+                Err(Errno::EINVAL) if last.is_none_or(|last| cap > last) && cap > 0 => break,
+                Err(errno) => return Err(refused("PR_CAPBSET_DROP", cap, errno)),
+            }
+            if last == Some(cap) {
+                break;
+            }
+        }
+        // A drop that succeeded removed its capability; two reads confirm
+        // the ends of the range (the host reads CapBnd in /proc anyway).
+        for cap in [0, top] {
+            match bounding_prctl(libc::PR_CAPBSET_READ, cap) {
+                Ok(0) => {}
+                Ok(_) => {
+                    return Ok(BoundingReport {
+                        bounding_cleared: false,
                     });
                 }
+                Err(errno) => return Err(refused("PR_CAPBSET_READ", cap, errno)),
             }
         }
         true
@@ -112,20 +128,30 @@ pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
                     empty = false;
                     break;
                 }
-                Err(Errno::EINVAL) => break,
-                Err(errno) => {
-                    return Err(CapabilityError {
-                        set: "bounding",
-                        source: CapsError::from(format!(
-                            "PR_CAPBSET_READ of capability {cap} failed: {errno}"
-                        )),
-                    });
-                }
+                Err(Errno::EINVAL) if last.is_none_or(|last| cap > last) && cap > 0 => break,
+                Err(errno) => return Err(refused("PR_CAPBSET_READ", cap, errno)),
+            }
+            if last == Some(cap) {
+                break;
             }
         }
         empty
     };
     Ok(BoundingReport { bounding_cleared })
+}
+
+/// The kernel's highest capability number, from
+/// `/proc/sys/kernel/cap_last_cap`; `None` if it cannot be read.
+fn last_capability() -> Option<libc::c_ulong> {
+    use std::io::Read;
+    let mut file = std::fs::File::open("/proc/sys/kernel/cap_last_cap").ok()?;
+    let mut buf = [0u8; 16];
+    let n = file.read(&mut buf).ok()?;
+    let text = std::str::from_utf8(&buf[..n]).ok()?;
+    text.trim()
+        .parse()
+        .ok()
+        .filter(|last| *last <= MAX_CAPABILITY)
 }
 
 /// Capability numbers are below 64 (the kernel's sets are 64-bit masks):
