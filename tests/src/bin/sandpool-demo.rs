@@ -611,6 +611,48 @@ fn supervise(args: &Args, workers: usize) -> Result<bool, Box<dyn std::error::Er
     Ok(ok)
 }
 
+/// Installs the Prometheus recorder and serves its text on `addr` from a
+/// thread of its own: one plain HTTP/1.1 response per connection, whatever
+/// was asked. (Not the exporter's own listener: that brings hyper, h2 and a
+/// tokio runtime into the demo's build, about a quarter of its crates, for
+/// one GET.)
+fn serve_metrics(addr: std::net::SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(addr)
+        .map_err(|err| format!("serving metrics on {addr}: {err}"))?;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| format!("installing the metrics recorder: {err}"))?;
+    std::thread::Builder::new()
+        .name("metrics-http".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                // The request itself does not matter; read its head so the
+                // client is not reset before it has sent it.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                    match stream.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                // Histograms drain into their summaries at upkeep.
+                handle.run_upkeep();
+                let body = handle.render();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        })
+        .map_err(|err| format!("starting the metrics thread: {err}"))?;
+    Ok(())
+}
+
 fn run() -> Result<bool, Box<dyn std::error::Error>> {
     let args = Args::parse();
     if let Some(workers) = args.workers.filter(|_| args.host_dir.is_none()) {
@@ -623,10 +665,7 @@ fn run() -> Result<bool, Box<dyn std::error::Error>> {
         return Err("--tenants and --threads must be at least 1".into());
     }
     if let Some(addr) = args.metrics_addr {
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
-            .map_err(|err| format!("serving metrics on {addr}: {err}"))?;
+        serve_metrics(addr)?;
         println!("metrics: http://{addr}/metrics");
     }
     let config = demo_config(&args)?;
