@@ -5,9 +5,8 @@
 include!("../helper/build_helper.rs");
 include!("../helper/capi/build_capi.rs");
 
-#[allow(clippy::disallowed_methods)] // runs the C compiler, not a helper
 fn main() {
-    let dynamic = build_reference_helper(false);
+    let dynamic = build_reference_helper_dynamic();
     // The same one nested cargo as the test crate's build script (so both
     // get the same files, built with the same features): the static
     // reference helper and the C runtime come from it.
@@ -19,16 +18,11 @@ fn main() {
         static_.display()
     );
 
-    let source = "floor/first_byte.c";
-    println!("cargo:rerun-if-changed={source}");
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("first-byte");
-    let mut command = cc::Build::new().opt_level(2).get_compiler().to_command();
-    command.args(["-static", "-o"]).arg(&out).arg(source);
-    let status = command.status().expect("running the C compiler");
-    assert!(
-        status.success(),
-        "building {source} ({command:?}) failed: {status}"
+    let out = compile_c(
+        std::path::Path::new("floor/first_byte.c"),
+        "first-byte",
+        &[std::ffi::OsStr::new("-static")],
+        &[],
     );
     println!("cargo:rustc-env=SANDPOOL_FLOOR_BIN={}", out.display());
 

@@ -1,23 +1,16 @@
 // Shared by the build scripts of the test and bench crates (`include!`d):
-// builds the reference helper binary with a nested `cargo build`.
+// builds the helper binaries with a nested `cargo build`.
 
-/// Builds the reference helper binary `sandpool-helper` (package
-/// `sandpool-reference-helper`, `helper/reference`) with the workspace's
-/// `helper` profile (release with fat LTO and one codegen unit) into
-/// `<target>/helper` (or, with `static_crt`, linked statically against glibc
-/// into `<target>/helper-static`) and returns the binary's path. Re-runs
-/// when the helper's sources change.
-#[allow(dead_code)]
-fn build_reference_helper(static_crt: bool) -> std::path::PathBuf {
-    build_helper_bin("sandpool-reference-helper", "sandpool-helper", static_crt)
-}
-
-/// Builds the binary `bin` of the workspace package `package` the way
-/// [`build_reference_helper`] builds the reference helper (same target dir)
-/// and returns its path.
+/// Runs one nested `cargo build` of `targets` (package and target
+/// selections) with the workspace's `helper` profile (release with fat LTO
+/// and one codegen unit), in a target directory of its own so it never waits
+/// on the outer build's lock: `<target>/helper`, or with `static_crt`
+/// (`+crt-static`: linked statically against glibc's own static libraries)
+/// `<target>/helper-static`. Returns the directory the outputs land in.
+/// Re-runs when the helpers' sources change.
 #[allow(dead_code)]
 #[allow(clippy::disallowed_methods)] // runs cargo, not a helper
-fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::PathBuf {
+fn helper_cargo(static_crt: bool, targets: &[&str]) -> std::path::PathBuf {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -27,8 +20,8 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
         .join(if static_crt { "helper-static" } else { "helper" });
-    // `helper` holds the runtime and every helper package built here
-    // (`helper/reference`, `helper/sql`).
+    // `helper` holds the runtime and every package built here (the
+    // reference and SQL helpers, the C runtime).
     for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
@@ -37,8 +30,9 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
     let mut command = Command::new(cargo);
     command
         .current_dir(&root)
-        .args(["build", "--profile", "helper", "--package", package, "--bin", bin, "--target-dir"])
-        .arg(&target);
+        .args(["build", "--profile", "helper", "--target-dir"])
+        .arg(&target)
+        .args(targets);
     let mut out_dir = target.join("helper");
     if static_crt {
         // With an explicit --target, RUSTFLAGS reach only the target crates,
@@ -52,15 +46,27 @@ fn build_helper_bin(package: &str, bin: &str, static_crt: bool) -> std::path::Pa
     }
     let status = command
         // Flags meant for the outer build (coverage, sanitizers, -D warnings
-        // from clippy) must not leak into the helper's build.
+        // from clippy) must not leak into the helpers' build.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_BUILD_TARGET_DIR")
         .env_remove("CARGO_TARGET_DIR")
         .status()
-        .expect("running cargo to build a helper");
-    assert!(status.success(), "building {bin} failed: {status}");
-    out_dir.join(bin)
+        .expect("running cargo to build the helpers");
+    assert!(status.success(), "building {targets:?} failed: {status}");
+    out_dir
+}
+
+/// The reference helper binary `sandpool-helper` (package
+/// `sandpool-reference-helper`, `helper/reference`), dynamically linked,
+/// for the benchmarks that compare it with the static one; returns its path.
+#[allow(dead_code)]
+fn build_reference_helper_dynamic() -> std::path::PathBuf {
+    helper_cargo(
+        false,
+        &["--package", "sandpool-reference-helper", "--bin", "sandpool-helper"],
+    )
+    .join("sandpool-helper")
 }
 
 /// The static helper binaries and the C runtime's library, from
@@ -76,56 +82,23 @@ struct StaticHelpers {
 }
 
 /// Builds the static reference helper, the static SQL helper and the C
-/// runtime's static library in ONE nested cargo (the `helper` profile,
-/// `+crt-static`, `<target>/helper-static`): cargo then compiles SQLite's
-/// C and the Rust crates side by side and runs the three fat-LTO links at
-/// once, where three cargo runs one after the other left a core idle
-/// through each single-threaded link. Same profile, flags and directory as
-/// [`build_helper_bin`]'s static builds. `libsandpool_helper_capi.a` is built
-/// `+crt-static` so the Rust standard library in it unwinds with
-/// libgcc_eh, which a `-static` link has.
+/// runtime's static library in ONE nested cargo (`+crt-static`,
+/// `<target>/helper-static`): cargo then compiles SQLite's C and the Rust
+/// crates side by side and runs the three fat-LTO links at once, where three
+/// cargo runs one after the other left a core idle through each
+/// single-threaded link. `libsandpool_helper_capi.a` is built `+crt-static`
+/// so the Rust standard library in it unwinds with libgcc_eh, which a
+/// `-static` link has.
 #[allow(dead_code)]
-#[allow(clippy::disallowed_methods)] // runs cargo, not a helper
 fn build_static_helpers() -> StaticHelpers {
-    use std::path::PathBuf;
-    use std::process::Command;
-
-    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let root = manifest_dir.parent().expect("member crates live one level below the workspace root").to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("helper-static");
-    // `helper` holds the runtime, the reference and SQL helpers and the C
-    // runtime.
-    for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
-        println!("cargo:rerun-if-changed={}", root.join(path).display());
-    }
-    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
-    let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(&root)
-        .args(["build", "--profile", "helper", "--target", &triple, "--target-dir"])
-        .arg(&target)
-        .args([
+    let out_dir = helper_cargo(
+        true,
+        &[
             "--package", "sandpool-reference-helper", "--bin", "sandpool-helper",
             "--package", "sandpool-sql-helper", "--bin", "sandpool-sql-helper",
             "--package", "sandpool-helper-capi", "--lib",
-        ])
-        // With an explicit --target, RUSTFLAGS reach only the target crates,
-        // not build scripts or proc macros (which cannot be static).
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        // Flags meant for the outer build (coverage, sanitizers, -D warnings
-        // from clippy) must not leak into the helpers' build.
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTC_WORKSPACE_WRAPPER")
-        .env_remove("CARGO_BUILD_TARGET_DIR")
-        .env_remove("CARGO_TARGET_DIR")
-        .status()
-        .expect("running cargo to build the static helpers");
-    assert!(status.success(), "building the static helpers failed: {status}");
-    let out_dir = target.join(&triple).join("helper");
+        ],
+    );
     StaticHelpers {
         reference: out_dir.join("sandpool-helper"),
         sql: out_dir.join("sandpool-sql-helper"),

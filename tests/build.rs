@@ -39,18 +39,12 @@ fn main() {
 /// `c/capbset_filter.c`, a wrapper that execs the helper under a seccomp
 /// filter in the way of its bounding-set drop; its path is
 /// `SANDPOOL_CAPBSET_FILTER_BIN`.
-#[allow(clippy::disallowed_methods)] // runs the C compiler, not a helper
 fn capbset_filter() {
-    let source = "c/capbset_filter.c";
-    println!("cargo:rerun-if-changed={source}");
-    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"))
-        .join("capbset-filter");
-    let mut command = cc::Build::new().opt_level(2).get_compiler().to_command();
-    command.args(["-std=c99", "-o"]).arg(&out).arg(source);
-    let status = command.status().expect("running the C compiler");
-    assert!(
-        status.success(),
-        "building {source} ({command:?}) failed: {status}"
+    let out = compile_c(
+        std::path::Path::new("c/capbset_filter.c"),
+        "capbset-filter",
+        &[std::ffi::OsStr::new("-std=c99")],
+        &[],
     );
     println!(
         "cargo:rustc-env=SANDPOOL_CAPBSET_FILTER_BIN={}",
