@@ -79,10 +79,6 @@ pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
     // a failure (something in the way, such as a filter of the process
     // that started this one), not the end of the list.
     let last = last_capability();
-    let refused = |op: &str, cap: libc::c_ulong, errno: Errno| CapabilityError {
-        set: "bounding",
-        source: CapsError::from(format!("{op} of capability {cap} failed: {errno}")),
-    };
     let bounding_cleared = if can_drop {
         // One PR_CAPBSET_DROP per capability number, up to the kernel's
         // last (from /proc/sys/kernel/cap_last_cap; where that cannot be
@@ -92,27 +88,20 @@ pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
         // again: about 120 syscalls, 70-80 us of every launch here, against
         // about 41.)
         let mut top = 0;
-        for cap in 0..=MAX_CAPABILITY {
-            match bounding_prctl(libc::PR_CAPBSET_DROP, cap) {
-                Ok(_) => top = cap,
-                Err(Errno::EINVAL) if last.is_none_or(|last| cap > last) && cap > 0 => break,
-                Err(errno) => return Err(refused("PR_CAPBSET_DROP", cap, errno)),
-            }
-            if last == Some(cap) {
-                break;
-            }
-        }
+        each_capability(libc::PR_CAPBSET_DROP, last, |cap, _| {
+            top = cap;
+            true
+        })?;
         // A drop that succeeded removed its capability; two reads confirm
         // the ends of the range (the host reads CapBnd in /proc anyway).
         for cap in [0, top] {
-            match bounding_prctl(libc::PR_CAPBSET_READ, cap) {
-                Ok(0) => {}
-                Ok(_) => {
-                    return Ok(BoundingReport {
-                        bounding_cleared: false,
-                    });
-                }
-                Err(errno) => return Err(refused("PR_CAPBSET_READ", cap, errno)),
+            if bounding_prctl(libc::PR_CAPBSET_READ, cap)
+                .map_err(|errno| bounding_error("PR_CAPBSET_READ", cap, errno))?
+                != 0
+            {
+                return Ok(BoundingReport {
+                    bounding_cleared: false,
+                });
             }
         }
         true
@@ -121,23 +110,51 @@ pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
         // set is already empty (it is not if any capability is in it; the
         // first one found answers).
         let mut empty = true;
-        for cap in 0..=MAX_CAPABILITY {
-            match bounding_prctl(libc::PR_CAPBSET_READ, cap) {
-                Ok(0) => {}
-                Ok(_) => {
-                    empty = false;
-                    break;
-                }
-                Err(Errno::EINVAL) if last.is_none_or(|last| cap > last) && cap > 0 => break,
-                Err(errno) => return Err(refused("PR_CAPBSET_READ", cap, errno)),
-            }
-            if last == Some(cap) {
-                break;
-            }
-        }
+        each_capability(libc::PR_CAPBSET_READ, last, |_, held| {
+            empty = held == 0;
+            empty
+        })?;
         empty
     };
     Ok(BoundingReport { bounding_cleared })
+}
+
+/// Runs `option` (`PR_CAPBSET_DROP` or `PR_CAPBSET_READ`) on each
+/// capability number from 0 up to `last`, the kernel's highest, or where
+/// that is unknown up to the first number the kernel refuses (EINVAL above
+/// 0), handing `visit` each number and the call's result; stops early when
+/// `visit` returns false. Any other failure, and an EINVAL at or below
+/// `last` (something in the way, not the end of the list), is an error.
+fn each_capability(
+    option: libc::c_int,
+    last: Option<libc::c_ulong>,
+    mut visit: impl FnMut(libc::c_ulong, libc::c_int) -> bool,
+) -> Result<(), CapabilityError> {
+    let op = if option == libc::PR_CAPBSET_DROP {
+        "PR_CAPBSET_DROP"
+    } else {
+        "PR_CAPBSET_READ"
+    };
+    for cap in 0..=last.unwrap_or(MAX_CAPABILITY) {
+        match bounding_prctl(option, cap) {
+            Ok(result) => {
+                if !visit(cap, result) {
+                    break;
+                }
+            }
+            Err(Errno::EINVAL) if last.is_none() && cap > 0 => break,
+            Err(errno) => return Err(bounding_error(op, cap, errno)),
+        }
+    }
+    Ok(())
+}
+
+/// A failed `PR_CAPBSET_*` call on `cap`.
+fn bounding_error(op: &str, cap: libc::c_ulong, errno: Errno) -> CapabilityError {
+    CapabilityError {
+        set: "bounding",
+        source: CapsError::from(format!("{op} of capability {cap} failed: {errno}")),
+    }
 }
 
 /// The kernel's highest capability number, from
