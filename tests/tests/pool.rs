@@ -498,6 +498,41 @@ fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
     assert_eq!(pool.stats().failures, sandpool::FailureStats::default());
 }
 
+/// A caller that spent most of its time waiting for a place in the table
+/// leaves at its deadline, but the helper still gets the caller's whole
+/// budget from the moment the request is sent: it is never judged hung for
+/// the caller's time in the queue. (Before, the budget was the deadline
+/// minus the send time: 100 ms here, and the healthy helper, still on its
+/// 150 ms of work, was killed as hung.)
+#[test]
+fn time_a_caller_spent_queued_is_not_charged_to_the_helper() {
+    let mut config = pool_config(&["--test-ops"]);
+    config.spares = 0;
+    config.max_in_flight = 1;
+    let pool = Arc::new(Pool::new(config).unwrap());
+    pool.prewarm("t").unwrap();
+    let pid = pool.helper_info("t").unwrap().pid;
+    let slow = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.call("t", &sleep_request(250, b"slow")))
+    };
+    assert!(wait_for(10 * SECOND, || pool
+        .helper_info("t")
+        .is_some_and(|i| i.in_flight == 1)));
+    // Queued behind the slow call for about 250 ms of its 350, then sent.
+    let err = pool
+        .call_with_deadline(
+            "t",
+            &sleep_request(150, b"queued"),
+            Instant::now() + Duration::from_millis(350),
+        )
+        .unwrap_err();
+    assert!(matches!(err, CallError::QueueTimeout { .. }), "{err:?}");
+    assert_eq!(slow.join().unwrap().unwrap(), b"slow");
+    assert_eq!(echo(&pool, "t", b"after").unwrap(), b"after");
+    assert_eq!(pool.helper_info("t").unwrap().pid, pid, "never retired");
+    assert_eq!(pool.stats().failures, sandpool::FailureStats::default());
+}
 #[test]
 fn a_call_waiting_for_room_is_woken_when_a_helper_becomes_idle() {
     let (pool, busy) = pool_of_one_busy_helper(300);

@@ -211,7 +211,7 @@ impl Conn {
         let sent = self.enqueue(
             &mut st,
             &mut out,
-            deadline,
+            (started, deadline),
             sent_at,
             true,
             true,
@@ -291,7 +291,7 @@ impl Conn {
                 match self.enqueue(
                     &mut st,
                     &mut out,
-                    deadline,
+                    (started, deadline),
                     now,
                     inline_ok,
                     false,
@@ -370,7 +370,15 @@ impl Conn {
                         }
                         let mut out = [Outgoing::new(request, through_region)];
                         let mut tickets = Tickets::new();
-                        self.enqueue(&mut st, &mut out, deadline, now, false, false, &mut tickets)?;
+                        self.enqueue(
+                            &mut st,
+                            &mut out,
+                            (started, deadline),
+                            now,
+                            false,
+                            false,
+                            &mut tickets,
+                        )?;
                         drop(st);
                         match tickets.pop() {
                             Some(ticket) => break ticket,
@@ -427,13 +435,14 @@ impl Conn {
     /// whose requests are the only ones owed and went out whole reads the
     /// replies itself: the stdout reader is returned to it. With
     /// `keep_partial`, a single frame that went out in part is left to the
-    /// caller to finish ([`finish_write`](Self::finish_write)).
+    /// caller to finish ([`finish_write`](Self::finish_write)). The call's
+    /// start and deadline are each request's budget for the hang rule.
     #[allow(clippy::too_many_arguments)]
     fn enqueue<'c>(
         &'c self,
         st: &mut State,
         out: &mut [Outgoing<'_>],
-        deadline: Instant,
+        (started, deadline): (Instant, Instant),
         now: Instant,
         inline_ok: bool,
         keep_partial: bool,
@@ -485,7 +494,8 @@ impl Conn {
             .encode();
             outgoing.id = id;
             let completion = Conn::completion(st);
-            st.table.push(id, deadline, now, slot, completion.clone());
+            st.table
+                .push(id, started, deadline, now, slot, completion.clone());
             tickets.push(Ticket {
                 conn: self,
                 id,

@@ -6,7 +6,7 @@
 //! given it), no I/O, no locks. The connection keeps it under its one lock.
 
 use std::collections::VecDeque;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One request owed a reply.
 #[derive(Debug)]
@@ -15,6 +15,10 @@ pub(crate) struct Entry<C> {
     pub(crate) id: u64,
     /// Its caller's deadline.
     pub(crate) deadline: Instant,
+    /// The time its caller allowed the call in all (deadline minus the
+    /// call's start): the helper's budget for it, whatever part of it the
+    /// caller spent waiting for room before the request was sent.
+    pub(crate) budget: Duration,
     /// When it was queued for the wire.
     pub(crate) sent: Instant,
     /// When it became the first reply owed: the helper's turn to answer it.
@@ -30,13 +34,13 @@ pub(crate) struct Entry<C> {
 impl<C> Entry<C> {
     /// The hang rule: when the helper, owing this reply first, is overdue
     /// on it. At its caller's deadline, or, if its turn came late (behind
-    /// another caller's slow request), as long after its turn as its caller
-    /// allowed it in all. A caller giving up changes nothing: the budget is
-    /// the request's own.
+    /// another caller's slow request, or after its caller waited for room),
+    /// as long after its turn as its caller allowed the call in all: time
+    /// the caller spent queued was never the helper's. A caller giving up
+    /// changes nothing: the budget is the request's own.
     pub(crate) fn overdue_at(&self) -> Instant {
-        let budget = self.deadline.saturating_duration_since(self.sent);
         let turn = self.turn.unwrap_or(self.sent);
-        turn.checked_add(budget)
+        turn.checked_add(self.budget)
             .map_or(self.deadline, |late| late.max(self.deadline))
     }
 }
@@ -60,7 +64,7 @@ pub(crate) struct CallTable<C> {
     owed_since: Option<Instant>,
     /// Time something was owed, summed over the table's life up to
     /// `owed_since`: the wall time the helper may have spent on calls.
-    owed_total: std::time::Duration,
+    owed_total: Duration,
 }
 
 impl<C> CallTable<C> {
@@ -70,18 +74,18 @@ impl<C> CallTable<C> {
             capacity,
             abandoned: 0,
             owed_since: None,
-            owed_total: std::time::Duration::ZERO,
+            owed_total: Duration::ZERO,
         }
     }
 
     /// Wall time during which at least one reply was owed, up to `now`: a
     /// single-threaded helper can have spent at most this much CPU time on
     /// calls (the keeper counts the rest as idle CPU).
-    pub(crate) fn owed_time(&self, now: Instant) -> std::time::Duration {
+    pub(crate) fn owed_time(&self, now: Instant) -> Duration {
         self.owed_total
-            + self.owed_since.map_or(std::time::Duration::ZERO, |since| {
-                now.saturating_duration_since(since)
-            })
+            + self
+                .owed_since
+                .map_or(Duration::ZERO, |since| now.saturating_duration_since(since))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -140,11 +144,13 @@ impl<C> CallTable<C> {
         self.entries.front().map(Entry::overdue_at)
     }
 
-    /// Queues a request sent at `now`; it is the helper's turn at once if
+    /// Queues a request sent at `now`, of a call that started at `started`
+    /// and must end by `deadline`; it is the helper's turn at once if
     /// nothing is owed before it. The caller checked [`room`](Self::room).
     pub(crate) fn push(
         &mut self,
         id: u64,
+        started: Instant,
         deadline: Instant,
         now: Instant,
         slot: Option<u32>,
@@ -155,6 +161,7 @@ impl<C> CallTable<C> {
         self.entries.push_back(Entry {
             id,
             deadline,
+            budget: deadline.saturating_duration_since(started.min(now)),
             sent: now,
             turn,
             slot,
@@ -247,8 +254,6 @@ impl RequestIds {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use std::time::Duration;
-
     use proptest::prelude::*;
 
     #[test]
@@ -257,15 +262,15 @@ mod tests {
         let at = |ms| t0 + Duration::from_millis(ms);
         let mut table: CallTable<()> = CallTable::new(4);
         assert_eq!(table.owed_time(at(5)), Duration::ZERO);
-        table.push(1, at(1000), at(10), None, ());
-        table.push(2, at(1000), at(15), None, ());
+        table.push(1, at(10), at(1000), at(10), None, ());
+        table.push(2, at(15), at(1000), at(15), None, ());
         assert_eq!(table.owed_time(at(20)), Duration::from_millis(10));
         table.pop_front(at(30));
         // Still owed: the second reply.
         assert_eq!(table.owed_time(at(40)), Duration::from_millis(30));
         table.pop_front(at(50));
         assert_eq!(table.owed_time(at(90)), Duration::from_millis(40));
-        table.push(3, at(1000), at(100), None, ());
+        table.push(3, at(100), at(1000), at(100), None, ());
         table.remove(3, at(105));
         assert_eq!(table.owed_time(at(200)), Duration::from_millis(45));
     }
@@ -280,7 +285,7 @@ mod tests {
     fn the_first_request_is_overdue_at_its_deadline() {
         let t0 = Instant::now();
         let mut table = CallTable::new(4);
-        table.push(1, t0 + ms(100), t0, None, ());
+        table.push(1, t0, t0 + ms(100), t0, None, ());
         assert_eq!(table.front_overdue_at(), Some(t0 + ms(100)));
         assert!(!table.is_overdue_front(1, t0 + ms(99)));
         assert!(table.is_overdue_front(1, t0 + ms(100)));
@@ -290,8 +295,8 @@ mod tests {
     fn a_request_whose_turn_came_late_gets_its_whole_budget_from_its_turn() {
         let t0 = Instant::now();
         let mut table = CallTable::new(4);
-        table.push(1, t0 + ms(10_000), t0, None, ());
-        table.push(2, t0 + ms(100), t0, None, ());
+        table.push(1, t0, t0 + ms(10_000), t0, None, ());
+        table.push(2, t0, t0 + ms(100), t0, None, ());
         // Behind the slow one, the fast request is not overdue at its deadline.
         assert!(!table.is_overdue_front(2, t0 + ms(150)));
         let first = table.pop_front(t0 + ms(300)).unwrap();
@@ -306,25 +311,38 @@ mod tests {
     fn a_late_turn_never_shortens_the_deadline() {
         let t0 = Instant::now();
         let mut table = CallTable::new(4);
-        table.push(1, t0 + ms(50), t0, None, ());
-        table.push(2, t0 + ms(1000), t0 + ms(10), None, ());
+        table.push(1, t0, t0 + ms(50), t0, None, ());
+        table.push(2, t0 + ms(10), t0 + ms(1000), t0 + ms(10), None, ());
         table.pop_front(t0 + ms(20));
         // Turn at 20 ms plus a 990 ms budget is after its deadline of 1 s.
         assert_eq!(table.front_overdue_at(), Some(t0 + ms(1010)));
         let mut table = CallTable::new(4);
-        table.push(1, t0 + ms(50), t0, None, ());
-        table.push(2, t0 + ms(1000), t0, None, ());
+        table.push(1, t0, t0 + ms(50), t0, None, ());
+        table.push(2, t0, t0 + ms(1000), t0, None, ());
         table.pop_front(t0);
         assert_eq!(table.front_overdue_at(), Some(t0 + ms(1000)));
+    }
+
+    #[test]
+    fn a_call_that_waited_for_room_gets_its_whole_budget_from_its_turn() {
+        let t0 = Instant::now();
+        let mut table = CallTable::new(1);
+        // Started at 0 with 300 ms in all, sent at 250 ms after waiting for
+        // room: the helper's turn begins at 250 ms and gets the 300 ms.
+        table.push(1, t0, t0 + ms(300), t0 + ms(250), None, ());
+        assert_eq!(table.front().unwrap().budget, ms(300));
+        assert_eq!(table.front_overdue_at(), Some(t0 + ms(550)));
+        assert!(!table.is_overdue_front(1, t0 + ms(300)));
+        assert!(table.is_overdue_front(1, t0 + ms(550)));
     }
 
     #[test]
     fn removing_the_front_starts_the_next_turn() {
         let t0 = Instant::now();
         let mut table = CallTable::new(4);
-        table.push(1, t0 + ms(100), t0, Some(0), ());
-        table.push(2, t0 + ms(100), t0, None, ());
-        table.push(3, t0 + ms(100), t0, None, ());
+        table.push(1, t0, t0 + ms(100), t0, Some(0), ());
+        table.push(2, t0, t0 + ms(100), t0, None, ());
+        table.push(3, t0, t0 + ms(100), t0, None, ());
         assert!(table.remove(2, t0 + ms(5)).is_some());
         assert!(!table.contains(2));
         assert!(table.remove(2, t0).is_none());
@@ -338,8 +356,8 @@ mod tests {
     fn abandoned_requests_stay_owed_but_free_their_callers_place() {
         let t0 = Instant::now();
         let mut table = CallTable::new(2);
-        table.push(1, t0, t0, None, ());
-        table.push(2, t0, t0, None, ());
+        table.push(1, t0, t0, t0, None, ());
+        table.push(2, t0, t0, t0, None, ());
         assert_eq!(table.room(), 0);
         assert!(table.abandon(1));
         assert!(table.abandon(1), "abandoning twice counts once");
@@ -352,11 +370,11 @@ mod tests {
         // At most MAX_ABANDONED pile up.
         let mut table = CallTable::new(1);
         for id in 0..MAX_ABANDONED as u64 {
-            table.push(id, t0, t0, None, ());
+            table.push(id, t0, t0, t0, None, ());
             table.abandon(id);
         }
         assert_eq!(table.room(), 1);
-        table.push(9999, t0, t0, None, ());
+        table.push(9999, t0, t0, t0, None, ());
         assert_eq!(table.room(), 0);
         table.abandon(9999);
         assert_eq!(table.room(), 0, "the total is bounded too");
@@ -369,8 +387,8 @@ mod tests {
         let t0 = Instant::now();
         let mut table = CallTable::new(2);
         assert_eq!(table.room(), 2);
-        table.push(1, t0, t0, None, ());
-        table.push(2, t0, t0, None, ());
+        table.push(1, t0, t0, t0, None, ());
+        table.push(2, t0, t0, t0, None, ());
         assert_eq!(table.room(), 0);
         assert_eq!(table.drain().count(), 2);
         assert!(table.is_empty());
@@ -404,7 +422,7 @@ mod tests {
                 let now = t0 + ms(clock);
                 match op {
                     0 if table.room() > 0 => {
-                        table.push(next_id, now + ms(budget), now, None, ());
+                        table.push(next_id, now, now + ms(budget), now, None, ());
                         model.push_back(next_id);
                         next_id += 1;
                     }
