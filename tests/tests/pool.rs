@@ -141,6 +141,24 @@ fn pool_of_one_busy_helper(
     (pool, busy)
 }
 
+/// Tenant `tenant` of `pool` busy with a call that sleeps `millis` and then
+/// echoes `body`, in a thread; returns once the call is in flight.
+fn busy_call(
+    pool: &Arc<Pool>,
+    tenant: &'static str,
+    millis: u32,
+    body: &'static [u8],
+) -> std::thread::JoinHandle<Result<Vec<u8>, CallError>> {
+    let busy = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.call(tenant, &sleep_request(millis, body)))
+    };
+    assert!(wait_for(10 * SECOND, || pool
+        .helper_info(tenant)
+        .is_some_and(|i| i.in_flight == 1)));
+    busy
+}
+
 #[test]
 fn when_every_helper_is_busy_a_new_tenant_gets_pool_full_at_its_deadline() {
     let (pool, busy) = pool_of_one_busy_helper(1500);
@@ -474,13 +492,7 @@ fn a_caller_that_gives_up_in_the_queue_does_not_kill_the_helper() {
     let pool = Arc::new(Pool::new(config).unwrap());
     pool.prewarm("t").unwrap();
     let pid = pool.helper_info("t").unwrap().pid;
-    let slow = {
-        let pool = pool.clone();
-        std::thread::spawn(move || pool.call("t", &sleep_request(500, b"slow")))
-    };
-    assert!(wait_for(10 * SECOND, || pool
-        .helper_info("t")
-        .is_some_and(|i| i.in_flight == 1)));
+    let slow = busy_call(&pool, "t", 500, b"slow");
     std::thread::sleep(Duration::from_millis(20));
     let err = pool
         .call_with_deadline(
@@ -512,13 +524,7 @@ fn time_a_caller_spent_queued_is_not_charged_to_the_helper() {
     let pool = Arc::new(Pool::new(config).unwrap());
     pool.prewarm("t").unwrap();
     let pid = pool.helper_info("t").unwrap().pid;
-    let slow = {
-        let pool = pool.clone();
-        std::thread::spawn(move || pool.call("t", &sleep_request(250, b"slow")))
-    };
-    assert!(wait_for(10 * SECOND, || pool
-        .helper_info("t")
-        .is_some_and(|i| i.in_flight == 1)));
+    let slow = busy_call(&pool, "t", 250, b"slow");
     // Queued behind the slow call for about 250 ms of its 350, then sent.
     let err = pool
         .call_with_deadline(
