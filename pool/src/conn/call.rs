@@ -712,7 +712,7 @@ impl Conn {
                 stderr: self.stderr.tail(),
                 syscall: status
                     .is_seccomp_kill()
-                    .then(|| crate::kernel_log::seccomp_kill_syscall(self.pid))
+                    .then(|| self.link.seccomp_kill_syscall(self.pid))
                     .flatten(),
             });
         }

@@ -34,8 +34,9 @@
 //!   failure never sees the process still there.
 //!
 //! Lock order: the pool's state, then a connection's lock, then the
-//! reactor's kick queue or timer list, an `Event`'s or a completion's own
-//! lock (innermost, each held for a push or a swap). Completions are
+//! reactor's kick queue or timer list, the kernel log's reader (at a
+//! seccomp kill), an `Event`'s or a completion's own lock (innermost, each
+//! held for a push or a swap). Completions are
 //! completed after the connection's lock is released. No lock is held
 //! across a blocking read, write or wait; the reactor's reads and writes
 //! under a connection's lock are non-blocking.

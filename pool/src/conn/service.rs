@@ -357,7 +357,7 @@ impl Conn {
             Dying::Exiting { .. } => {
                 let syscall = status
                     .is_seccomp_kill()
-                    .then(|| crate::kernel_log::seccomp_kill_syscall(self.pid))
+                    .then(|| self.link.seccomp_kill_syscall(self.pid))
                     .flatten();
                 if status.is_seccomp_kill() {
                     debug!(pid = self.pid, ?syscall, "helper killed by seccomp");

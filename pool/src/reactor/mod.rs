@@ -40,6 +40,7 @@ use parking_lot::Mutex;
 use tracing::{error, warn};
 
 use crate::conn::{Conn, Events, Interest};
+use crate::kernel_log::KernelLog;
 use crate::reactor::stderr::StderrHub;
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -97,6 +98,8 @@ struct Inner {
     next_conn: AtomicU64,
     stop: AtomicBool,
     stderr: Option<Arc<StderrHub>>,
+    /// Names the syscalls of its helpers' seccomp kills.
+    kernel_log: KernelLog,
 }
 
 impl Inner {
@@ -163,6 +166,12 @@ impl std::fmt::Debug for ReactorLink {
 }
 
 impl ReactorLink {
+    /// The syscall the kernel logged killing helper `pid` for (see
+    /// [`KernelLog`]).
+    pub(crate) fn seccomp_kill_syscall(&self, pid: u32) -> Option<String> {
+        self.0.kernel_log.seccomp_kill_syscall(pid)
+    }
+
     /// Asks the reactor to look at helper `token` again.
     pub(crate) fn poke(&self, token: u64) {
         self.0.kick(Kick::Poke(token));
@@ -255,6 +264,7 @@ impl Reactor {
             next_conn: AtomicU64::new(1),
             stop: AtomicBool::new(false),
             stderr,
+            kernel_log: KernelLog::open(),
         });
         let thread_inner = inner.clone();
         // A long-lived thread of its own: helpers are never spawned here,
