@@ -361,6 +361,35 @@ fn a_spare_that_wrote_before_it_was_bound_is_retired_at_bind() {
 }
 
 #[test]
+fn a_spare_that_died_while_it_waited_is_retired_at_bind_with_its_status() {
+    let _serial = serial();
+    let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
+    let pid = helper.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Dead and not reaped: the host's own child, until the bind looks.
+    assert!(wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
+    }));
+    match helper.bind(b"tenant") {
+        Err(CallError::Died { status, .. }) => assert_eq!(
+            status,
+            sandpool::ExitStatus::Signaled(nix::sys::signal::Signal::SIGKILL as i32)
+        ),
+        other => panic!("expected Died by SIGKILL, got {other:?}"),
+    }
+    assert!(matches!(
+        helper.call(&request(OP_ECHO, b"x"), sandpool_tests::deadline(2.0)),
+        Err(CallError::NotSent { .. })
+    ));
+    drop(helper);
+    assert!(wait_for(Duration::from_secs(5), || !process_exists(pid)));
+}
+
+#[test]
 fn a_pool_of_spares_that_write_before_bind_never_charges_the_tenant_for_them() {
     let _serial = serial();
     let mut cfg = pool_config(&["--misbehave", "output-before-bind"]);

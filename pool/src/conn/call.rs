@@ -18,7 +18,7 @@ use tracing::error;
 use super::completion::Completion;
 use super::frames::{FrameReader, IoFailure, wait_ready, write_now};
 use super::{CallResult, Conn, Done, Health, OutFrame, Reading, State};
-use crate::error::{CallError, ExitStatus, ProtocolViolation, RetireReason};
+use crate::error::{CallError, ProtocolViolation, RetireReason};
 use crate::reactor::ReactorLink;
 
 /// At most this many frames (two slices each, and a held Bind) in one
@@ -692,37 +692,40 @@ impl Conn {
         Err(err)
     }
 
-    /// Whether a helper that owes nothing has written to its stdout or
-    /// exited (without blocking): the error to retire it with.
-    fn unbound_problem(&self) -> Option<CallError> {
-        use nix::poll::{PollFd, PollTimeout, poll};
-        let mut fds = [
-            PollFd::new(self.stdout.as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.process.pidfd(), PollFlags::POLLIN),
-        ];
-        if poll(&mut fds, PollTimeout::ZERO).is_err() {
-            return None;
-        }
-        let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-        if ready(&fds[1]) {
-            let status = self.process.try_wait().unwrap_or(ExitStatus::Unknown);
-            return Some(CallError::Died {
+    /// Whether a helper that owes nothing has written to its stdout, or
+    /// closed it (as it does when it exits): the error to retire it with.
+    /// One non-blocking read; whatever it reads is output before the bind.
+    fn unbound_problem(&self, st: &mut State) -> Option<CallError> {
+        let frames = st.frames.as_mut()?;
+        let output_before_bind = || CallError::Protocol {
+            pid: self.pid,
+            violation: ProtocolViolation::OutputBeforeBind,
+        };
+        match frames.poll_frame(self.stdout(), self.max_frame) {
+            Ok(None) if !frames.has_buffered() => None,
+            Ok(_) | Err(IoFailure::Decode(_)) => Some(output_before_bind()),
+            Err(IoFailure::StdoutClosed) => Some(match self.process.try_wait() {
+                Some(status) => CallError::Died {
+                    pid: self.pid,
+                    status,
+                    stderr: self.stderr.tail(),
+                    syscall: status
+                        .is_seccomp_kill()
+                        .then(|| self.link.seccomp_kill_syscall(self.pid))
+                        .flatten(),
+                },
+                // Closed, and not (yet) reapable: retired all the same.
+                None => CallError::Protocol {
+                    pid: self.pid,
+                    violation: ProtocolViolation::ClosedStdout,
+                },
+            }),
+            Err(IoFailure::Os(errno)) => Some(CallError::Io {
                 pid: self.pid,
-                status,
-                stderr: self.stderr.tail(),
-                syscall: status
-                    .is_seccomp_kill()
-                    .then(|| self.link.seccomp_kill_syscall(self.pid))
-                    .flatten(),
-            });
+                source: Arc::new(errno.into()),
+            }),
+            Err(IoFailure::StdinClosed | IoFailure::Timeout) => None,
         }
-        if ready(&fds[0]) {
-            return Some(CallError::Protocol {
-                pid: self.pid,
-                violation: ProtocolViolation::OutputBeforeBind,
-            });
-        }
-        None
     }
 
     /// Queues a control frame (Bind): no table entry, no reply.
@@ -747,7 +750,7 @@ impl Conn {
                         violation: ProtocolViolation::OutputBeforeBind,
                     })
                 } else {
-                    self.unbound_problem()
+                    self.unbound_problem(&mut st)
                 };
                 if let Some(problem) = problem {
                     self.retire(&mut st, problem.clone());
