@@ -1242,9 +1242,12 @@ fn idle_gap(run: &mut Run) -> Value {
         "4. First call after an idle gap",
         "The tenant's first call after its helper went idle: still warm (no quiesce), quiesced with spares ready \
          (with warmup_request, as the README recommends, and without), quiesced without spares (the cold-start \
-         cliff). Interleaved; 100 ms gaps, the warm case on one tenant, the others on a new tenant per round.",
+         cliff). Each round calls every case's tenant, sleeps 100 ms (the gap: quiesce, refills), then makes each \
+         case's measured call, back to back, the first three in turn first (the first call after the host's own \
+         sleep), the cold launch last; the warm case on one tenant, the others on a new tenant per round. As in a \
+         busy server, the tenant has been idle, the host not.",
     );
-    let reps = if run.quick { 3 } else { 200 };
+    let reps = if run.quick { 3 } else { 600 };
     let req = request(OP_ECHO, b"first call");
     let pool_with = |idle_ms: u64, spares: usize, warm_up: bool| {
         let mut config = Config::new(HELPER);
@@ -1270,26 +1273,36 @@ fn idle_gap(run: &mut Run) -> Value {
         ),
         ("quiesced, no spares", pool_with(30, 0, false)),
     ];
+    // The warm case keeps one helper (a helper per round would pile up: an
+    // hour's idle_timeout); the others take a spare or launch for a tenant
+    // whose helper was quiesced.
+    let tenant = |case: usize, rep: usize| {
+        if case == 0 {
+            "warm".to_owned()
+        } else {
+            format!("t{rep}")
+        }
+    };
     let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); cases.len()];
     for rep in 0..reps {
-        for (case, ((_, pool), samples)) in cases.iter().zip(samples.iter_mut()).enumerate() {
-            // The warm case keeps one helper (a helper per round would pile
-            // up: an hour's idle_timeout); the others take a spare or
-            // launch for a tenant whose helper was quiesced.
-            let tenant = if case == 0 {
-                "warm".to_owned()
-            } else {
-                format!("t{rep}")
-            };
-            pool.call(&tenant, &req).expect("call");
-            // The gap: long enough for a 30 ms idle_timeout to quiesce it
-            // (scanned every 7.5 ms) and for spares to be refilled (10 ms
-            // after the call that took one).
-            std::thread::sleep(Duration::from_millis(100));
-            let t = Instant::now();
-            pool.call(&tenant, &req).expect("call");
-            samples.push(t.elapsed());
+        for (case, (_, pool)) in cases.iter().enumerate() {
+            pool.call(tenant(case, rep), &req).expect("call");
         }
+        // The gap: long enough for a 30 ms idle_timeout to quiesce the
+        // helpers (scanned every 7.5 ms) and for the spares taken to be
+        // refilled (10 ms after the call that took one), so none of that
+        // work falls inside a measured call.
+        std::thread::sleep(Duration::from_millis(100));
+        let last = cases.len() - 1;
+        for turn in 0..last {
+            let case = (rep + turn) % last;
+            let t = Instant::now();
+            cases[case].1.call(tenant(case, rep), &req).expect("call");
+            samples[case].push(t.elapsed());
+        }
+        let t = Instant::now();
+        cases[last].1.call(tenant(last, rep), &req).expect("call");
+        samples[last].push(t.elapsed());
     }
     let summaries: Vec<Summary> = samples.iter_mut().map(|s| summarize(s)).collect();
     let rows = cases
