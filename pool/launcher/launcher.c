@@ -12,9 +12,14 @@
  *   3+sockets              the pinned helper image, if the host pins one
  * and, transiently, the child ends of the pipes of the launches in flight.
  *
- * argv: sandpool-launcher SOCKETS KEEP EXEC_PATH ARGC ARGV... ENV...
+ * argv: sandpool-launcher SOCKETS KEEP CAPS EXEC_PATH ARGC ARGV... ENV...
  *   SOCKETS    worker threads and sockets (1..64)
  *   KEEP       inherited fds from 3 up to keep (SOCKETS or SOCKETS+1)
+ *   CAPS       the capabilities (a hex mask) to leave in the launcher's
+ *              bounding set, which it empties of all others when it may
+ *              (CAP_SETPCAP): a helper exec'd by root then starts without
+ *              them, and its own drop has nothing left to do but these
+ *              (the ones a helper's switch to its configured user needs)
  *   EXEC_PATH  what each helper's execve runs (the program or its image)
  *   ARGC       how many helper argv entries follow; the rest is the
  *              helper's whole environment. The launcher's own environment
@@ -272,6 +277,31 @@ static void *serve(void *arg) {
     return NULL;
 }
 
+/* Empties this process's bounding set but for the capabilities in `keep`,
+ * so that every helper it execs starts without them. Best effort: without
+ * CAP_SETPCAP (a non-root host) nothing can be dropped, and each helper
+ * drops (or reports) its own set as it would anyway; the helper and the
+ * host check the result, never this. */
+static void empty_bounding_set(unsigned long long keep) {
+    for (int cap = 0; cap < 64; cap++) {
+        if (keep & (1ULL << cap))
+            continue;
+        /* EINVAL: past the kernel's last capability; EPERM: no
+         * CAP_SETPCAP. */
+        if (prctl(PR_CAPBSET_DROP, (unsigned long)cap, 0UL, 0UL, 0UL) < 0)
+            break;
+    }
+}
+
+static unsigned long long parse_mask(const char *text) {
+    char *end;
+    errno = 0;
+    unsigned long long value = strtoull(text, &end, 16);
+    if (errno || end == text || *end)
+        _exit(EXIT_USAGE);
+    return value;
+}
+
 static int parse(const char *text, int lo, int hi) {
     char *end;
     errno = 0;
@@ -282,7 +312,7 @@ static int parse(const char *text, int lo, int hi) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 5)
+    if (argc < 6)
         _exit(EXIT_USAGE);
     int sockets = parse(argv[1], 1, MAX_SOCKETS);
     int keep = parse(argv[2], sockets, sockets + 1);
@@ -300,13 +330,14 @@ int main(int argc, char **argv) {
         if (fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
             _exit(EXIT_USAGE);
     }
-    int count = parse(argv[4], 1, argc - 5);
-    exec_path = argv[3];
+    empty_bounding_set(parse_mask(argv[3]));
+    int count = parse(argv[5], 1, argc - 6);
+    exec_path = argv[4];
     helper_argv = calloc((size_t)count + 1, sizeof *helper_argv);
     if (!helper_argv)
         _exit(EXIT_USAGE);
-    memcpy(helper_argv, argv + 5, (size_t)count * sizeof *helper_argv);
-    helper_envp = argv + 5 + count; /* NULL-terminated with argv */
+    memcpy(helper_argv, argv + 6, (size_t)count * sizeof *helper_argv);
+    helper_envp = argv + 6 + count; /* NULL-terminated with argv */
 
     /* Every signal at its default disposition, none blocked: the helpers
      * inherit exactly that, and no handler can ever run in a clone child

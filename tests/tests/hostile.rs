@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sandpool::{CallError, Config, HelloRefusal, LaunchError, Pool, ProtocolViolation};
+use sandpool::{CallError, Config, HelloRefusal, LaunchError, LaunchMode, Pool, ProtocolViolation};
 use sandpool_protocol::DecodeError;
 use sandpool_reference_helper::reference::*;
 use sandpool_tests::{
@@ -181,7 +181,9 @@ fn hostile_helper_matrix() {
     case(
         "Hello that lies about its capabilities",
         &["--misbehave", "keep-caps"],
-        |_| {},
+        // Direct: spawned by the root host it starts with every capability
+        // to keep (the launcher process hands its helpers none).
+        |c| c.launch_mode = LaunchMode::Direct,
         echo_call,
         |e| matches!(e, CallError::Launch(l) if matches!(**l, LaunchError::HelloRefused { refusal: HelloRefusal::KernelDisagrees { field: "CapEff", .. }, .. })),
     );

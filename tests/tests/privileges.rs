@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use sandpool::{CallError, HelloRefusal, LaunchError, Launcher, Pool};
+use sandpool::{CallError, HelloRefusal, LaunchError, LaunchMode, Launcher, Pool};
 use sandpool_reference_helper::reference::*;
 use sandpool_tests::{config, deadline, helper_bin, pool_config, wait_for};
 
@@ -112,7 +112,18 @@ fn passwd_ids(name: &str) -> (u32, u32) {
 #[test]
 fn a_helper_holds_no_capability() {
     beside_a_bystander(|| {
-        let pool = Pool::new(pool_config(&["--test-ops"])).unwrap();
+        for mode in [LaunchMode::Launcher, LaunchMode::Direct] {
+            a_helper_launched_so_holds_no_capability(mode);
+        }
+    });
+}
+
+/// A helper launched in `mode` holds no capability, and its Hello says so.
+fn a_helper_launched_so_holds_no_capability(mode: LaunchMode) {
+    {
+        let mut pooled = pool_config(&["--test-ops"]);
+        pooled.launch_mode = mode;
+        let pool = Pool::new(pooled).unwrap();
         assert_eq!(pool.call("t", &request(OP_ECHO, b"hi")).unwrap(), b"hi");
         let pid = pool.helper_info("t").unwrap().pid;
         // The test process itself holds capabilities: the zeros are the
@@ -132,12 +143,14 @@ fn a_helper_holds_no_capability() {
         assert_eq!(status_field(pid, "Uid"), me);
 
         // The Hello says the same.
-        let launcher = Launcher::new(config(&[])).unwrap();
+        let mut config = config(&[]);
+        config.launch_mode = mode;
+        let launcher = Launcher::new(config).unwrap();
         let helper = launcher.launch().unwrap();
         let hello = helper.hello();
         assert!(hello.caps_cleared && hello.bounding_cleared, "{hello:?}");
         assert_eq!(hello.uid, nix::unistd::getuid().as_raw());
-    });
+    }
 }
 
 #[test]
@@ -186,6 +199,37 @@ fn a_helper_runs_as_the_configured_user() {
 }
 
 #[test]
+fn the_launcher_process_hands_its_helpers_an_empty_bounding_set() {
+    assert!(host_can_drop_bounding(), "this root host holds CAP_SETPCAP");
+    // No user to switch to: the launcher keeps nothing in its bounding set,
+    // so a helper exec'd by it starts with no capability and drops none.
+    // (Read once a launch is done: the launcher sets itself up before it
+    // serves its first request, not before Launcher::new returns.)
+    let launcher = Launcher::new(config(&[])).unwrap();
+    let helper = launcher.launch().unwrap();
+    let pid = launcher.launcher_pid().unwrap();
+    assert_eq!(cap_mask(pid, "CapBnd"), 0, "CapBnd of launcher {pid}");
+    assert!(helper.hello().bounding_cleared);
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+        assert_eq!(cap_mask(helper.pid(), set), 0, "{set}");
+    }
+    // With a user to switch to: the three capabilities the switch needs
+    // (CAP_SETGID, CAP_SETUID, CAP_SETPCAP to drop them), which the
+    // helper drops itself.
+    let mut config = config(&[]);
+    config.sandbox.user = Some("nobody".into());
+    let launcher = Launcher::new(config).unwrap();
+    let helper = launcher.launch().unwrap();
+    let pid = launcher.launcher_pid().unwrap();
+    assert_eq!(cap_mask(pid, "CapBnd"), 1 << 6 | 1 << 7 | 1 << 8);
+    assert!(helper.hello().bounding_cleared);
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
+        assert_eq!(cap_mask(helper.pid(), set), 0, "{set}");
+    }
+    assert_eq!(helper.hello().uid, passwd_ids("nobody").0);
+}
+
+#[test]
 fn a_helper_started_without_cap_setpcap_reports_its_bounding_set_kept() {
     beside_a_bystander(|| {
         // setpriv(1) execs the helper with CAP_SETPCAP out of its bounding
@@ -193,7 +237,10 @@ fn a_helper_started_without_cap_setpcap_reports_its_bounding_set_kept() {
         // drops the others from the bounding set: it must say the set is
         // not empty, and this host, which could have emptied it, refuses it.
         assert!(host_can_drop_bounding());
+        // Direct: the helper inherits the host's full bounding set (a
+        // launcher process hands its helpers an empty one).
         let mut config = config(&[]);
+        config.launch_mode = LaunchMode::Direct;
         config.program = "/usr/bin/setpriv".into();
         config.args = vec![
             "--bounding-set=-setpcap".into(),
@@ -222,6 +269,9 @@ fn a_bounding_set_drop_that_is_refused_or_faked_never_reads_as_cleared() {
         // off), the helper must fail its start-up or say the set is kept.
         for mode in ["einval", "fake"] {
             let mut config = config(&[]);
+            // Direct: the wrapper and the helper inherit the host's full
+            // bounding set, so the helper has something to drop.
+            config.launch_mode = LaunchMode::Direct;
             config.program = env!("SANDPOOL_CAPBSET_FILTER_BIN").into();
             config.args = vec![mode.into(), helper_bin().display().to_string()];
             config.sandbox.verify_with_proc = false;
@@ -252,7 +302,12 @@ fn a_bounding_set_drop_that_is_refused_or_faked_never_reads_as_cleared() {
 #[test]
 fn a_helper_that_lies_about_its_capabilities_is_refused() {
     beside_a_bystander(|| {
-        let launcher = Launcher::new(config(&["--misbehave", "keep-caps"])).unwrap();
+        // Direct: from the host, a root helper starts with every
+        // capability, and this one keeps them (through the launcher process
+        // it would start with none to keep).
+        let mut keeper = config(&["--misbehave", "keep-caps"]);
+        keeper.launch_mode = LaunchMode::Direct;
+        let launcher = Launcher::new(keeper).unwrap();
         let err = launcher.launch().unwrap_err();
         assert!(
             matches!(
@@ -268,7 +323,9 @@ fn a_helper_that_lies_about_its_capabilities_is_refused() {
             "{err:?}"
         );
         // Through a pool: the tenant's call fails with the launch error.
-        let pool = Pool::new(pool_config(&["--misbehave", "keep-caps"])).unwrap();
+        let mut keeper = pool_config(&["--misbehave", "keep-caps"]);
+        keeper.launch_mode = LaunchMode::Direct;
+        let pool = Pool::new(keeper).unwrap();
         let err = pool.call("liar", &request(OP_ECHO, b"x")).unwrap_err();
         assert!(
             matches!(&err, CallError::Launch(launch) if matches!(**launch, LaunchError::HelloRefused { .. })),

@@ -358,6 +358,7 @@ impl LaunchServer {
             c"sandpool-launcher".to_owned(),
             number(threads),
             number(keep),
+            bounding_to_keep(plan.ids()),
             exec_path,
             number(plan.argv().len()),
         ];
@@ -397,6 +398,23 @@ impl LaunchServer {
 
 fn number(n: usize) -> CString {
     CString::new(n.to_string()).unwrap_or_default()
+}
+
+/// The capabilities the launcher leaves in its bounding set (a hex mask):
+/// none, or, for helpers that switch to a configured user or group, the
+/// three their start-up needs before it empties its own set
+/// (`CAP_SETGID`, `CAP_SETUID` for the switch, `CAP_SETPCAP` to drop
+/// them from the bounding set). Everything else a helper exec'd by a root
+/// launcher never holds, and its start-up has nothing to drop.
+fn bounding_to_keep((uid, gid): (Option<u32>, Option<u32>)) -> CString {
+    // <linux/capability.h>: CAP_SETGID 6, CAP_SETUID 7, CAP_SETPCAP 8.
+    const SWITCH_USER: u64 = 1 << 6 | 1 << 7 | 1 << 8;
+    let keep = if uid.is_some() || gid.is_some() {
+        SWITCH_USER
+    } else {
+        0
+    };
+    CString::new(format!("{keep:x}")).unwrap_or_default()
 }
 
 impl Channel {

@@ -234,26 +234,8 @@ fn count_open_fds_from(first: i32) -> u32 {
     open
 }
 
-/// The size of this process's fd table, from `FDSize:` in `/proc/self/status`.
-/// Read into a stack buffer: `FDSize` is among the first lines, so the first
-/// 4 KiB always hold it, in one or two reads (`read_to_string` would stat
-/// the file and grow its buffer from 32 bytes, eight reads).
+/// The size of this process's fd table, from `FDSize:` in
+/// `/proc/self/status`.
 fn fd_table_size() -> Option<u64> {
-    use std::io::Read;
-    let mut file = std::fs::File::open("/proc/self/status").ok()?;
-    let mut buf = [0u8; 4096];
-    let mut len = 0;
-    while len < buf.len() {
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => return None,
-        }
-    }
-    buf[..len]
-        .split(|b| *b == b'\n')
-        .find_map(|line| line.strip_prefix(b"FDSize:"))
-        .and_then(|value| std::str::from_utf8(value).ok())
-        .and_then(|value| value.trim().parse().ok())
+    super::status::read().fd_size
 }

@@ -6,6 +6,7 @@ mod limits;
 mod privs;
 mod region;
 mod seccomp;
+mod status;
 mod stdio;
 
 pub use fds::{

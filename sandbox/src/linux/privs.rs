@@ -17,6 +17,8 @@ use nix::errno::Errno;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 use thiserror::Error;
 
+use super::status;
+
 /// A capability set could not be changed.
 #[derive(Debug, Error)]
 #[error("clearing the {set} capability set failed: {source}")]
@@ -44,15 +46,24 @@ pub struct SwitchUserError {
 /// What [`drop_bounding_and_ambient`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BoundingReport {
-    /// The bounding set is now empty: every capability the kernel knows was
-    /// dropped (`PR_CAPBSET_DROP` succeeded for each), or, without
-    /// `CAP_SETPCAP` to drop any, `PR_CAPBSET_READ` found none in it.
+    /// The bounding set is now empty, as the kernel reports it in
+    /// `/proc/self/status` (`CapBnd:`): it was at the exec already, or it
+    /// is after a `PR_CAPBSET_DROP` of each capability in it. (Where the
+    /// file cannot be read: every capability number up to the kernel's
+    /// last was dropped and reads confirm the range, or, without
+    /// `CAP_SETPCAP` to drop any, `PR_CAPBSET_READ` found none.)
     pub bounding_cleared: bool,
 }
 
 /// Clears the ambient capability set and, if this process holds
 /// `CAP_SETPCAP` in its effective set (a root helper does), empties the
 /// bounding set, so no later exec could ever regain a capability.
+///
+/// What is in both sets comes from `/proc/self/status`, so a helper whose
+/// launcher emptied its own bounding set before the spawn makes no
+/// capability syscall here at all; one that inherited a full set drops
+/// exactly what is in it, and the kernel's account is read again to
+/// confirm.
 ///
 /// A process without `CAP_SETPCAP` (a helper started by a non-root host)
 /// cannot shrink its bounding set; that is not an error: the report says
@@ -64,17 +75,64 @@ pub struct BoundingReport {
 /// - <https://man7.org/linux/man-pages/man7/capabilities.7.html>
 /// - <https://man7.org/linux/man-pages/man2/pr_capbset_drop.2const.html>
 pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
-    caps::clear(None, CapSet::Ambient).map_err(|source| CapabilityError {
-        set: "ambient",
-        source,
-    })?;
-    let can_drop =
-        caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(|source| {
-            CapabilityError {
-                set: "effective",
-                source,
-            }
+    // The kernel's account, now (one read, where a blind drop would make
+    // about 45 syscalls).
+    let now = status::read();
+    if now.cap_amb != Some(0) {
+        caps::clear(None, CapSet::Ambient).map_err(|source| CapabilityError {
+            set: "ambient",
+            source,
         })?;
+    }
+    match now.cap_bnd {
+        // Empty (a launcher that emptied its own set before it spawned
+        // this process): nothing to drop, on the kernel's word.
+        Some(0) => Ok(BoundingReport {
+            bounding_cleared: true,
+        }),
+        Some(mask) => drop_bounding_mask(mask),
+        None => drop_bounding_blind(),
+    }
+}
+
+/// Drops every capability of `mask` (the bounding set as the kernel showed
+/// it) when this process holds `CAP_SETPCAP`; then asks the kernel again.
+fn drop_bounding_mask(mask: u64) -> Result<BoundingReport, CapabilityError> {
+    let can_drop = holds_setpcap()?;
+    if !can_drop {
+        // Not empty, and nothing can be dropped without CAP_SETPCAP.
+        return Ok(BoundingReport {
+            bounding_cleared: false,
+        });
+    }
+    for cap in (0..=MAX_CAPABILITY).filter(|cap| mask & (1 << cap) != 0) {
+        // A capability the kernel listed: any failure (EINVAL too) is
+        // something in the way, and fails the start-up.
+        bounding_prctl(libc::PR_CAPBSET_DROP, cap)
+            .map_err(|errno| bounding_error("PR_CAPBSET_DROP", cap, errno))?;
+    }
+    // Confirmed by the kernel's own account, not by the drops' answers (a
+    // filter in the way could fake those).
+    Ok(BoundingReport {
+        bounding_cleared: status::read().cap_bnd == Some(0),
+    })
+}
+
+/// Whether this process holds `CAP_SETPCAP` in its effective set (the
+/// capability that drops others from the bounding set).
+fn holds_setpcap() -> Result<bool, CapabilityError> {
+    caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP).map_err(|source| {
+        CapabilityError {
+            set: "effective",
+            source,
+        }
+    })
+}
+
+/// The bounding set's drop where `/proc/self/status` could not tell what
+/// is in it: every capability number up to the kernel's last.
+fn drop_bounding_blind() -> Result<BoundingReport, CapabilityError> {
+    let can_drop = holds_setpcap()?;
     // The kernel's highest capability number: an EINVAL at or below it is
     // a failure (something in the way, such as a filter of the process
     // that started this one), not the end of the list.
@@ -231,19 +289,89 @@ pub fn switch_user(uid: Option<u32>, gid: Option<u32>) -> Result<(), SwitchUserE
     Ok(())
 }
 
-/// Empties the effective, inheritable and permitted capability sets (in
-/// that order: the effective set must stay within the permitted one). The
-/// ambient set was cleared by [`drop_bounding_and_ambient`]; with all four
-/// empty, the process holds no capability at all.
+/// Empties the effective, inheritable and permitted capability sets, in
+/// one `capset` (and none if they are empty already: a helper exec'd by
+/// root with an empty bounding set starts with none). The ambient set was
+/// cleared by [`drop_bounding_and_ambient`]; with all four empty, the
+/// process holds no capability at all.
+///
+/// # References
+/// - <https://man7.org/linux/man-pages/man2/capset.2.html>
 pub fn clear_capabilities() -> Result<(), CapabilityError> {
-    for (set, name) in [
-        (CapSet::Effective, "effective"),
-        (CapSet::Inheritable, "inheritable"),
-        (CapSet::Permitted, "permitted"),
-    ] {
-        caps::clear(None, set).map_err(|source| CapabilityError { set: name, source })?;
+    let held = capget().map_err(|errno| capability_error("effective", "capget", errno))?;
+    if held
+        .iter()
+        .all(|set| set.effective == 0 && set.permitted == 0 && set.inheritable == 0)
+    {
+        return Ok(());
     }
-    Ok(())
+    capset(&[CapData::default(); 2]).map_err(|errno| capability_error("permitted", "capset", errno))
+}
+
+/// `struct __user_cap_header_struct` of `<linux/capability.h>`.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: one 32-bit half of each set.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, as two `CapData`.
+const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+/// `capget(2)` of this thread's sets.
+fn capget() -> Result<[CapData; 2], Errno> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: with version 3 the kernel reads the header and writes two
+    // `CapData` (the layout of <linux/capability.h>), both valid for the
+    // call; pid 0 is this thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capget,
+            &mut header as *mut CapHeader,
+            data.as_mut_ptr(),
+        )
+    };
+    Errno::result(rc).map(|_| data)
+}
+
+/// `capset(2)` of this thread's sets.
+fn capset(data: &[CapData; 2]) -> Result<(), Errno> {
+    let mut header = CapHeader {
+        version: CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    // SAFETY: with version 3 the kernel reads the header and two `CapData`
+    // (the layout of <linux/capability.h>), valid for the call; pid 0 is
+    // this thread.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut CapHeader,
+            data.as_ptr(),
+        )
+    };
+    Errno::result(rc).map(|_| ())
+}
+
+/// A failed `capget` or `capset`.
+fn capability_error(set: &'static str, call: &str, errno: Errno) -> CapabilityError {
+    CapabilityError {
+        set,
+        source: CapsError::from(format!("{call} failed: {errno}")),
+    }
 }
 
 /// The real uid of this process (after [`switch_user`], all four uids are
