@@ -237,14 +237,14 @@ pub(crate) fn pipe(which: &'static str) -> Result<(OwnedFd, OwnedFd), LaunchErro
     Ok((lift(read)?, lift(write)?))
 }
 
+/// Makes the host's end of a fresh pipe non-blocking: one `F_SETFL`, no
+/// `F_GETFL` first (a new pipe end has no other status flag to keep, and
+/// `F_SETFL` ignores the access mode).
 fn set_nonblocking(fd: &OwnedFd, which: &'static str) -> Result<(), LaunchError> {
-    let err = |errno: Errno| LaunchError::Pipe {
+    fcntl(fd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|errno: Errno| LaunchError::Pipe {
         which,
         source: errno.into(),
-    };
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(err)?;
-    let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(err)?;
+    })?;
     Ok(())
 }
 

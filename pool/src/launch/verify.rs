@@ -201,12 +201,22 @@ fn verify_kept_fd(kept: &KeptFd, pid: u32) -> Result<(), HelloRefusal> {
     Ok(())
 }
 
+/// A `/proc` text file, read into a buffer sized for it (`read_to_string`
+/// stats the file, finds size 0 and grows its buffer from 32 bytes: eight
+/// reads for a status file, against two).
+fn read_proc_text(path: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::with_capacity(4096);
+    std::fs::File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn verify_with_proc(hello: &Hello, pid: u32, expected: &Expected) -> Result<(), HelloRefusal> {
     let unreadable = |error: std::io::Error| HelloRefusal::ProcUnreadable {
         pid,
         source: std::sync::Arc::new(error),
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(unreadable)?;
+    let status = read_proc_text(&format!("/proc/{pid}/status")).map_err(unreadable)?;
     let field = |name: &str| status_field(&status, name).to_owned();
     // The kernel reports 2 (filter) for both an enforcing and a logging filter.
     let want_seccomp = if hello.seccomp == SeccompMode::Off {
