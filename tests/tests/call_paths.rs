@@ -549,3 +549,49 @@ fn shutdown_does_not_keep_callers_blocked_on_the_pipes_for_the_grace() {
         started.elapsed()
     );
 }
+
+/// A call that waited for room under `max_helpers` (another tenant's call
+/// held the only helper) leaves at its deadline, but the helper it then
+/// got has the call's whole budget from the moment the wait ended: it is
+/// never killed as hung for the time the call waited for another tenant.
+/// From a thread and from a task alike (a review found the thread path
+/// charging that wait to the helper: `Timeout`, a killed helper, a failure
+/// counted to the tenant).
+#[test]
+fn time_a_call_waited_for_another_tenant_is_not_charged_to_its_helper() {
+    for from_a_task in [false, true] {
+        let mut cfg = pool_config(&["--test-ops"]);
+        cfg.spares = 0;
+        cfg.max_helpers = 1;
+        let pool = Arc::new(Pool::new(cfg).unwrap());
+        pool.prewarm("a").unwrap();
+        let busy = {
+            let pool = pool.clone();
+            std::thread::spawn(move || pool.call("a", &sleep_request(250, b"a")))
+        };
+        assert!(wait_for(Duration::from_secs(10), || pool.stats().busy == 1));
+        // Waits about 250 ms of its 400 for the only helper, then 250 ms
+        // of work.
+        let work = sleep_request(250, b"b");
+        let until = Instant::now() + Duration::from_millis(400);
+        let err = if from_a_task {
+            block_on(pool.call_async_with_deadline("b", &work, until))
+        } else {
+            pool.call_with_deadline("b", &work, until)
+        }
+        .unwrap_err();
+        assert!(
+            matches!(err, CallError::QueueTimeout { .. }),
+            "from a task: {from_a_task}: {err:?}"
+        );
+        assert_eq!(busy.join().unwrap().unwrap(), b"a");
+        let pid = pool.helper_info("b").unwrap().pid;
+        assert_eq!(pool.call("b", &request(OP_ECHO, b"next")).unwrap(), b"next");
+        assert_eq!(pool.helper_info("b").unwrap().pid, pid, "never retired");
+        assert_eq!(
+            pool.stats().failures,
+            sandpool::FailureStats::default(),
+            "from a task: {from_a_task}"
+        );
+    }
+}

@@ -360,20 +360,21 @@ fn a_spare_that_wrote_before_it_was_bound_is_retired_at_bind() {
     );
 }
 
-#[test]
-fn a_spare_that_died_while_it_waited_is_retired_at_bind_with_its_status() {
-    let _serial = serial();
-    let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
-    let pid = helper.pid();
+/// SIGKILLs the host's child `pid` and waits until it is a zombie (dead,
+/// not reaped: the host reaps it only when it looks).
+fn kill_unreaped(pid: u32) {
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    // Dead and not reaped: the host's own child, until the bind looks.
     assert!(wait_for(Duration::from_secs(5), || {
         std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z"))
     }));
+}
+
+/// Binding `helper`, killed by SIGKILL while it waited, fails with that.
+fn bind_fails_as_killed(helper: &sandpool::Helper) {
     match helper.bind(b"tenant") {
         Err(CallError::Died { status, .. }) => assert_eq!(
             status,
@@ -381,11 +382,41 @@ fn a_spare_that_died_while_it_waited_is_retired_at_bind_with_its_status() {
         ),
         other => panic!("expected Died by SIGKILL, got {other:?}"),
     }
+}
+
+#[test]
+fn a_spare_that_died_while_it_waited_is_retired_at_bind_with_its_status() {
+    let _serial = serial();
+    let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
+    let pid = helper.pid();
+    kill_unreaped(pid);
+    bind_fails_as_killed(&helper);
     assert!(matches!(
         helper.call(&request(OP_ECHO, b"x"), sandpool_tests::deadline(2.0)),
         Err(CallError::NotSent { .. })
     ));
     drop(helper);
+    assert!(wait_for(Duration::from_secs(5), || !process_exists(pid)));
+}
+
+/// The same when the helper's death closed none of its pipes: another
+/// process still holds them (as one its init hook left behind could),
+/// played here by this test, which opens the pipes again through
+/// `/proc/PID/fd`. (A review found such a dead spare bound to the tenant,
+/// whose call then timed out and was charged to it.)
+#[test]
+fn a_spare_that_died_with_its_pipes_held_elsewhere_is_retired_at_bind() {
+    let _serial = serial();
+    let helper = Launcher::new(config(&[])).unwrap().launch().unwrap();
+    let pid = helper.pid();
+    let stdin_reader = std::fs::File::open(format!("/proc/{pid}/fd/0")).unwrap();
+    let stdout_writer = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/fd/1"))
+        .unwrap();
+    kill_unreaped(pid);
+    bind_fails_as_killed(&helper);
+    drop((stdin_reader, stdout_writer, helper));
     assert!(wait_for(Duration::from_secs(5), || !process_exists(pid)));
 }
 

@@ -18,7 +18,7 @@ use tracing::error;
 use super::completion::Completion;
 use super::frames::{FrameReader, IoFailure, wait_ready, write_now};
 use super::{CallResult, Conn, Done, Health, OutFrame, Reading, State};
-use crate::error::{CallError, ProtocolViolation, RetireReason};
+use crate::error::{CallError, ExitStatus, ProtocolViolation, RetireReason};
 use crate::reactor::ReactorLink;
 
 /// At most this many frames (two slices each, and a held Bind) in one
@@ -180,14 +180,21 @@ impl Conn {
         }
     }
 
-    /// One call from a thread.
-    pub(super) fn call(&self, request: &[u8], deadline: Instant, started: Instant) -> CallResult {
+    /// One call from a thread, started at `started`, with this helper since
+    /// `ready` (the hang rule's turn can begin no earlier).
+    pub(super) fn call(
+        &self,
+        request: &[u8],
+        deadline: Instant,
+        started: Instant,
+        ready: Instant,
+    ) -> CallResult {
         let through_region = self.check_request(request)?;
         let mut st = self.state.lock();
         if !matches!(st.health, Health::Serving) {
             return Err(self.not_sent(&st));
         }
-        let mut sent_at = started;
+        let mut sent_at = ready;
         while let Err(full) = self.room_for(&st, through_region, started) {
             let listener = self.room.listen();
             drop(st);
@@ -236,6 +243,7 @@ impl Conn {
         requests: &[&[u8]],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
     ) -> Vec<CallResult> {
         let mut results: Vec<Option<CallResult>> = Vec::with_capacity(requests.len());
         let mut pending: Vec<(usize, bool)> = Vec::with_capacity(requests.len());
@@ -277,7 +285,11 @@ impl Conn {
                 count += 1;
             }
             if count > 0 {
-                let now = Instant::now();
+                let now = if waited || next > 0 {
+                    Instant::now()
+                } else {
+                    ready
+                };
                 if now >= deadline {
                     let err = self.queue_timeout(started);
                     fail_rest(&mut results, &pending[next..], &err);
@@ -348,6 +360,7 @@ impl Conn {
         request: &[u8],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
     ) -> CallResult {
         let through_region = self.check_request(request)?;
         let mut timer = Deadline::new(&self.link, deadline);
@@ -364,7 +377,7 @@ impl Conn {
                 }
                 match self.room_for(&st, through_region, started) {
                     Ok(()) => {
-                        let now = Instant::now();
+                        let now = if waited { Instant::now() } else { ready };
                         if now >= deadline {
                             return Err(self.queue_timeout(started));
                         }
@@ -692,28 +705,31 @@ impl Conn {
         Err(err)
     }
 
-    /// Whether a helper that owes nothing has written to its stdout, or
-    /// closed it (as it does when it exits): the error to retire it with.
-    /// One non-blocking read; whatever it reads is output before the bind.
+    /// Whether a helper that owes nothing has written to its stdout, closed
+    /// it, or exited: the error to retire it with. One non-blocking read
+    /// (whatever it reads is output before the bind) and one non-blocking
+    /// wait: a helper's death does not always close its pipes (a process
+    /// its init hook left behind may hold them).
     fn unbound_problem(&self, st: &mut State) -> Option<CallError> {
         let frames = st.frames.as_mut()?;
         let output_before_bind = || CallError::Protocol {
             pid: self.pid,
             violation: ProtocolViolation::OutputBeforeBind,
         };
+        let died = |status: ExitStatus| CallError::Died {
+            pid: self.pid,
+            status,
+            stderr: self.stderr.tail(),
+            syscall: status
+                .is_seccomp_kill()
+                .then(|| self.link.seccomp_kill_syscall(self.pid))
+                .flatten(),
+        };
         match frames.poll_frame(self.stdout(), self.max_frame) {
-            Ok(None) if !frames.has_buffered() => None,
+            Ok(None) if !frames.has_buffered() => self.process.try_wait().map(died),
             Ok(_) | Err(IoFailure::Decode(_)) => Some(output_before_bind()),
             Err(IoFailure::StdoutClosed) => Some(match self.process.try_wait() {
-                Some(status) => CallError::Died {
-                    pid: self.pid,
-                    status,
-                    stderr: self.stderr.tail(),
-                    syscall: status
-                        .is_seccomp_kill()
-                        .then(|| self.link.seccomp_kill_syscall(self.pid))
-                        .flatten(),
-                },
+                Some(status) => died(status),
                 // Closed, and not (yet) reapable: retired all the same.
                 None => CallError::Protocol {
                     pid: self.pid,

@@ -502,10 +502,11 @@ impl Helper {
         self.users.load(Ordering::Acquire) > 0
     }
 
-    /// Marks the helper used by a pool caller until the guard drops.
-    pub(crate) fn use_guard(self: &Arc<Self>) -> InUse {
+    /// Marks the helper used by a pool caller until the guard drops; the
+    /// caller got it at `ready` (see [`InUse::ready`]).
+    pub(crate) fn use_guard(self: &Arc<Self>, ready: Instant) -> InUse {
         self.users.fetch_add(1, Ordering::AcqRel);
-        InUse(self.clone())
+        InUse(self.clone(), ready)
     }
 
     /// Whether this is the first time the pool counts this helper's
@@ -548,17 +549,20 @@ impl Helper {
 
     /// Sends `request` and waits until `deadline` for its reply.
     pub fn call(&self, request: &[u8], deadline: Instant) -> Result<Vec<u8>, CallError> {
-        self.conn.call(request, deadline, Instant::now())
+        let now = Instant::now();
+        self.conn.call(request, deadline, now, now)
     }
 
-    /// [`call`](Self::call) for a call that started at `started`.
+    /// [`call`](Self::call) for a call that started at `started` and got
+    /// this helper at `ready`.
     pub(crate) fn call_from(
         &self,
         request: &[u8],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
     ) -> Result<Vec<u8>, CallError> {
-        self.conn.call(request, deadline, started)
+        self.conn.call(request, deadline, started, ready)
     }
 
     /// Sends every request, pipelined from this thread (as many frames in
@@ -570,7 +574,8 @@ impl Helper {
         requests: &[&[u8]],
         deadline: Instant,
     ) -> Vec<Result<Vec<u8>, CallError>> {
-        self.conn.call_batch(requests, deadline, Instant::now())
+        let now = Instant::now();
+        self.conn.call_batch(requests, deadline, now, now)
     }
 
     pub(crate) fn call_batch_from(
@@ -578,8 +583,9 @@ impl Helper {
         requests: &[&[u8]],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
     ) -> Vec<Result<Vec<u8>, CallError>> {
-        self.conn.call_batch(requests, deadline, started)
+        self.conn.call_batch(requests, deadline, started, ready)
     }
 
     /// The call as a future, for async callers: no thread waits for room,
@@ -592,7 +598,8 @@ impl Helper {
         request: &'a [u8],
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<u8>, CallError>> + Send + 'a {
-        self.conn.call_async(request, deadline, Instant::now())
+        let now = Instant::now();
+        self.conn.call_async(request, deadline, now, now)
     }
 
     pub(crate) fn call_async_from<'a>(
@@ -600,8 +607,9 @@ impl Helper {
         request: &'a [u8],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
     ) -> impl Future<Output = Result<Vec<u8>, CallError>> + Send + 'a {
-        self.conn.call_async(request, deadline, started)
+        self.conn.call_async(request, deadline, started, ready)
     }
 
     /// Sends a signal to the helper through its pidfd (e.g. SIGSTOP in tests).
@@ -689,11 +697,22 @@ impl Drop for Helper {
 
 /// A pool caller's hold on a helper (see [`Helper::use_guard`]).
 #[derive(Debug)]
-pub(crate) struct InUse(Arc<Helper>);
+pub(crate) struct InUse(Arc<Helper>, Instant);
 
 impl InUse {
     pub(crate) fn helper(&self) -> &Arc<Helper> {
         &self.0
+    }
+
+    /// When the caller stopped waiting for other callers: its call's start
+    /// if it did not wait (no second clock read), else the end of its wait
+    /// for room under `max_helpers` or for another caller's launch. A
+    /// launch for this call comes after it: that is the call's own time.
+    /// A request's turn can begin no earlier: the time before was other
+    /// callers', never charged to the helper (see
+    /// `table::Entry::overdue_at`).
+    pub(crate) fn ready(&self) -> Instant {
+        self.1
     }
 }
 

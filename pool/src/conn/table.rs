@@ -34,10 +34,11 @@ pub(crate) struct Entry<C> {
 impl<C> Entry<C> {
     /// The hang rule: when the helper, owing this reply first, is overdue
     /// on it. At its caller's deadline, or, if its turn came late (behind
-    /// another caller's slow request, or after its caller waited for room),
+    /// another caller's slow request, or after its caller waited for room
+    /// in this table, under `max_helpers` or for another caller's launch),
     /// as long after its turn as its caller allowed the call in all: time
-    /// the caller spent queued was never the helper's. A caller giving up
-    /// changes nothing: the budget is the request's own.
+    /// the call spent waiting for other callers was never the helper's. A
+    /// caller giving up changes nothing: the budget is the request's own.
     pub(crate) fn overdue_at(&self) -> Instant {
         let turn = self.turn.unwrap_or(self.sent);
         turn.checked_add(self.budget)

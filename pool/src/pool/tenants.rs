@@ -77,6 +77,8 @@ pub(super) struct LaunchJob {
     tenant: Box<[u8]>,
     deadline: Instant,
     started: Instant,
+    /// When the caller stopped waiting for others (see [`InUse::ready`]).
+    ready: Instant,
     /// A launch ahead of calls (`prewarm`, the adaptive prediction): it
     /// takes a free host slot or none, never evicting or waiting for one.
     ahead: bool,
@@ -333,7 +335,9 @@ impl Shared {
         self.telemetry.call_started();
         let result = self.with_retries(tenant, deadline, started, |held| {
             let held = held?;
-            let result = held.helper().call_from(request, deadline, started);
+            let result = held
+                .helper()
+                .call_from(request, deadline, started, held.ready());
             self.after_call(tenant, held.helper(), &result);
             result
         });
@@ -381,7 +385,9 @@ impl Shared {
         }
         let results = self.with_retries(tenant, deadline, started, |held| match held {
             Ok(held) => {
-                let results = held.helper().call_batch_from(requests, deadline, started);
+                let results =
+                    held.helper()
+                        .call_batch_from(requests, deadline, started, held.ready());
                 for result in &results {
                     self.after_call(tenant, held.helper(), result);
                 }
@@ -421,7 +427,7 @@ impl Shared {
                 Ok(held) => {
                     let result = held
                         .helper()
-                        .call_async_from(request, deadline, started)
+                        .call_async_from(request, deadline, started, held.ready())
                         .await;
                     self.after_call(tenant, held.helper(), &result);
                     result
@@ -483,7 +489,7 @@ impl Shared {
                         return Err(wait_for.timed_out(self, started.elapsed()));
                     }
                 }
-                Step::Launch => return self.launch_for(tenant, deadline, started, false),
+                Step::Launch => return self.launch_for(tenant, deadline, started, now, false),
             }
             now = Instant::now();
         }
@@ -525,6 +531,7 @@ impl Shared {
                         tenant: tenant.into(),
                         deadline,
                         started,
+                        ready: now,
                         ahead: false,
                         done: done.clone(),
                     };
@@ -564,7 +571,7 @@ impl Shared {
             if let Some(helper) = &entry.helper
                 && !helper.is_retired()
             {
-                let held = helper.use_guard();
+                let held = helper.use_guard(now);
                 entry.last_used = Some(now);
                 self.note_call(entry, now);
                 return Ok(Step::Ready(held));
@@ -633,7 +640,7 @@ impl Shared {
             Ok(()) => {
                 *self.spare_strikes.lock() = (0, None);
                 self.telemetry.spare_hit(started.elapsed());
-                self.install(state, tenant, spare).ok()
+                self.install(state, tenant, spare, started).ok()
             }
             Err(err) => {
                 warn!(pid = spare.pid(), %err, "spare helper unusable");
@@ -651,6 +658,7 @@ impl Shared {
         tenant: &[u8],
         deadline: Instant,
         started: Instant,
+        ready: Instant,
         ahead: bool,
     ) -> Result<InUse, CallError> {
         let launched = guarded(|| {
@@ -667,7 +675,8 @@ impl Shared {
             Ok(helper) => {
                 self.telemetry
                     .launched(helper.launch_time(), helper.hello(), helper.pid());
-                self.install(&mut state, tenant, Arc::new(helper))
+                // The launch itself is this call's: `ready` is from before it.
+                self.install(&mut state, tenant, Arc::new(helper), ready)
             }
             Err(CallError::Launch(err)) if err.is_host_pressure() => {
                 // Host pressure is never the tenant's failure.
@@ -840,6 +849,7 @@ impl Shared {
             tenant: tenant.into(),
             deadline: now + live.config.request_timeout,
             started: now,
+            ready: now,
             ahead: true,
             done: Arc::new(Completion::new()),
         };
@@ -864,7 +874,8 @@ impl Shared {
     /// shuts down.
     pub(super) fn launch_worker(&self, jobs: Receiver<LaunchJob>) {
         for job in jobs {
-            let result = self.launch_for(&job.tenant, job.deadline, job.started, job.ahead);
+            let result =
+                self.launch_for(&job.tenant, job.deadline, job.started, job.ready, job.ahead);
             // A caller that gave up leaves the helper installed for the
             // tenant's next call; its hold on it drops here.
             drop(job.done.complete(result, false));
@@ -881,6 +892,7 @@ impl Shared {
         state: &mut State,
         tenant: &[u8],
         helper: Arc<Helper>,
+        ready: Instant,
     ) -> Result<InUse, CallError> {
         if state.shut {
             // Shutdown began while this helper was being launched or bound:
@@ -888,7 +900,7 @@ impl Shared {
             self.telemetry.closed(CloseCause::Shutdown);
             return Err(CallError::ShutDown);
         }
-        let held = helper.use_guard();
+        let held = helper.use_guard(ready);
         let entry = tenant_mut(state, tenant);
         entry.helper = Some(helper);
         entry.last_used = Some(Instant::now());
