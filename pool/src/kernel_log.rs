@@ -88,6 +88,20 @@ impl KernelLog {
         reader.read_new();
         reader.records.claim(pid).map(syscall_name)
     }
+
+    /// A new helper has `pid`: reads what the log holds now and forgets
+    /// every kill of an earlier process with that pid, so none can name
+    /// this helper's death (whose own record may never come: the kernel
+    /// drops records past its rate limit). One read that finds nothing
+    /// new where no kill happened since the last.
+    pub(crate) fn forget(&self, pid: u32) {
+        let mut reader = self.0.lock();
+        if reader.file.is_none() {
+            return;
+        }
+        reader.read_new();
+        reader.records.claim(pid);
+    }
 }
 
 impl Reader {
@@ -157,8 +171,12 @@ fn syscall_name(nr: u32) -> String {
         .map_or_else(|| format!("syscall {nr}"), |sysno| sysno.name().to_owned())
 }
 
-/// The pid and syscall number of a seccomp audit record (`type=1326`) of a
-/// native syscall (`compat=0`), or `None` for any other record.
+/// The pid and syscall number of the kernel's seccomp audit record
+/// (`type=1326`) of a kill (`sig=31`, SIGSYS) on a native syscall
+/// (`compat=0`), or `None` for any other record: a logged-only action
+/// (`sig=0`), or another kernel message that merely contains such text (a
+/// process name is logged in other messages as it is; in an audit record
+/// one with a space or a quote is hex-encoded, so it cannot fake a field).
 fn parse_record(record: &[u8]) -> Option<(u32, u32)> {
     let text = std::str::from_utf8(record).ok()?;
     let (prefix, message) = text.split_once(';')?;
@@ -168,7 +186,10 @@ fn parse_record(record: &[u8]) -> Option<(u32, u32)> {
     if priority >> 3 != 0 {
         return None;
     }
-    if !message.contains("type=1326") || !message.contains(" compat=0") {
+    if !message.starts_with("audit: type=1326 audit(")
+        || !message.contains(" sig=31 ")
+        || !message.contains(" compat=0")
+    {
         return None;
     }
     let field = |name: &str| -> Option<u32> {
@@ -227,6 +248,13 @@ mod tests {
         assert_eq!(parse_record(b"6,2,3,-;usb 1-1: new device\n"), None);
         let compat = b"4,1,1,-;audit: type=1326 audit(1:1): pid=7 sig=31 arch=40000003 syscall=5 compat=1 ip=0x1\n";
         assert_eq!(parse_record(compat), None);
+        // Another kernel message carrying a process name that reads like
+        // a record (a segfault report; a review's forgery as an
+        // unprivileged user), and an action that was only logged.
+        let segfault = b"6,612,1,-;x type=1326 pid[31499]: segfault at 0 ip 0 sp 0 error 4 in x type=1326 pid=4242 syscall=59 compat=0[1000+1000]\n";
+        assert_eq!(parse_record(segfault), None);
+        let logged = b"5,1,1,-;audit: type=1326 audit(1:1): pid=7 comm=\"h\" sig=0 arch=c000003e syscall=102 compat=0 ip=0x1 code=0x7ffc0000\n";
+        assert_eq!(parse_record(logged), None);
         // Written to /dev/kmsg by a process (facility user), not the kernel.
         let forged = b"12,5,1,-;audit: type=1326 audit(1:1): pid=7 sig=31 arch=c000003e syscall=41 compat=0 ip=0x1\n";
         assert_eq!(parse_record(forged), None);

@@ -307,6 +307,9 @@ impl Reactor {
     /// reactor owns them) and its stderr if forwarded.
     pub(crate) fn register(&self, conn: Arc<Conn>) -> std::io::Result<()> {
         let token = conn.token();
+        // A kill record of an earlier process with this pid, read now or
+        // still unread, can never name this helper's death.
+        self.inner.kernel_log.forget(conn.pid());
         // The kick first: an event for these fds can then never reach the
         // reactor before it knows the helper.
         self.inner.kick(Kick::Register(conn.clone()));
