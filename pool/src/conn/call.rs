@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use event_listener::Listener;
 use nix::poll::PollFlags;
-use sandpool_protocol::{HEADER_LEN, Header, Kind, RegionRef, RegionRequest};
+use sandpool_protocol::{HEADER_LEN, Header, Kind, REGION_REQUEST_LEN, RegionRef, RegionRequest};
 use tracing::error;
 
 use super::completion::Completion;
@@ -173,6 +173,25 @@ impl Conn {
         Ok(())
     }
 
+    /// Bytes the helper's stdin pipe takes now without a partial write, by
+    /// its capacity less what is queued in it (`FIONREAD`) and a page of
+    /// slack (the pipe is a ring of pages, and a write may start a new
+    /// one). Unbounded if the queue cannot be read: the batch then goes
+    /// as before, the reactor finishing what does not fit.
+    fn stdin_room(&self, st: &State) -> usize {
+        const PAGE: usize = 4096;
+        let Some(stdin) = st.stdin.as_ref() else {
+            return usize::MAX;
+        };
+        match rustix::io::ioctl_fionread(stdin.as_fd()) {
+            Ok(queued) => self
+                .stdin_capacity
+                .saturating_sub(usize::try_from(queued).unwrap_or(usize::MAX))
+                .saturating_sub(PAGE),
+            Err(_) => usize::MAX,
+        }
+    }
+
     fn queue_timeout(&self, started: Instant) -> CallError {
         CallError::QueueTimeout {
             pid: self.pid,
@@ -272,16 +291,44 @@ impl Conn {
                 fail_rest(&mut results, &pending[next..], &err);
                 break;
             }
-            // As many as fit now, in order.
+            // As many as fit now, in order. A caller that reads its replies
+            // itself (or will: nothing else is owed) also sends no more
+            // than the helper's stdin pipe takes whole, so that nothing is
+            // left for the reactor to write and it keeps the reading: the
+            // rest goes once replies (so the helper's reads) make room.
             let mut room = st.table.room();
             let mut slots = st.free_slots.len();
+            let will_read = inline.is_some()
+                || (next == 0
+                    && st.table.is_empty()
+                    && st.outbound.is_empty()
+                    && !st.own_writer
+                    && st.reading == Reading::Idle);
+            let mut pipe_room = if will_read {
+                self.stdin_room(&st)
+            } else {
+                usize::MAX
+            };
             let mut count = 0;
-            for &(_, through_region) in &pending[next..] {
+            for &(index, through_region) in &pending[next..] {
+                let wire = HEADER_LEN
+                    + if through_region {
+                        REGION_REQUEST_LEN
+                    } else {
+                        requests[index].len()
+                    };
                 if room == 0 || (through_region && slots == 0) {
+                    break;
+                }
+                // A frame goes whatever its size when it is the first of the
+                // batch, or when nothing is owed (no reply would make room).
+                let must_go = count == 0 && (inline.is_none() || st.table.is_empty());
+                if wire > pipe_room && !must_go {
                     break;
                 }
                 room -= 1;
                 slots -= usize::from(through_region);
+                pipe_room = pipe_room.saturating_sub(wire);
                 count += 1;
             }
             if count > 0 {

@@ -194,6 +194,9 @@ pub(crate) struct Conn {
     max_frame: u32,
     spin: Duration,
     address_space: Option<u64>,
+    /// The capacity of the helper's stdin pipe in bytes (`F_GETPIPE_SZ`):
+    /// how much of a batch a caller can write whole and then read inline.
+    stdin_capacity: usize,
     state: Mutex<State>,
     /// Notified when room frees up in the table or the region, and when
     /// the helper stops serving.
@@ -404,6 +407,9 @@ impl Helper {
             max_frame: parts.max_frame,
             spin: parts.spin,
             address_space: parts.address_space,
+            // The kernel's default where it cannot be read: a wrong guess
+            // costs a batch the reactor path, never a frame.
+            stdin_capacity: rustix::pipe::fcntl_getpipe_size(&parts.stdin).unwrap_or(65_536),
             state: Mutex::new(State {
                 table: CallTable::new(parts.max_in_flight),
                 ids: RequestIds::new(),
