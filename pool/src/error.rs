@@ -575,11 +575,15 @@ pub enum CallError {
         #[source]
         source: Arc<std::io::Error>,
     },
-    /// The deadline passed while this call waited behind other calls on the
-    /// same helper (for a region slot, or for its reply while the helper
-    /// was still within the time of a request owed before it). The helper
-    /// is not blamed and keeps serving; a request that had not reached the
-    /// pipe was taken back, and a reply that arrives later is discarded.
+    /// The deadline passed while this call waited behind other calls (for
+    /// room on the helper or under `max_helpers`, for a region slot, or for
+    /// its reply while the helper was still within the time of a request
+    /// owed before it, or within its own request's budget, which a call
+    /// that waited for others counts from the end of that wait). The
+    /// helper is not blamed for this call: a request that had not reached
+    /// the pipe was taken back, and a reply that arrives later is
+    /// discarded; should the helper then overrun the request's budget, the
+    /// hang rule still retires it.
     #[error("deadline passed after {waited:?} queued behind other calls on helper pid {pid}")]
     QueueTimeout {
         /// The helper's pid.
