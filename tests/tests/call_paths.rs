@@ -595,3 +595,84 @@ fn time_a_call_waited_for_another_tenant_is_not_charged_to_its_helper() {
         );
     }
 }
+
+/// A batch holding the reading keeps a frame that does not fit the stdin
+/// pipe's room until one of its own replies makes room, never until the
+/// table empties: other threads' calls on the same helper can keep it from
+/// ever emptying. (A review found the 62,000-byte frame never sent while
+/// other threads called, the batch failing at its deadline.)
+#[test]
+fn a_large_frame_of_a_batch_goes_while_other_threads_call_the_helper() {
+    let mut cfg = pool_config(&["--test-ops"]);
+    cfg.spares = 0;
+    cfg.max_in_flight = 16;
+    let pool = Arc::new(Pool::new(cfg).unwrap());
+    let small = request(OP_ECHO, b"s");
+    assert_eq!(pool.call("t", &small).unwrap(), b"s");
+    let stop = Arc::new(AtomicBool::new(false));
+    // They start while the batch's first request (100 ms) is in flight,
+    // enough of them that some call of theirs is always owed.
+    let others: Vec<_> = (0..8)
+        .map(|_| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(30));
+                while !stop.load(Ordering::Relaxed) {
+                    pool.call("t", &sleep_request(2, b"x")).unwrap();
+                }
+            })
+        })
+        .collect();
+    let big = request(OP_ECHO, &vec![9u8; 62_000]);
+    let slow = sleep_request(100, b"slow");
+    let batch: Vec<&[u8]> = vec![&slow, &big, &small];
+    let results = pool.call_batch_with_deadline("t", &batch, deadline(5.0));
+    stop.store(true, Ordering::Relaxed);
+    for other in others {
+        other.join().unwrap();
+    }
+    assert_eq!(results[0].as_ref().unwrap(), b"slow");
+    assert_eq!(results[1].as_ref().unwrap(), &big[1..]);
+    assert_eq!(results[2].as_ref().unwrap(), b"s");
+}
+
+/// An async call whose launch waited in the launch workers' queue behind
+/// other tenants' launches is not charged that wait: its helper's turn
+/// starts when a worker takes the job. Four tenants' first calls at once,
+/// two launch workers (this machine's cores), launches of 0.5 s (a shell
+/// that sleeps, then execs the helper) and 1.2 s of work within a 2 s
+/// deadline. (A review found the last two helpers killed as hung at 2 s.)
+#[test]
+fn an_async_launch_queued_behind_others_is_not_charged_to_its_helper() {
+    let mut cfg = pool_config(&[]);
+    cfg.program = "/bin/sh".into();
+    cfg.args = vec![
+        "-c".into(),
+        format!(
+            "/bin/sleep 0.5; exec {} --test-ops",
+            sandpool_tests::helper_bin().display()
+        ),
+    ];
+    cfg.spares = 0;
+    let pool = Arc::new(Pool::new(cfg).unwrap());
+    let until = Instant::now() + Duration::from_millis(2000);
+    let calls: Vec<_> = (0..4)
+        .map(|i| {
+            let pool = pool.clone();
+            std::thread::spawn(move || {
+                let work = sleep_request(1200, b"w");
+                block_on(pool.call_async_with_deadline(format!("t{i}"), &work, until))
+            })
+        })
+        .collect();
+    for call in calls {
+        let result = call.join().unwrap();
+        assert!(
+            matches!(result, Ok(_) | Err(CallError::QueueTimeout { .. })),
+            "{result:?}"
+        );
+    }
+    // The abandoned calls' helpers finish their work and stay.
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(pool.stats().failures, sandpool::FailureStats::default());
+}

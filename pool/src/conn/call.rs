@@ -321,8 +321,12 @@ impl Conn {
                     break;
                 }
                 // A frame goes whatever its size when it is the first of the
-                // batch, or when nothing is owed (no reply would make room).
-                let must_go = count == 0 && (inline.is_none() || st.table.is_empty());
+                // batch, or when none of the batch's own replies is owed:
+                // reading one of those is the only progress this caller
+                // can count on (other callers' requests may keep the table
+                // from ever emptying).
+                let must_go = count == 0
+                    && (inline.is_none() || tickets.iter().all(|t| t.completion().is_done()));
                 if wire > pipe_room && !must_go {
                     break;
                 }

@@ -874,8 +874,10 @@ impl Shared {
     /// shuts down.
     pub(super) fn launch_worker(&self, jobs: Receiver<LaunchJob>) {
         for job in jobs {
-            let result =
-                self.launch_for(&job.tenant, job.deadline, job.started, job.ready, job.ahead);
+            // Its time in this queue, behind other callers' launches, was
+            // not its own: the turn starts no earlier than here.
+            let ready = job.ready.max(Instant::now());
+            let result = self.launch_for(&job.tenant, job.deadline, job.started, ready, job.ahead);
             // A caller that gave up leaves the helper installed for the
             // tenant's next call; its hold on it drops here.
             drop(job.done.complete(result, false));
