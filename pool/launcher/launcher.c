@@ -19,7 +19,8 @@
  *              bounding set, which it empties of all others when it may
  *              (CAP_SETPCAP): a helper exec'd by root then starts without
  *              them, and its own drop has nothing left to do but these
- *              (the ones a helper's switch to its configured user needs)
+ *              (the ones a helper's switch to its configured user needs).
+ *              Then it drops every capability of its own.
  *   EXEC_PATH  what each helper's execve runs (the program or its image)
  *   ARGC       how many helper argv entries follow; the rest is the
  *              helper's whole environment. The launcher's own environment
@@ -48,6 +49,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <linux/capability.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -293,6 +295,22 @@ static void empty_bounding_set(unsigned long long keep) {
     }
 }
 
+/* Empties this process's own effective, permitted and inheritable sets
+ * (and with them the ambient set) when it runs as root: it needs no
+ * capability to clone, place fds and exec, and what a helper exec'd by
+ * root holds comes from the bounding set above (root's exec gets it as its
+ * permitted set), not from these. A non-root launcher keeps them: its
+ * helpers' capabilities, if any, come from its ambient set. Best effort,
+ * like the above: a launcher that keeps them is no worse than before. */
+static void drop_own_capabilities(void) {
+    if (geteuid() != 0)
+        return;
+    struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    (void)syscall(SYS_capset, &header, data);
+}
+
 static unsigned long long parse_mask(const char *text) {
     char *end;
     errno = 0;
@@ -331,6 +349,7 @@ int main(int argc, char **argv) {
             _exit(EXIT_USAGE);
     }
     empty_bounding_set(parse_mask(argv[3]));
+    drop_own_capabilities();
     int count = parse(argv[5], 1, argc - 6);
     exec_path = argv[4];
     helper_argv = calloc((size_t)count + 1, sizeof *helper_argv);

@@ -209,6 +209,10 @@ fn the_launcher_process_hands_its_helpers_an_empty_bounding_set() {
     let helper = launcher.launch().unwrap();
     let pid = launcher.launcher_pid().unwrap();
     assert_eq!(cap_mask(pid, "CapBnd"), 0, "CapBnd of launcher {pid}");
+    // It holds no capability of its own either: it needs none.
+    for set in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(cap_mask(pid, set), 0, "{set} of launcher {pid}");
+    }
     assert!(helper.hello().bounding_cleared);
     for set in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
         assert_eq!(cap_mask(helper.pid(), set), 0, "{set}");
@@ -222,6 +226,7 @@ fn the_launcher_process_hands_its_helpers_an_empty_bounding_set() {
     let helper = launcher.launch().unwrap();
     let pid = launcher.launcher_pid().unwrap();
     assert_eq!(cap_mask(pid, "CapBnd"), 1 << 6 | 1 << 7 | 1 << 8);
+    assert_eq!(cap_mask(pid, "CapEff"), 0, "CapEff of launcher {pid}");
     assert!(helper.hello().bounding_cleared);
     for set in ["CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd"] {
         assert_eq!(cap_mask(helper.pid(), set), 0, "{set}");
