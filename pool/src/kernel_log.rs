@@ -20,7 +20,6 @@
 //! go unnamed: "kauditd_printk_skb: N callbacks suppressed"). The
 //! name comes from the kernel, not from the helper, so a hostile helper
 //! cannot forge it.
-
 //!
 //! The log is read incrementally: each pool's reactor holds one
 //! `/dev/kmsg` descriptor, opened when the pool starts (positioned past the
@@ -92,8 +91,8 @@ impl KernelLog {
     /// A new helper has `pid`: reads what the log holds now and forgets
     /// every kill of an earlier process with that pid, so none can name
     /// this helper's death (whose own record may never come: the kernel
-    /// drops records past its rate limit). One read that finds nothing
-    /// new where no kill happened since the last.
+    /// drops records past its rate limit). Costs the kernel messages
+    /// logged since the last read: usually one read that finds none.
     pub(crate) fn forget(&self, pid: u32) {
         let mut reader = self.0.lock();
         if reader.file.is_none() {
