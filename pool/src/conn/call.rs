@@ -767,15 +767,7 @@ impl Conn {
             pid: self.pid,
             violation: ProtocolViolation::OutputBeforeBind,
         };
-        let died = |status: ExitStatus| CallError::Died {
-            pid: self.pid,
-            status,
-            stderr: self.stderr.tail(),
-            syscall: status
-                .is_seccomp_kill()
-                .then(|| self.link.seccomp_kill_syscall(self.pid))
-                .flatten(),
-        };
+        let died = |status: ExitStatus| self.died(status, self.stderr.tail());
         match frames.poll_frame(self.stdout(), self.max_frame) {
             Ok(None) if !frames.has_buffered() => self.process.try_wait().map(died),
             Ok(_) | Err(IoFailure::Decode(_)) => Some(output_before_bind()),

@@ -342,6 +342,25 @@ impl Conn {
         self.room.notify(usize::MAX);
     }
 
+    /// The error of a helper that ended with `status`: `Died`, with the end
+    /// of its stderr and, for a seccomp kill, the syscall the kernel logged
+    /// killing it for.
+    pub(super) fn died(&self, status: ExitStatus, stderr: String) -> CallError {
+        let syscall = status
+            .is_seccomp_kill()
+            .then(|| self.link.seccomp_kill_syscall(self.pid))
+            .flatten();
+        if status.is_seccomp_kill() {
+            debug!(pid = self.pid, ?syscall, "helper killed by seccomp");
+        }
+        CallError::Died {
+            pid: self.pid,
+            status,
+            stderr,
+            syscall,
+        }
+    }
+
     /// The dying helper has been reaped with `status`: every call in flight
     /// fails with the same error.
     pub(super) fn finalize(&self, st: &mut State, status: ExitStatus, done: &mut Done) {
@@ -355,13 +374,6 @@ impl Conn {
         let error = match cause {
             Dying::Failed(error) => error,
             Dying::Exiting { .. } => {
-                let syscall = status
-                    .is_seccomp_kill()
-                    .then(|| self.link.seccomp_kill_syscall(self.pid))
-                    .flatten();
-                if status.is_seccomp_kill() {
-                    debug!(pid = self.pid, ?syscall, "helper killed by seccomp");
-                }
                 let stderr = self.stderr.tail();
                 match self.address_space {
                     Some(max) if is_allocation_abort(status, &stderr) => CallError::LimitExceeded {
@@ -369,12 +381,7 @@ impl Conn {
                         limit: crate::error::Limit::AddressSpace { max },
                         stderr,
                     },
-                    _ => CallError::Died {
-                        pid: self.pid,
-                        status,
-                        stderr,
-                        syscall,
-                    },
+                    _ => self.died(status, stderr),
                 }
             }
         };

@@ -327,12 +327,19 @@ struct CapData {
 /// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, as two `CapData`.
 const CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+impl CapHeader {
+    /// Version 3 (64-bit sets), this thread (pid 0).
+    fn this_thread() -> CapHeader {
+        CapHeader {
+            version: CAPABILITY_VERSION_3,
+            pid: 0,
+        }
+    }
+}
+
 /// `capget(2)` of this thread's sets.
 fn capget() -> Result<[CapData; 2], Errno> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    let mut header = CapHeader::this_thread();
     let mut data = [CapData::default(); 2];
     // SAFETY: with version 3 the kernel reads the header and writes two
     // `CapData` (the layout of <linux/capability.h>), both valid for the
@@ -349,10 +356,7 @@ fn capget() -> Result<[CapData; 2], Errno> {
 
 /// `capset(2)` of this thread's sets.
 fn capset(data: &[CapData; 2]) -> Result<(), Errno> {
-    let mut header = CapHeader {
-        version: CAPABILITY_VERSION_3,
-        pid: 0,
-    };
+    let mut header = CapHeader::this_thread();
     // SAFETY: with version 3 the kernel reads the header and two `CapData`
     // (the layout of <linux/capability.h>), valid for the call; pid 0 is
     // this thread.
