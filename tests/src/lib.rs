@@ -241,6 +241,23 @@ impl Bystanders {
     }
 }
 
+/// The threads of this process named `name` (their `comm`, cut at 15
+/// bytes by the kernel: a pool's reactor is `sandpool-reacto`).
+pub fn threads_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|task| {
+                    let tid: u32 = task.ok()?.file_name().to_str()?.parse().ok()?;
+                    let comm =
+                        std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
+                    (comm.trim_end() == name).then_some(tid)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs the tests of one test binary one at a time while the guard lives
 /// (for tests that count the process's fds or children, or change its
 /// limits). Each test binary links its own copy of this crate, so each has

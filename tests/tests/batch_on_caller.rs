@@ -5,20 +5,7 @@
 
 use sandpool::Pool;
 use sandpool_reference_helper::reference::*;
-use sandpool_tests::pool_config;
-
-/// The threads of this process named `name` (their `comm`, cut at 15
-/// bytes by the kernel).
-fn threads_named(name: &str) -> Vec<u32> {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| {
-            let tid: u32 = task.ok()?.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).ok()?;
-            (comm.trim_end() == name).then_some(tid)
-        })
-        .collect()
-}
+use sandpool_tests::{pool_config, threads_named};
 
 /// The read and write syscalls thread `tid` has made (`syscr`, `syscw`).
 fn syscalls(tid: u32) -> (u64, u64) {

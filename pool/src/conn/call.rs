@@ -303,7 +303,7 @@ impl Conn {
                     && st.table.is_empty()
                     && st.outbound.is_empty()
                     && !st.own_writer
-                    && st.reading == Reading::Idle);
+                    && st.reading != Reading::Inline);
             let mut pipe_room = if will_read {
                 self.stdin_room(&st)
             } else {
@@ -479,6 +479,11 @@ impl Conn {
             if let Poll::Ready(result) = ticket.completion().poll_take(cx) {
                 return Poll::Ready(result);
             }
+            if self.read_arrived()
+                && let Poll::Ready(result) = ticket.completion().poll_take(cx)
+            {
+                return Poll::Ready(result);
+            }
             loop {
                 if Pin::new(&mut timer).poll(cx).is_pending() {
                     return Poll::Pending;
@@ -491,6 +496,44 @@ impl Conn {
         })
         .await;
         ticket.finish(result)
+    }
+
+    /// A waiting caller reads the replies that have arrived, while the
+    /// reactor holds the reading: one non-blocking pass under the lock
+    /// (skipped if the lock is busy: whoever holds it may be doing just
+    /// that). The reactor is woken only if it must look sooner than it
+    /// planned: frames left in the read-ahead buffer, or a new front of the
+    /// table that becomes overdue before its timer. True if it completed
+    /// any call.
+    fn read_arrived(&self) -> bool {
+        let mut done = Done::new();
+        let mut poke = false;
+        {
+            let Some(mut st) = self.state.try_lock() else {
+                return false;
+            };
+            if matches!(st.health, Health::Serving) && st.reading == Reading::Reactor {
+                let front = st.table.front().map(|entry| entry.id);
+                poke = self.read_arrived_frames(&mut st, Instant::now(), &mut done);
+                if st.table.front().map(|entry| entry.id) != front {
+                    poke |= Self::looks_too_late(&st);
+                }
+                // Failing: the reactor reaps.
+                poke |= !matches!(st.health, Health::Serving);
+            }
+        }
+        if poke {
+            self.poke();
+        }
+        let any = !done.is_empty();
+        self.complete_all(&mut done);
+        any
+    }
+
+    /// Whether the reactor's next look at this helper comes after the
+    /// moment the front of its table becomes overdue (or never comes).
+    fn looks_too_late(st: &State) -> bool {
+        super::service::looks_too_late(st.table.front_overdue_at(), st.next_look)
     }
 
     /// Queues `out` (the caller checked the room: every request has a place
@@ -513,7 +556,10 @@ impl Conn {
         tickets: &mut Tickets<'c>,
     ) -> Result<Sent, CallError> {
         let was_empty = st.table.is_empty();
-        if was_empty && st.reading == Reading::Idle {
+        // Nothing owed, nobody reading but perhaps the reactor, which keeps
+        // its watch on an empty table until it next looks.
+        let quiet = was_empty && st.reading != Reading::Inline;
+        if quiet {
             self.check_unsolicited(st)?;
         }
         for outgoing in out.iter_mut() {
@@ -651,7 +697,7 @@ impl Conn {
             // The reactor arms EPOLLOUT.
             poke = true;
         }
-        if st.reading == Reading::Idle {
+        if st.reading == Reading::Idle || quiet {
             let whole = st.outbound.is_empty() && !st.own_writer;
             if inline_ok && was_empty && whole {
                 sent.inline = st.frames.take();
@@ -660,8 +706,10 @@ impl Conn {
                 }
             }
             if sent.inline.is_none() {
+                // The reactor reads: wake it to watch, unless it still
+                // watches and will look in time for the hang rule.
+                poke |= st.reading != Reading::Reactor || Self::looks_too_late(st);
                 st.reading = Reading::Reactor;
-                poke = true;
             }
         }
         if poke {
@@ -800,7 +848,7 @@ impl Conn {
             // Nothing is owed, so nothing may be waiting on its stdout, and
             // it must still be running: a spare that misbehaved while it
             // waited is retired here, before any tenant is bound to it.
-            if st.reading == Reading::Idle && st.table.is_empty() {
+            if st.reading != Reading::Inline && st.table.is_empty() {
                 // Bytes read with the Hello and kept count as well.
                 let buffered = st.frames.as_ref().is_some_and(|f| f.has_buffered());
                 let problem = if buffered {
@@ -976,8 +1024,11 @@ impl Conn {
     fn wait(&self, ticket: Ticket<'_>, deadline: Instant, started: Instant) -> CallResult {
         let mut until = deadline;
         let mut verdict_since = None;
+        self.read_arrived();
         loop {
-            if let Some(result) = ticket.completion().wait_until(until, self.spin) {
+            if let Some(result) = ticket.completion().wait_until_with(until, self.spin, || {
+                self.read_arrived();
+            }) {
                 return ticket.finish(result);
             }
             match self.at_deadline(&ticket, started, &mut verdict_since) {

@@ -158,13 +158,29 @@ impl<T> Completion<T> {
     /// passes (`None`; the call is still waiting: abandon it or wait
     /// again). Spins for `spin` first, yielding the CPU, so that a reply
     /// that comes within microseconds costs no sleep and no wake-up.
+    #[cfg(test)]
     pub(crate) fn wait_until(&self, deadline: Instant, spin: Duration) -> Option<T> {
+        self.wait_until_with(deadline, spin, || {})
+    }
+
+    /// [`wait_until`](Self::wait_until), running `meanwhile` on every turn
+    /// of the spin (before the yield).
+    pub(crate) fn wait_until_with(
+        &self,
+        deadline: Instant,
+        spin: Duration,
+        mut meanwhile: impl FnMut(),
+    ) -> Option<T> {
         if let Some(value) = self.try_take() {
             return Some(value);
         }
         if !spin.is_zero() {
             let until = Instant::now() + spin;
             while Instant::now() < until {
+                meanwhile();
+                if let Some(value) = self.try_take() {
+                    return Some(value);
+                }
                 crate::conn::sync::yield_now();
                 if let Some(value) = self.try_take() {
                     return Some(value);

@@ -16,9 +16,16 @@
 //!   own reply, with `spin_wait`, and the reactor leaves the helper alone),
 //!   or the reactor (`Reactor`). The inline reader hands the reading to the
 //!   reactor when it is done and anything is still owed, or when it stops
-//!   early (its deadline, a read failure); the reactor gives it up when the
-//!   table is empty. Whoever reads checks every frame against the call
-//!   table and completes the call it answers.
+//!   early (its deadline, a read failure); the reactor gives it up when it
+//!   finds the table empty. While the reactor reads, a waiting caller (a
+//!   thread before it parks, and while it spins; an async call each time it
+//!   is polled) may also take, under the lock, a non-blocking pass over
+//!   what has arrived: the reactor holds the reading and keeps its watch,
+//!   but when replies come as fast as callers send, the callers read them
+//!   and nobody waits for the reactor to wake. Such a pass never gives the
+//!   reading up (an empty table stays the reactor's until it looks, so the
+//!   next request needs no wake-up) and never judges. Whoever reads checks
+//!   every frame against the call table and completes the call it answers.
 //! - **Judging.** Only the reactor decides that a helper is hung, by the
 //!   hang rule ([`table::Entry::overdue_at`]): at the moment the helper
 //!   becomes overdue on the reply it owes first, with everything that has
@@ -152,6 +159,12 @@ struct State {
     /// Completions of finished calls, for reuse: a warm call allocates
     /// nothing but its reply. At most as many as the table holds calls.
     completions: Vec<Arc<Completion<CallResult>>>,
+    /// When the reactor will next look at this helper on its own (the
+    /// timer it has armed for the hang rule), as of its last service: a
+    /// waiter that reads a reply, and with it moves the front of the
+    /// table, wakes the reactor only if the new front becomes overdue
+    /// before this.
+    next_look: Option<Instant>,
 }
 
 /// Where a helper's stderr goes: read only when it fails (a lone helper), or
@@ -426,6 +439,7 @@ impl Helper {
                 // Two: a call may start while the last one's completer
                 // still holds its completion for a moment.
                 completions: (0..2).map(|_| Arc::new(Completion::new())).collect(),
+                next_look: None,
             }),
             room: Event::new(),
             calls: AtomicU64::new(0),

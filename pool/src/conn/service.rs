@@ -51,12 +51,36 @@ pub(crate) struct Interest {
     pub(crate) again: bool,
 }
 
+/// The earlier of two moments, either of which may be none.
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether a reactor that next looks at a helper at `next_look` (never:
+/// `None`) looks too late for the hang rule on a front of its table that
+/// becomes overdue at `overdue` (nothing owed: `None`, never too late).
+pub(super) fn looks_too_late(overdue: Option<Instant>, next_look: Option<Instant>) -> bool {
+    overdue.is_some_and(|at| next_look.is_none_or(|look| look > at))
+}
+
 impl Conn {
     /// Everything the reactor does for a helper, whatever woke it: writes
     /// what waits in the outbound queue, reads and completes the replies
     /// that have arrived (while it owns the reading), applies the hang
     /// rule, reaps a dying helper. Returns what to watch next.
-    pub(crate) fn service(&self, now: Instant, _events: Events) -> Interest {
+    ///
+    /// `armed`: the hang-rule timer the reactor still has set for this
+    /// helper, if any; the one it will have after this is kept in
+    /// `next_look`.
+    pub(crate) fn service(
+        &self,
+        now: Instant,
+        _events: Events,
+        armed: Option<Instant>,
+    ) -> Interest {
         let mut done = Done::new();
         let mut st = self.state.lock();
         if matches!(st.health, Health::Serving)
@@ -100,6 +124,7 @@ impl Conn {
             },
             again: again && serving && st.reading == Reading::Reactor,
         };
+        st.next_look = earliest(armed, interest.timer);
         drop(st);
         self.complete_all(&mut done);
         interest
@@ -171,7 +196,22 @@ impl Conn {
 
     /// Reads and handles the complete frames that have arrived, at most
     /// `FRAMES_PER_PASS`; true if it stopped at that cap (more may wait).
+    /// Gives the reading up if nothing is owed after it.
     pub(super) fn read_pass(&self, st: &mut State, now: Instant, done: &mut Done) -> bool {
+        let capped = self.read_arrived_frames(st, now, done);
+        if st.table.is_empty() && matches!(st.health, Health::Serving) {
+            st.reading = Reading::Idle;
+        }
+        capped
+    }
+
+    /// [`read_pass`](Self::read_pass), keeping the reading where it is.
+    pub(super) fn read_arrived_frames(
+        &self,
+        st: &mut State,
+        now: Instant,
+        done: &mut Done,
+    ) -> bool {
         let Some(mut frames) = st.frames.take() else {
             return false;
         };
@@ -197,9 +237,6 @@ impl Conn {
             }
         }
         st.frames = Some(frames);
-        if st.table.is_empty() && matches!(st.health, Health::Serving) {
-            st.reading = Reading::Idle;
-        }
         capped
     }
 
@@ -415,6 +452,35 @@ fn is_allocation_abort(status: ExitStatus, stderr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_look_is_the_earlier_timer() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(1);
+        assert_eq!(earliest(None, None), None);
+        assert_eq!(earliest(Some(now), None), Some(now));
+        assert_eq!(earliest(None, Some(later)), Some(later));
+        assert_eq!(earliest(Some(later), Some(now)), Some(now));
+        assert_eq!(earliest(Some(now), Some(later)), Some(now));
+    }
+
+    #[test]
+    fn a_reactor_looks_too_late_only_after_the_front_is_overdue() {
+        let now = Instant::now();
+        let soon = now + Duration::from_millis(100);
+        let later = now + Duration::from_secs(30);
+        // A front overdue before the reactor's timer (a short call behind a
+        // long one, whose reply a waiter read): wake it.
+        assert!(looks_too_late(Some(soon), Some(later)));
+        // No timer at all (the reactor looked when nothing was owed).
+        assert!(looks_too_late(Some(later), None));
+        // Its timer comes first, or at that very moment: it re-plans then.
+        assert!(!looks_too_late(Some(later), Some(soon)));
+        assert!(!looks_too_late(Some(soon), Some(soon)));
+        // Nothing owed: nothing to judge.
+        assert!(!looks_too_late(None, None));
+        assert!(!looks_too_late(None, Some(soon)));
+    }
 
     #[test]
     fn only_an_abort_after_an_allocation_failure_is_named_a_memory_limit() {
