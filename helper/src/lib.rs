@@ -232,7 +232,11 @@ pub fn sandbox(options: &Options) -> Result<Sandboxed, StartupError> {
 
 /// Runs the startup sequence with an explicit spec.
 pub fn sandbox_with_spec(options: &Options, spec: SandboxSpec) -> Result<Sandboxed, StartupError> {
-    sandbox_with_init(options, spec, |_| Ok(()))
+    sandbox_inner(
+        options,
+        spec,
+        None::<fn(&mut Init) -> Result<(), HandlerError>>,
+    )
 }
 
 /// What an init hook may tell the runtime: the fds it keeps open.
@@ -327,6 +331,17 @@ pub fn sandbox_with_init(
     spec: SandboxSpec,
     init: impl FnOnce(&mut Init) -> Result<(), HandlerError>,
 ) -> Result<Sandboxed, StartupError> {
+    sandbox_inner(options, spec, Some(init))
+}
+
+/// The startup sequence, with or without an init hook. Without one,
+/// nothing runs between the close and the filter that could open an fd,
+/// so the fds are not counted again.
+fn sandbox_inner(
+    options: &Options,
+    spec: SandboxSpec,
+    init: Option<impl FnOnce(&mut Init) -> Result<(), HandlerError>>,
+) -> Result<Sandboxed, StartupError> {
     let mut policy = options.policy.clone();
     for name in &spec.extra_syscalls {
         policy.allow_name(name).map_err(StartupError::Policy)?;
@@ -335,13 +350,17 @@ pub fn sandbox_with_init(
     // Map what the helper needs before its inherited fds (fd 3 among them)
     // are closed: the mapping outlives the fd.
     let region = spec.region.map(SharedRegion::map_passed).transpose()?;
-    let closed = sandpool_sandbox::close_inherited_fds(options.fd_close)?;
+    // One reading of /proc/self/status for the fd count and the
+    // capability step: closing fds and naming the process change no
+    // capability set (the init hook, which may, runs after both).
+    let status = sandpool_sandbox::ProcStatus::read();
+    let closed = sandpool_sandbox::close_inherited_fds_with(options.fd_close, &status)?;
     // Cosmetic (what `ps` shows), so a failure does not stop the helper.
     if let Some(program) = std::env::args_os().next() {
         let _ = sandpool_sandbox::set_process_name(program.as_encoded_bytes());
     }
     let bounding_cleared = if options.drop_capabilities {
-        sandpool_sandbox::drop_bounding_and_ambient()?.bounding_cleared
+        sandpool_sandbox::drop_bounding_and_ambient_with(&status)?.bounding_cleared
     } else {
         false
     };
@@ -349,9 +368,14 @@ pub fn sandbox_with_init(
     if options.drop_capabilities {
         sandpool_sandbox::clear_capabilities()?;
     }
-    let mut declared = Init::default();
-    init(&mut declared).map_err(|err| StartupError::Init(err.to_string()))?;
-    let kept_fds = declare_kept_fds(&declared.kept)?;
+    let kept_fds = match init {
+        Some(init) => {
+            let mut declared = Init::default();
+            init(&mut declared).map_err(|err| StartupError::Init(err.to_string()))?;
+            declare_kept_fds(&declared.kept)?
+        }
+        None => Vec::new(),
+    };
     for kept in &kept_fds {
         policy
             .allow_kept_fd(kept.fd, kept.access)
@@ -840,7 +864,7 @@ pub fn serve_main<H>(options: &Options, handler: H) -> !
 where
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
 {
-    serve_main_with_init(options, |_| Ok(()), handler)
+    serve_started(start(options), handler)
 }
 
 /// [`serve_main`] with an init hook, run before the sandbox closes (see
@@ -850,7 +874,15 @@ where
     I: FnOnce(&mut Init) -> Result<(), HandlerError>,
     H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
 {
-    let session = match start_with_init(options, init) {
+    serve_started(start_with_init(options, init), handler)
+}
+
+/// Serves on a session that started, or exits as [`serve_main`] says.
+fn serve_started<H>(started: Result<Session, StartupError>, handler: H) -> !
+where
+    H: FnMut(&Request<'_>, &mut Vec<u8>) -> Result<(), HandlerError>,
+{
+    let session = match started {
         Ok(session) => session,
         Err(err) => {
             eprintln!("sandpool-helper: startup failed: {err}");

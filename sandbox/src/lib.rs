@@ -13,6 +13,10 @@
 //! 6. [`Filter::install`]: the seccomp filter compiled from a [`SeccompPolicy`];
 //! 7. say hello.
 //!
+//! Steps 2 and 3 each read `/proc/self/status`; their `_with` forms
+//! ([`close_inherited_fds_with`], [`drop_bounding_and_ambient_with`]) take
+//! one [`ProcStatus`] reading for both, as the helper runtime does.
+//!
 //! This crate knows nothing about pools or frames beyond the shared enums of
 //! `sandpool-protocol`. It is Linux-only; on any other OS every entry point
 //! returns an explicit "unavailable" error rather than doing nothing, so a

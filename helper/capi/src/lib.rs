@@ -230,7 +230,12 @@ fn serve(
             status => Err(format!("init returned {status}").into()),
         }
     };
-    let session = match sandpool_helper::start_with_init(&options, run_init) {
+    let started = match init {
+        Some(_) => sandpool_helper::start_with_init(&options, run_init),
+        // Nothing runs between the close and the filter: no fd to count.
+        None => sandpool_helper::start(&options),
+    };
+    let session = match started {
         Ok(session) => session,
         Err(err) => {
             complain(format_args!("startup failed: {err}"));

@@ -124,10 +124,12 @@ fn run() {
     let test_ops = args.test_ops;
     let handler = move |request: &Request<'_>, out: &mut Vec<u8>| handle(test_ops, request, out);
     let Some(misbehave) = args.misbehave else {
-        let init = args.init;
+        let Some(init) = args.init else {
+            sandpool_helper::serve_main(&options, handler);
+        };
         sandpool_helper::serve_main_with_init(
             &options,
-            move |declared| run_init(init.as_deref(), declared),
+            move |declared| run_init(Some(&init), declared),
             handler,
         );
     };

@@ -1,5 +1,6 @@
 //! Closing every inherited file descriptor at or above 3.
 
+use super::status::ProcStatus;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -57,8 +58,20 @@ pub enum CloseFdsError {
 /// (after mapping its shared region), when the only fds are the inherited ones
 /// and the protocol's stdin, stdout and stderr.
 pub fn close_inherited_fds(strategy: FdCloseStrategy) -> Result<FdCloseReport, CloseFdsError> {
+    close_inherited_fds_with(strategy, &ProcStatus::read())
+}
+
+/// [`close_inherited_fds`], counting the fds it closes up to the fd table's
+/// size in `status`: a reading taken since this process last opened an fd
+/// (the table never shrinks, so a reading from before the close is exact
+/// for the count). The report's time covers counting and closing, not the
+/// reading.
+pub fn close_inherited_fds_with(
+    strategy: FdCloseStrategy,
+    status: &ProcStatus,
+) -> Result<FdCloseReport, CloseFdsError> {
     let start = Instant::now();
-    let open = count_open_fds_from(3);
+    let open = count_open_fds_from(3, status.fd_size);
     let method = match strategy {
         FdCloseStrategy::Auto => match close_range_from(3) {
             Ok(()) => FdCloseMethod::CloseRange,
@@ -182,19 +195,20 @@ pub fn describe_fd(fd: i32) -> Result<(Vec<u8>, FdAccess), DescribeFdError> {
 /// How many fds at or above 3 are open now (after [`close_inherited_fds`]:
 /// any that a library opened since and kept).
 pub fn count_open_fds_above_stdio() -> u32 {
-    count_open_fds_from(3)
+    count_open_fds_from(3, ProcStatus::read().fd_size)
 }
 
 /// Counts the open fds from `first` up to the size of the fd table, with
 /// `poll` on batches of 1024 descriptors: a closed fd comes back POLLNVAL.
 /// One syscall per 1024 slots of the table, no fd opened for the count.
 ///
-/// The table size (`FDSize` in `/proc/self/status`) grows with the highest fd
-/// the host ever had open, so the count costs about what posix_spawn already
-/// paid to copy that table; the soft `RLIMIT_NOFILE` (often 20,000 or more)
-/// is only the fallback bound if the status file cannot be read.
-fn count_open_fds_from(first: i32) -> u32 {
-    let limit = fd_table_size()
+/// The table size (`table_size`, `FDSize` in `/proc/self/status`) grows with
+/// the highest fd the host ever had open, so the count costs about what
+/// posix_spawn already paid to copy that table; the soft `RLIMIT_NOFILE`
+/// (often 20,000 or more) is only the fallback bound if the status file
+/// could not be read.
+fn count_open_fds_from(first: i32, table_size: Option<u64>) -> u32 {
+    let limit = table_size
         .or_else(|| {
             nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
                 .ok()
@@ -232,10 +246,4 @@ fn count_open_fds_from(first: i32) -> u32 {
         next += n as i32;
     }
     open
-}
-
-/// The size of this process's fd table, from `FDSize:` in
-/// `/proc/self/status`.
-fn fd_table_size() -> Option<u64> {
-    super::status::read().fd_size
 }

@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::unistd::{Gid, Uid, setgroups, setresgid, setresuid};
 use thiserror::Error;
 
-use super::status;
+use super::status::ProcStatus;
 
 /// A capability set could not be changed.
 #[derive(Debug, Error)]
@@ -77,7 +77,15 @@ pub struct BoundingReport {
 pub fn drop_bounding_and_ambient() -> Result<BoundingReport, CapabilityError> {
     // The kernel's account, now (one read, where a blind drop would make
     // about 45 syscalls).
-    let now = status::read();
+    drop_bounding_and_ambient_with(&ProcStatus::read())
+}
+
+/// [`drop_bounding_and_ambient`] from the sets in `status`: a reading
+/// taken since this process's capability sets last changed (closing fds
+/// and naming the process change none; entering a user namespace, an
+/// exec or a `setuid` do). Where it dropped anything, the kernel's
+/// account is read again to confirm.
+pub fn drop_bounding_and_ambient_with(now: &ProcStatus) -> Result<BoundingReport, CapabilityError> {
     if now.cap_amb != Some(0) {
         caps::clear(None, CapSet::Ambient).map_err(|source| CapabilityError {
             set: "ambient",
@@ -114,7 +122,7 @@ fn drop_bounding_mask(mask: u64) -> Result<BoundingReport, CapabilityError> {
     // Confirmed by the kernel's own account, not by the drops' answers (a
     // filter in the way could fake those).
     Ok(BoundingReport {
-        bounding_cleared: status::read().cap_bnd == Some(0),
+        bounding_cleared: ProcStatus::read().cap_bnd == Some(0),
     })
 }
 
