@@ -75,14 +75,13 @@ impl Conn {
     /// `armed`: the hang-rule timer the reactor still has set for this
     /// helper, if any; the one it will have after this is kept in
     /// `next_look`.
-    pub(crate) fn service(
-        &self,
-        now: Instant,
-        _events: Events,
-        armed: Option<Instant>,
-    ) -> Interest {
+    pub(crate) fn service(&self, _events: Events, armed: Option<Instant>) -> Interest {
         let mut done = Done::new();
         let mut st = self.state.lock();
+        // Read once the lock is held: a waiter may have held it, and a
+        // reply read now must not be dated before (its successor's turn
+        // would start early, shortening its budget by the wait).
+        let now = Instant::now();
         if matches!(st.health, Health::Serving)
             && !st.outbound.is_empty()
             && let Err(failure) = self.drain_outbound(&mut st)

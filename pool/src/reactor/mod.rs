@@ -533,7 +533,7 @@ impl Loop {
         let Some(w) = self.watched.get_mut(&token) else {
             return;
         };
-        let interest: Interest = w.conn.service(Instant::now(), events, w.timer);
+        let interest: Interest = w.conn.service(events, w.timer);
         let epoll = &self.inner.epoll;
         if interest.read && !w.stdout_armed {
             let mut event = EpollEvent::new(
