@@ -25,7 +25,7 @@ use crate::reactor::stderr::StderrHub;
 use process::Process;
 use server::LaunchServer;
 use spawn::{LaunchPlan, spawn};
-use verify::{Expected, verify_hello};
+use verify::{Expected, ProcFiles, verify_hello};
 
 /// How long a helper whose stdout closed before its Hello gets to become
 /// reapable.
@@ -140,6 +140,12 @@ impl Launcher {
                 debug!(pid, %err, "setting the helper's niceness failed");
             }
         }
+        // While it starts up: its /proc entries, for the check of its Hello.
+        let proc = if self.config.sandbox.verify_with_proc {
+            ProcFiles::open(pid)
+        } else {
+            Err(std::io::Error::other("the kernel check is off"))
+        };
         let mut frames = FrameReader::new(self.config.spin_wait);
         let first = frames.read_frame(&spawned.stdout, deadline, self.config.max_frame);
         let refuse = |process: &Process, violation| {
@@ -187,7 +193,8 @@ impl Launcher {
             Ok(hello) => hello,
             Err(err) => return Err(refuse(&process, ProtocolViolation::Hello(err))),
         };
-        if let Err(refusal) = verify_hello(&hello, pid, &self.config.sandbox, &self.expected) {
+        if let Err(refusal) = verify_hello(&hello, pid, proc, &self.config.sandbox, &self.expected)
+        {
             process.kill_and_reap();
             warn!(pid, %refusal, "helper refused");
             return Err(LaunchError::HelloRefused { pid, refusal });
