@@ -154,17 +154,19 @@ impl<T> Completion<T> {
         }
     }
 
-    /// Blocks the calling thread until the call completes or `deadline`
-    /// passes (`None`; the call is still waiting: abandon it or wait
-    /// again). Spins for `spin` first, yielding the CPU, so that a reply
-    /// that comes within microseconds costs no sleep and no wake-up.
+    /// [`wait_until_with`](Self::wait_until_with) with nothing to do
+    /// while it spins.
     #[cfg(test)]
     pub(crate) fn wait_until(&self, deadline: Instant, spin: Duration) -> Option<T> {
         self.wait_until_with(deadline, spin, || {})
     }
 
-    /// [`wait_until`](Self::wait_until), running `meanwhile` on every turn
-    /// of the spin (before the yield).
+    /// Blocks the calling thread until the call completes or `deadline`
+    /// passes (`None`; the call is still waiting: abandon it or wait
+    /// again). Spins for `spin` first, yielding the CPU, so that a reply
+    /// that comes within microseconds costs no sleep and no wake-up; runs
+    /// `meanwhile` on every turn of the spin, before the yield (a waiter
+    /// reads what has arrived).
     pub(crate) fn wait_until_with(
         &self,
         deadline: Instant,
