@@ -110,8 +110,13 @@ impl Inner {
     }
 
     fn kick(&self, kick: Kick) {
-        self.kicks.lock().push(kick);
+        self.kick_quietly(kick);
         self.wake_up();
+    }
+
+    /// Queues `kick` for the reactor's next turn, whatever wakes it.
+    fn kick_quietly(&self, kick: Kick) {
+        self.kicks.lock().push(kick);
     }
 
     fn wake_up(&self) {
@@ -310,9 +315,14 @@ impl Reactor {
         // A kill record of an earlier process with this pid, read now or
         // still unread, can never name this helper's death.
         self.inner.kernel_log.forget(conn.pid());
-        // The kick first: an event for these fds can then never reach the
-        // reactor before it knows the helper.
-        self.inner.kick(Kick::Register(conn.clone()));
+        // Queued first, without waking the reactor: nothing of a new helper
+        // needs it yet (its stdout and stdin are added disarmed, and its
+        // first call reads its own reply). The reactor takes the queue at
+        // the top of its loop, after any wake-up: a later kick for this
+        // helper comes after this one, and an event of its stderr (level
+        // triggered) that reaches it first is passed over as unknown and
+        // reported again on the next turn, once the queue is taken.
+        self.inner.kick_quietly(Kick::Register(conn.clone()));
         let disarmed = EpollFlags::EPOLLONESHOT;
         let added = self
             .inner
