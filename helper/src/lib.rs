@@ -669,9 +669,14 @@ enum SendError {
     Io(ServeError),
 }
 
-/// Reads until `buf` is full or EOF; returns the bytes read.
-/// Writes one frame, header and payload, with `writev` (no copy of the
-/// payload into a frame buffer), retrying short writes.
+/// Frames up to this size go out with one `write` from a copy on the
+/// stack: for a small reply, copying it is cheaper than the kernel's
+/// import of an iovec array.
+const SMALL_FRAME: usize = 512;
+
+/// Writes one frame, header and payload, retrying short writes: a small
+/// one with `write` from a copy, a larger one with `writev` (no copy of
+/// the payload into a frame buffer).
 fn write_frame(
     output: &mut StdioPipe,
     max_frame: u32,
@@ -687,6 +692,15 @@ fn write_frame(
             max: max_frame,
         }))?;
     let head = Header { kind, id, len }.encode();
+    if head.len() + payload.len() <= SMALL_FRAME {
+        let mut frame = [0u8; SMALL_FRAME];
+        let total = head.len() + payload.len();
+        frame[..head.len()].copy_from_slice(&head);
+        frame[head.len()..total].copy_from_slice(payload);
+        return output
+            .write_all(&frame[..total])
+            .map_err(|err| SendError::Io(ServeError::Write(err)));
+    }
     let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(payload)];
     let mut bufs = &mut slices[..];
     while !bufs.is_empty() {

@@ -87,7 +87,12 @@ pub(crate) fn write_now(
     bufs: &[std::io::IoSlice<'_>],
 ) -> Result<usize, IoFailure> {
     loop {
-        match nix::sys::uio::writev(fd, bufs) {
+        let written = match bufs {
+            // One buffer: `write`, without the kernel's import of an iovec.
+            [one] => nix::unistd::write(fd, one),
+            _ => nix::sys::uio::writev(fd, bufs),
+        };
+        match written {
             Ok(n) => return Ok(n),
             Err(Errno::EAGAIN) => return Ok(0),
             Err(Errno::EINTR) => {}
