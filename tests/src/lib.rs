@@ -241,6 +241,58 @@ impl Bystanders {
     }
 }
 
+/// This test binary's tracing log, captured in memory: what the pool logs,
+/// the helpers' stderr it forwards among it. The first call installs the
+/// global subscriber (at DEBUG); every call returns the same log.
+pub fn captured_log() -> &'static CapturedLog {
+    static LOG: std::sync::OnceLock<CapturedLog> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    })
+}
+
+/// See [`captured_log`].
+#[derive(Clone, Debug, Default)]
+pub struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+
+    /// How many times `needle` was logged so far.
+    pub fn count(&self, needle: &str) -> usize {
+        self.text().matches(needle).count()
+    }
+}
+
 /// The threads of this process named `name` (their `comm`, cut at 15
 /// bytes by the kernel: a pool's reactor is `sandpool-reacto`).
 pub fn threads_named(name: &str) -> Vec<u32> {

@@ -398,23 +398,7 @@ impl Loop {
             self.inner.kicked.store(false, Ordering::Release);
             std::mem::swap(&mut kicks, &mut *self.inner.kicks.lock());
             for kick in kicks.drain(..) {
-                match kick {
-                    Kick::Register(conn) => {
-                        let token = conn.token();
-                        self.watched.insert(
-                            token,
-                            Watched {
-                                conn,
-                                stdout_armed: false,
-                                stdin_armed: false,
-                                pidfd_added: false,
-                                timer: None,
-                            },
-                        );
-                    }
-                    Kick::Poke(token) => self.service(token, Events::default()),
-                    Kick::Deregister(token) => self.forget(token),
-                }
+                self.take(kick);
             }
             let timeout = self.plan();
             let n = match self.inner.epoll.wait(&mut events, timeout) {
@@ -499,9 +483,19 @@ impl Loop {
                 }
             }
         }
-        // Stopping: forward what is left of every stderr, and let go of
-        // every helper, including any whose registration was still queued
-        // (a queued kick holds its connection, which holds this reactor).
+        // Stopping: take what is still queued (a registration is queued
+        // without a wake-up, so a helper whose calls all read their own
+        // replies may not be known yet; a deregistration forwards what is
+        // left of its stderr), then forward what is left of every stderr,
+        // and let go of every helper (a queued kick holds its connection,
+        // which holds this reactor).
+        std::mem::swap(&mut kicks, &mut *self.inner.kicks.lock());
+        for kick in kicks.drain(..) {
+            match kick {
+                Kick::Poke(_) => {}
+                kick => self.take(kick),
+            }
+        }
         let tokens: Vec<u64> = self.watched.keys().copied().collect();
         for token in tokens {
             self.pump_stderr(token);
@@ -592,6 +586,27 @@ impl Loop {
         {
             w.timer = Some(at);
             self.timers.push(Reverse((at, token)));
+        }
+    }
+
+    /// Takes one kick from the queue.
+    fn take(&mut self, kick: Kick) {
+        match kick {
+            Kick::Register(conn) => {
+                let token = conn.token();
+                self.watched.insert(
+                    token,
+                    Watched {
+                        conn,
+                        stdout_armed: false,
+                        stdin_armed: false,
+                        pidfd_added: false,
+                        timer: None,
+                    },
+                );
+            }
+            Kick::Poke(token) => self.service(token, Events::default()),
+            Kick::Deregister(token) => self.forget(token),
         }
     }
 
