@@ -1,8 +1,9 @@
 //! Facts that hold however late the reactor runs: its own test binary, so
 //! that the only sandpool reactor in the process is the running test's
 //! (the tests take turns), which the test slows down (the lowest
-//! scheduling class, on the test thread's CPU) so that it runs only when
-//! the test thread leaves it the CPU.
+//! scheduling class, on the test thread's CPU, so that it runs only when
+//! the test thread leaves it the CPU) or keeps from running for a while (a
+//! real-time thread holding its CPU).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
