@@ -1041,7 +1041,10 @@ impl Conn {
         }
         let mut until = deadline;
         let mut verdict_since = None;
-        self.read_arrived();
+        if self.spin.is_zero() {
+            // With a spin, its first turn makes this pass.
+            self.read_arrived();
+        }
         loop {
             if let Some(result) = ticket.completion().wait_until_with(until, self.spin, || {
                 self.read_arrived();

@@ -75,7 +75,7 @@ use frames::{FrameReader, drain_tail};
 use table::{CallTable, RequestIds};
 
 pub(crate) use call::Deadline;
-pub(crate) use service::{Events, Interest};
+pub(crate) use service::{Events, Interest, earliest};
 
 /// How much of a failed helper's stderr is read (the rest is discarded).
 const STDERR_DRAIN_CAP: usize = 256 * 1024;

@@ -39,7 +39,7 @@ use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFl
 use parking_lot::Mutex;
 use tracing::{error, warn};
 
-use crate::conn::{Conn, Events, Interest};
+use crate::conn::{Conn, Events, Interest, earliest};
 use crate::kernel_log::KernelLog;
 use crate::reactor::stderr::StderrHub;
 
@@ -508,10 +508,7 @@ impl Loop {
         let helper_timer = self.timers.peek().map(|Reverse((at, _))| *at);
         let mut timers = self.inner.timers.lock();
         let async_timer = timers.wakers.first_key_value().map(|((at, _), _)| *at);
-        let next = match (helper_timer, async_timer) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let next = earliest(helper_timer, async_timer);
         timers.planned = next;
         drop(timers);
         match next {
