@@ -392,10 +392,19 @@ impl Loop {
         let mut events = vec![EpollEvent::empty(); 256];
         let mut kicks = Vec::with_capacity(64);
         let mut due = Vec::with_capacity(16);
-        while !self.inner.stop.load(Ordering::Acquire) {
+        loop {
+            // Ready for the next wake-up first, then the checks it may be
+            // for: the stop flag, then the kicks. (Checked before the flag
+            // was cleared, a stop could find it still set by the wake-up
+            // just handled, write nothing, and leave the reactor asleep
+            // for ever while its pool waits to join it.) A swap, so that a
+            // stop whose wake-up found the flag set is seen below.
+            self.inner.kicked.swap(false, Ordering::AcqRel);
+            if self.inner.stop.load(Ordering::Acquire) {
+                break;
+            }
             // Kicks before events: a helper is known before any event of
             // its fds can be handled.
-            self.inner.kicked.store(false, Ordering::Release);
             std::mem::swap(&mut kicks, &mut *self.inner.kicks.lock());
             for kick in kicks.drain(..) {
                 self.take(kick);
