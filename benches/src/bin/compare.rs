@@ -340,6 +340,19 @@ fn launch_by_host_state(run: &mut Run) -> Value {
         "x",
         1.5,
     );
+    // The same helper binary started by std's posix_spawn, read to its
+    // first byte: no host-side step at all (no launcher, no pipes of the
+    // pool's, no verification). Where it exceeds 1.5x the floor, no launch
+    // of this helper can meet the goal above.
+    check(
+        "helper alone: std posix_spawn of it, idle host / floor (for comparison)",
+        ratio(
+            median(0, 0, Spawner::StdPosixSpawn),
+            median(0, 0, Spawner::Floor),
+        ),
+        "x",
+        1.5,
+    );
     check(
         "launcher minus direct, idle host (us)",
         idle.zip(median(0, 0, Spawner::SandpoolDirect))
@@ -400,7 +413,8 @@ fn concurrent_launches(run: &mut Run) -> Value {
         "Makespan of 50 simultaneous sandpool launches, against the CPU bound (50 x a single launch / cores), \
          and the slowest single launch. CPU per launch: this process, the launcher process and the helper up to \
          its Hello (scheduler run time), over 20 sequential launches; where it exceeds the latency (host, \
-         launcher and helper overlap), 50 launches cannot finish within the bound.",
+         launcher and helper overlap), 50 launches cannot finish within the bound. Makespan / work: against \
+         50 x that CPU on the cores, what the launches lose to serialisation or idle CPUs.",
     );
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -421,6 +435,7 @@ fn concurrent_launches(run: &mut Run) -> Value {
             "makespan / bound",
             "slowest single (median)",
             "CPU per launch (its / the latency: the lowest makespan / bound possible)",
+            "makespan / work (50 x CPU per launch / cores)",
         ],
         rows,
     );
@@ -440,16 +455,23 @@ fn concurrent_launches_in(run: &Run, mode: LaunchMode, cores: usize) -> (Vec<Str
     let launcher_before = launcher.launcher_pid().map_or(Duration::ZERO, process_cpu);
     let host_before = host_cpu();
     let mut helpers_cpu = Duration::ZERO;
+    // This process's CPU spent reading the helpers' (a /proc walk each),
+    // which is the measurement's, not the launch's.
+    let mut reading_cpu = Duration::ZERO;
     let mut single: Vec<Duration> = (0..launches)
         .map(|_| {
             let helper = launcher.launch().expect("launch");
             let took = helper.launch_time();
+            let reading = host_cpu();
             helpers_cpu += process_cpu(helper.pid());
+            reading_cpu += host_cpu().saturating_sub(reading);
             helper.kill();
             took
         })
         .collect();
-    let cpu_per_launch = (host_cpu().saturating_sub(host_before)
+    let cpu_per_launch = (host_cpu()
+        .saturating_sub(host_before)
+        .saturating_sub(reading_cpu)
         + launcher
             .launcher_pid()
             .map_or(Duration::ZERO, process_cpu)
@@ -496,6 +518,9 @@ fn concurrent_launches_in(run: &Run, mode: LaunchMode, cores: usize) -> (Vec<Str
     // The lowest makespan / bound that the CPU allows: 50 x CPU per launch
     // on `cores` CPUs, against 50 x the latency on `cores` CPUs.
     let cpu_floor = cpu_per_launch.as_secs_f64() / single.median.as_secs_f64();
+    // The makespan against the work itself (50 x the CPU of a launch on
+    // `cores` CPUs): above 1 by what is serialised or idle.
+    let work_ratio = ratio / cpu_floor;
     let mode_name = format!("{mode:?}").to_lowercase();
     (
         vec![
@@ -506,8 +531,9 @@ fn concurrent_launches_in(run: &Run, mode: LaunchMode, cores: usize) -> (Vec<Str
             format!("{ratio:.2}x"),
             fmt_us(worst.median),
             format!("{} ({cpu_floor:.2}x)", fmt_us(cpu_per_launch)),
+            format!("{work_ratio:.2}x"),
         ],
-        json!({ "mode": mode_name, "single": summary_json(&single), "makespan": summary_json(&makespan), "bound_us": us(bound), "makespan_over_bound": ratio, "slowest_single": summary_json(&worst), "cpu_per_launch_us": us(cpu_per_launch), "cpu_floor_of_ratio": cpu_floor }),
+        json!({ "makespan_over_work": work_ratio,  "mode": mode_name, "single": summary_json(&single), "makespan": summary_json(&makespan), "bound_us": us(bound), "makespan_over_bound": ratio, "slowest_single": summary_json(&worst), "cpu_per_launch_us": us(cpu_per_launch), "cpu_floor_of_ratio": cpu_floor }),
     )
 }
 
@@ -681,8 +707,8 @@ fn warm_calls(run: &mut Run) -> Value {
     let total = if run.quick { 2000 } else { 60_000 };
     let rounds = if run.quick { 1 } else { 5 };
     let window = 8;
-    // (label, rates, context switches per response), A B C D A B C D ...
-    let mut contenders: Vec<(String, Vec<f64>, Vec<f64>)> = [
+    // (label, each round's rate), A B C D A B C D ...
+    let mut contenders: Vec<(String, Vec<Rate>)> = [
         format!("raw pipe, window {window}"),
         "raw pipe, streamed (no window)".into(),
         format!(
@@ -699,10 +725,10 @@ fn warm_calls(run: &mut Run) -> Value {
         format!("sandpool, one thread, call_batch of {window}"),
     ]
     .into_iter()
-    .map(|label| (label, Vec::new(), Vec::new()))
+    .map(|label| (label, Vec::new()))
     .collect();
     for _ in 0..rounds {
-        for (index, (_, rates, switches)) in contenders.iter_mut().enumerate() {
+        for (index, (_, rates)) in contenders.iter_mut().enumerate() {
             let rate = match index {
                 0 => raw_pipelined_rate(size, total, Some(window)),
                 1 => raw_pipelined_rate(size, total, None),
@@ -713,13 +739,23 @@ fn warm_calls(run: &mut Run) -> Value {
                 6 => pooled_async_rate(size, total, window),
                 _ => pooled_batch_rate(size, total, window),
             };
-            rates.push(rate.per_s);
-            switches.push(rate.switches_per_call);
+            rates.push(rate);
         }
     }
-    let medians: Vec<(f64, f64)> = contenders
-        .iter_mut()
-        .map(|(_, rates, switches)| (median_f64(rates), median_f64(switches)))
+    // (rate, context switches per response, the peer's or the helper's
+    // share), each the median of the rounds.
+    let medians: Vec<(f64, f64, f64)> = contenders
+        .iter()
+        .map(|(_, rates)| {
+            let median_of = |field: fn(&Rate) -> f64| {
+                median_f64(&mut rates.iter().map(field).collect::<Vec<_>>())
+            };
+            (
+                median_of(|r| r.per_s),
+                median_of(|r| r.switches_per_call),
+                median_of(|r| r.child_switches_per_call),
+            )
+        })
         .collect();
     let raw_rate = medians[0].0;
     let streamed_rate = medians[1].0;
@@ -728,22 +764,43 @@ fn warm_calls(run: &mut Run) -> Value {
     let (async_rate, batch_rate) = (medians[6].0, medians[7].0);
     let ratio = pooled_rate / raw_rate;
     let region_ratio = region_rate / raw_rate;
+    // One figure of every contender, by its key in results.json.
+    let by_contender = |figure: fn(&(f64, f64, f64)) -> f64| {
+        let keys = [
+            "raw",
+            "raw_streamed",
+            "raw_frame_sized",
+            "raw_batch",
+            "sandpool",
+            "sandpool_region",
+            "sandpool_async",
+            "sandpool_batch",
+        ];
+        Value::Object(
+            keys.iter()
+                .zip(&medians)
+                .map(|(key, m)| ((*key).to_owned(), json!(figure(m))))
+                .collect(),
+        )
+    };
     run.table(
         &[
             "8 KiB responses, one tenant",
             "responses/s (median of rounds)",
             "vs raw at window 8",
             "context switches per response",
+            "of which the peer's or the helper's",
         ],
         contenders
             .iter()
             .zip(&medians)
-            .map(|((label, _, _), (rate, switches))| {
+            .map(|((label, _), (rate, switches, child))| {
                 vec![
                     label.clone(),
                     format!("{rate:.0}"),
                     format!("{:.2}x", rate / raw_rate),
                     format!("{switches:.1}"),
+                    format!("{child:.2}"),
                 ]
             })
             .collect(),
@@ -766,16 +823,8 @@ fn warm_calls(run: &mut Run) -> Value {
             "sandpool_batch_per_s": batch_rate,
             "batch_ratio": batch_rate / raw_rate,
             "rounds": rounds,
-            "context_switches_per_response": {
-                "raw": medians[0].1,
-                "raw_streamed": medians[1].1,
-                "raw_frame_sized": medians[2].1,
-                "raw_batch": medians[3].1,
-                "sandpool": medians[4].1,
-                "sandpool_region": medians[5].1,
-                "sandpool_async": medians[6].1,
-                "sandpool_batch": medians[7].1,
-            },
+            "context_switches_per_response": by_contender(|m| m.1),
+            "peer_or_helper_context_switches_per_response": by_contender(|m| m.2),
         },
     })
 }
@@ -814,13 +863,10 @@ fn raw_pipelined_rate(size: usize, total: usize, window: Option<usize>) -> Rate 
     }
     let per_s = total as f64 / started.elapsed().as_secs_f64();
     let peer_in = writer.join().expect("writer");
-    let switches = context_switches(peer.id()) - switches_before;
+    let switches = context_switches(peer.id());
     drop(peer_in);
     let _ = peer.wait();
-    Rate {
-        per_s,
-        switches_per_call: switches as f64 / total as f64,
-    }
+    Rate::new(per_s, total, switches_before, switches)
 }
 
 /// Responses per second from a raw echo peer driven like `call_batch`:
@@ -842,13 +888,10 @@ fn raw_batch_rate(size: usize, total: usize, window: usize) -> Rate {
         peer_out.read_exact(&mut back).expect("read");
     }
     let per_s = total as f64 / started.elapsed().as_secs_f64();
-    let switches = context_switches(peer.id()) - switches_before;
+    let switches = context_switches(peer.id());
     drop(peer_in);
     let _ = peer.wait();
-    Rate {
-        per_s,
-        switches_per_call: switches as f64 / total as f64,
-    }
+    Rate::new(per_s, total, switches_before, switches)
 }
 
 /// A throughput and what it cost in context switches.
@@ -857,11 +900,13 @@ struct Rate {
     /// Context switches of the caller's process and the peer or helper,
     /// per response.
     switches_per_call: f64,
+    /// The peer's or the helper's share of them.
+    child_switches_per_call: f64,
 }
 
 /// Context switches so far of this whole process (every thread, ended ones
-/// too) and of one single-threaded child.
-fn context_switches(child: u32) -> u64 {
+/// too) and of one single-threaded child: (all, the child's share).
+fn context_switches(child: u32) -> (u64, u64) {
     let own = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
         .map(|usage| {
             (usage.voluntary_context_switches() + usage.involuntary_context_switches()) as u64
@@ -876,7 +921,20 @@ fn context_switches(child: u32) -> u64 {
                 .sum()
         })
         .unwrap_or(0);
-    own + theirs
+    (own + theirs, theirs)
+}
+
+impl Rate {
+    /// `total` responses at `per_s`, with the context switches counted
+    /// between `before` and `after` (both from [`context_switches`]).
+    fn new(per_s: f64, total: usize, before: (u64, u64), after: (u64, u64)) -> Rate {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / total as f64;
+        Rate {
+            per_s,
+            switches_per_call: per(after.0, before.0),
+            child_switches_per_call: per(after.1, before.1),
+        }
+    }
 }
 
 /// A pool with one warm tenant `t` for the pipelined contenders, its
@@ -920,11 +978,8 @@ fn pooled_pipelined_rate(size: usize, total: usize, window: usize, through_regio
         t.join().expect("caller");
     }
     let per_s = total as f64 / started.elapsed().as_secs_f64();
-    let switches = context_switches(helper) - switches_before;
-    Rate {
-        per_s,
-        switches_per_call: switches as f64 / total as f64,
-    }
+    let switches = context_switches(helper);
+    Rate::new(per_s, total, switches_before, switches)
 }
 
 /// Responses per second from one tenant's helper, one tokio task (the
@@ -947,11 +1002,8 @@ fn pooled_async_rate(size: usize, total: usize, window: usize) -> Rate {
         },
     ));
     let per_s = total as f64 / started.elapsed().as_secs_f64();
-    let switches = context_switches(helper) - switches_before;
-    Rate {
-        per_s,
-        switches_per_call: switches as f64 / total as f64,
-    }
+    let switches = context_switches(helper);
+    Rate::new(per_s, total, switches_before, switches)
 }
 
 /// Responses per second from one tenant's helper, one thread making
@@ -968,11 +1020,8 @@ fn pooled_batch_rate(size: usize, total: usize, window: usize) -> Rate {
         }
     }
     let per_s = total as f64 / started.elapsed().as_secs_f64();
-    let switches = context_switches(helper) - switches_before;
-    Rate {
-        per_s,
-        switches_per_call: switches as f64 / total as f64,
-    }
+    let switches = context_switches(helper);
+    Rate::new(per_s, total, switches_before, switches)
 }
 
 /// The CPU time every thread of process `pid` has run so far, from the
