@@ -1,16 +1,54 @@
 // Shared by the build scripts of the test and bench crates (`include!`d):
 // builds the helper binaries with a nested `cargo build`.
 
-/// Runs one nested `cargo build` of `targets` (package and target
+/// How a nested build links its binaries.
+#[allow(dead_code)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum HelperLink {
+    /// The host's target, dynamically linked against glibc.
+    Dynamic,
+    /// The host's target with `+crt-static`: linked statically against
+    /// glibc's own static libraries.
+    StaticGlibc,
+    /// The host's architecture on musl (`x86_64-unknown-linux-musl` on
+    /// x86-64), static-pie, musl's own libc from the Rust toolchain.
+    Musl,
+}
+
+/// The musl triple of the host's architecture (`TARGET` with `gnu` made
+/// `musl`), when the toolchain has that target's standard library: listed
+/// in `rust-toolchain.toml`, rustup installs it with the toolchain; a
+/// toolchain without it (another way of installing Rust) gets `None`.
+#[allow(dead_code)]
+#[allow(clippy::disallowed_methods)] // runs rustc, not a helper
+fn musl_target() -> Option<String> {
+    let host = std::env::var("TARGET").ok()?;
+    let musl = host.strip_suffix("-linux-gnu")?.to_owned() + "-linux-musl";
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let out = std::process::Command::new(rustc)
+        .args(["--print", "target-libdir", "--target", &musl])
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let has_std = std::fs::read_dir(dir.trim())
+        .ok()?
+        .filter_map(Result::ok)
+        .any(|entry| entry.file_name().to_string_lossy().starts_with("libstd-"));
+    has_std.then_some(musl)
+}
+
+/// Starts one nested `cargo build` of `targets` (package and target
 /// selections) with the workspace's `helper` profile (release with fat LTO
 /// and one codegen unit), in a target directory of its own so it never waits
-/// on the outer build's lock: `<target>/helper`, or with `static_crt`
-/// (`+crt-static`: linked statically against glibc's own static libraries)
-/// `<target>/helper-static`. Returns the directory the outputs land in.
-/// Re-runs when the helpers' sources change.
+/// on the outer build's lock: `<target>/helper`, `<target>/helper-static`
+/// or `<target>/helper-musl` by `link`. Returns the running cargo and the
+/// directory the outputs land in. Re-runs when the helpers' sources change.
 #[allow(dead_code)]
 #[allow(clippy::disallowed_methods)] // runs cargo, not a helper
-fn helper_cargo(static_crt: bool, targets: &[&str]) -> std::path::PathBuf {
+fn helper_cargo_start(
+    link: HelperLink,
+    targets: &[&str],
+) -> (std::process::Child, std::path::PathBuf) {
     use std::path::PathBuf;
     use std::process::Command;
 
@@ -19,10 +57,14 @@ fn helper_cargo(static_crt: bool, targets: &[&str]) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"))
-        .join(if static_crt { "helper-static" } else { "helper" });
+        .join(match link {
+            HelperLink::Dynamic => "helper",
+            HelperLink::StaticGlibc => "helper-static",
+            HelperLink::Musl => "helper-musl",
+        });
     // `helper` holds the runtime and every package built here (the
     // reference and SQL helpers, the C runtime).
-    for path in ["Cargo.toml", "Cargo.lock", "protocol", "sandbox", "helper"] {
+    for path in ["Cargo.toml", "Cargo.lock", "rust-toolchain.toml", "protocol", "sandbox", "helper"] {
         println!("cargo:rerun-if-changed={}", root.join(path).display());
     }
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
@@ -33,27 +75,52 @@ fn helper_cargo(static_crt: bool, targets: &[&str]) -> std::path::PathBuf {
         .args(["build", "--profile", "helper", "--target-dir"])
         .arg(&target)
         .args(targets);
-    let mut out_dir = target.join("helper");
-    if static_crt {
-        // With an explicit --target, RUSTFLAGS reach only the target crates,
-        // not build scripts or proc macros (which cannot be static).
-        let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
-        command.args(["--target", &triple]);
-        command.env("RUSTFLAGS", "-C target-feature=+crt-static");
-        out_dir = target.join(&triple).join("helper");
-    } else {
-        command.env_remove("RUSTFLAGS");
-    }
-    let status = command
+    let out_dir = match link {
+        HelperLink::Dynamic => {
+            command.env_remove("RUSTFLAGS");
+            target.join("helper")
+        }
+        HelperLink::StaticGlibc => {
+            // With an explicit --target, RUSTFLAGS reach only the target
+            // crates, not build scripts or proc macros (which cannot be
+            // static).
+            let triple = std::env::var("TARGET").expect("cargo sets TARGET for build scripts");
+            command.args(["--target", &triple]);
+            command.env("RUSTFLAGS", "-C target-feature=+crt-static");
+            target.join(&triple).join("helper")
+        }
+        HelperLink::Musl => {
+            // Static (static-pie) by the target's default.
+            let triple = musl_target().expect("the musl target is installed");
+            command.args(["--target", &triple]);
+            command.env_remove("RUSTFLAGS");
+            target.join(&triple).join("helper")
+        }
+    };
+    let child = command
         // Flags meant for the outer build (coverage, sanitizers, -D warnings
         // from clippy) must not leak into the helpers' build.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO_BUILD_TARGET_DIR")
         .env_remove("CARGO_TARGET_DIR")
-        .status()
+        .spawn()
         .expect("running cargo to build the helpers");
+    (child, out_dir)
+}
+
+/// Waits for a nested build started by [`helper_cargo_start`].
+#[allow(dead_code)]
+fn helper_cargo_wait(mut child: std::process::Child, targets: &[&str]) {
+    let status = child.wait().expect("waiting for cargo building the helpers");
     assert!(status.success(), "building {targets:?} failed: {status}");
+}
+
+/// Runs one nested `cargo build` (see [`helper_cargo_start`]) to the end.
+#[allow(dead_code)]
+fn helper_cargo(link: HelperLink, targets: &[&str]) -> std::path::PathBuf {
+    let (child, out_dir) = helper_cargo_start(link, targets);
+    helper_cargo_wait(child, targets);
     out_dir
 }
 
@@ -63,7 +130,7 @@ fn helper_cargo(static_crt: bool, targets: &[&str]) -> std::path::PathBuf {
 #[allow(dead_code)]
 fn build_reference_helper_dynamic() -> std::path::PathBuf {
     helper_cargo(
-        false,
+        HelperLink::Dynamic,
         &["--package", "sandpool-reference-helper", "--bin", "sandpool-helper"],
     )
     .join("sandpool-helper")
@@ -73,35 +140,63 @@ fn build_reference_helper_dynamic() -> std::path::PathBuf {
 /// [`build_static_helpers`].
 #[allow(dead_code)]
 struct StaticHelpers {
-    /// The reference helper, `sandpool-helper`.
+    /// The reference helper, `sandpool-helper`: built on musl where the
+    /// toolchain has the target, else the glibc one below.
     reference: std::path::PathBuf,
-    /// The SQL helper, `sandpool-sql-helper`.
+    /// The reference helper linked statically against glibc.
+    reference_glibc: std::path::PathBuf,
+    /// The SQL helper, `sandpool-sql-helper` (glibc: SQLite's C is compiled
+    /// with the host's C compiler).
     sql: std::path::PathBuf,
-    /// The directory holding `libsandpool_helper_capi.a`.
+    /// The directory holding `libsandpool_helper_capi.a` (glibc, for C
+    /// helpers linked with the host's C compiler).
     capi_lib_dir: std::path::PathBuf,
 }
 
-/// Builds the static reference helper, the static SQL helper and the C
-/// runtime's static library in ONE nested cargo (`+crt-static`,
-/// `<target>/helper-static`): cargo then compiles SQLite's C and the Rust
-/// crates side by side and runs the three fat-LTO links at once, where three
-/// cargo runs one after the other left a core idle through each
-/// single-threaded link. `libsandpool_helper_capi.a` is built `+crt-static`
-/// so the Rust standard library in it unwinds with libgcc_eh, which a
-/// `-static` link has.
+/// Builds the static helpers with two nested cargos at once: the reference
+/// helper on musl (`<target>/helper-musl`), and in ONE glibc build
+/// (`+crt-static`, `<target>/helper-static`) the reference helper again,
+/// the static SQL helper and the C runtime's static library (cargo then
+/// compiles SQLite's C and the Rust crates side by side and runs the fat-LTO
+/// links at once; builds one after the other left a core idle through each
+/// single-threaded link). `libsandpool_helper_capi.a` is built
+/// `+crt-static` so the Rust standard library in it unwinds with libgcc_eh,
+/// which a `-static` link has.
+///
+/// Why musl for the reference helper: glibc's start-up in a static binary
+/// probes the CPU with CPUID (its cache sizes, for `memcpy`), and on a
+/// virtual machine each CPUID traps to the hypervisor. Measured here,
+/// launched through a pool, interleaved: on glibc 0.88-0.96 ms, on musl
+/// (with dlmalloc in place of musl's malloc, see its `main.rs`)
+/// 0.55-0.61 ms. Without the musl target the reference helper is the glibc
+/// one, with a warning.
 #[allow(dead_code)]
 fn build_static_helpers() -> StaticHelpers {
-    let out_dir = helper_cargo(
-        true,
-        &[
-            "--package", "sandpool-reference-helper", "--bin", "sandpool-helper",
-            "--package", "sandpool-sql-helper", "--bin", "sandpool-sql-helper",
-            "--package", "sandpool-helper-capi", "--lib",
-        ],
-    );
+    let glibc_targets = [
+        "--package", "sandpool-reference-helper", "--bin", "sandpool-helper",
+        "--package", "sandpool-sql-helper", "--bin", "sandpool-sql-helper",
+        "--package", "sandpool-helper-capi", "--lib",
+    ];
+    let musl_targets = ["--package", "sandpool-reference-helper", "--bin", "sandpool-helper"];
+    let musl = musl_target().map(|_| helper_cargo_start(HelperLink::Musl, &musl_targets));
+    let glibc_dir = helper_cargo(HelperLink::StaticGlibc, &glibc_targets);
+    let reference_glibc = glibc_dir.join("sandpool-helper");
+    let reference = match musl {
+        Some((child, musl_dir)) => {
+            helper_cargo_wait(child, &musl_targets);
+            musl_dir.join("sandpool-helper")
+        }
+        None => {
+            println!(
+                "cargo:warning=the toolchain has no musl target: the reference helper is linked against glibc (rust-toolchain.toml lists the target; `rustup target add` installs it)"
+            );
+            reference_glibc.clone()
+        }
+    };
     StaticHelpers {
-        reference: out_dir.join("sandpool-helper"),
-        sql: out_dir.join("sandpool-sql-helper"),
-        capi_lib_dir: out_dir,
+        reference,
+        reference_glibc,
+        sql: glibc_dir.join("sandpool-sql-helper"),
+        capi_lib_dir: glibc_dir,
     }
 }

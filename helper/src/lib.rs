@@ -60,6 +60,13 @@ pub struct Options {
     /// only to test the host's check: the Hello then says the capabilities
     /// were kept, and a sandpool host refuses such a helper.
     pub drop_capabilities: bool,
+    /// The process's argv[0], whose file name becomes the name `ps` and
+    /// `/proc/PID/comm` show (the launcher execs the helper from a sealed
+    /// memfd, whose name would be the fd's number). `None` (the default):
+    /// std's first argument. A `#![no_main]` helper on a libc that does not
+    /// hand std the arguments (musl does not; glibc does) sets it from its
+    /// C `main`'s argv.
+    pub program_name: Option<std::ffi::OsString>,
 }
 
 impl Options {
@@ -71,6 +78,7 @@ impl Options {
             fd_close: FdCloseStrategy::Auto,
             build_id: build_id.into(),
             drop_capabilities: true,
+            program_name: None,
         })
     }
 }
@@ -356,7 +364,11 @@ fn sandbox_inner(
     let status = sandpool_sandbox::ProcStatus::read();
     let closed = sandpool_sandbox::close_inherited_fds_with(options.fd_close, &status)?;
     // Cosmetic (what `ps` shows), so a failure does not stop the helper.
-    if let Some(program) = std::env::args_os().next() {
+    if let Some(program) = options
+        .program_name
+        .clone()
+        .or_else(|| std::env::args_os().next())
+    {
         let _ = sandpool_sandbox::set_process_name(program.as_encoded_bytes());
     }
     let bounding_cleared = if options.drop_capabilities {

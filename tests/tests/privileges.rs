@@ -408,6 +408,7 @@ fn the_configuration_refuses_what_the_helper_would_refuse() {
         "read",
         "write",
         "tgkill",
+        "tkill",
         "no_such_call",
     ] {
         let err = refused(&["uname", name]).unwrap_err();

@@ -133,7 +133,8 @@ impl SeccompPolicy {
     ///   sleeps;
     /// - leaving: `exit`, `exit_group`, and for `abort()` the signal calls
     ///   `rt_sigreturn`, `rt_sigprocmask`, `rt_sigaction`, `sigaltstack`,
-    ///   `getpid`, `gettid`, and `tgkill` aimed at this process only.
+    ///   `getpid`, `gettid`, and `tgkill` (glibc) or `tkill` (musl) aimed at
+    ///   this process only.
     ///
     /// No `open`, no sockets, no `fork`/`clone`, no `execve`, no `ptrace`.
     pub fn helper_default() -> Result<Self, PolicyError> {
@@ -175,11 +176,16 @@ impl SeccompPolicy {
                 rule(vec![cond(1, SeccompCmpOp::Eq, libc::F_GETFL as u64)?])?,
             ],
         );
+        // A signal to itself only: raise() and abort(), glibc's with
+        // tgkill(pid, tid, sig), musl's with tkill(tid, sig); the helper
+        // is single-threaded (no clone), so its one tid is its pid.
         let own_pid = u64::from(std::process::id());
-        policy.allow_if(
-            Sysno::tgkill,
-            vec![rule(vec![cond(0, SeccompCmpOp::Eq, own_pid)?])?],
-        );
+        for sysno in [Sysno::tgkill, Sysno::tkill] {
+            policy.allow_if(
+                sysno,
+                vec![rule(vec![cond(0, SeccompCmpOp::Eq, own_pid)?])?],
+            );
+        }
         for sysno in [
             Sysno::close,
             Sysno::brk,
@@ -353,7 +359,7 @@ mod tests {
     #[test]
     fn extra_syscalls_cannot_widen_argument_rules() {
         let mut policy = SeccompPolicy::helper_default().expect("default policy");
-        for name in ["mprotect", "mmap", "read", "write", "tgkill"] {
+        for name in ["mprotect", "mmap", "read", "write", "tgkill", "tkill"] {
             assert!(
                 matches!(policy.allow_name(name), Err(PolicyError::WouldWiden(_))),
                 "{name}"
