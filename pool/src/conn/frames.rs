@@ -147,6 +147,11 @@ impl FrameReader {
         }
     }
 
+    /// From now on, spins for `spin` on an empty pipe before sleeping.
+    pub(crate) fn set_spin(&mut self, spin: Duration) {
+        self.spin = spin;
+    }
+
     /// Whether bytes beyond the last complete frame have already arrived
     /// (part of a header, or a frame in progress).
     pub(crate) fn has_buffered(&self) -> bool {

@@ -11,7 +11,7 @@ pub(crate) mod spawn;
 mod verify;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sandpool_protocol::{Hello, Kind};
 use tracing::{debug, warn};
@@ -146,8 +146,12 @@ impl Launcher {
         } else {
             Err(std::io::Error::other("the kernel check is off"))
         };
-        let mut frames = FrameReader::new(self.config.spin_wait);
+        // No spin for the Hello: it comes hundreds of microseconds after
+        // the spawn, and a spin (its reason: a reply within microseconds)
+        // would only burn the CPU the helper and other launches start on.
+        let mut frames = FrameReader::new(Duration::ZERO);
         let first = frames.read_frame(&spawned.stdout, deadline, self.config.max_frame);
+        frames.set_spin(self.config.spin_wait);
         let refuse = |process: &Process, violation| {
             process.kill_and_reap();
             LaunchError::Protocol { pid, violation }
