@@ -372,7 +372,7 @@ fn launch_by_host_state(run: &mut Run) -> Value {
         1.2,
     );
     check(
-        "launcher: 4 GiB touched / idle host (idle, 4 GiB, idle blocks)",
+        "launcher: 4 GiB touched / idle host (alternating blocks)",
         grown_ratio("launcher_rss_ratio"),
         "x",
         1.1,
@@ -438,13 +438,18 @@ fn launch_by_host_state(run: &mut Run) -> Value {
 
 /// Launch medians with the host idle and grown, interleaved in time: per
 /// sample, an idle launch, then 19,000 fds opened (after the launchers
-/// started, as a server grows), a launch, the fds closed; and for memory,
-/// blocks idle / 4 GiB touched / idle (touching 4 GiB takes seconds).
+/// started, as a server grows), a launch, the fds closed; and for memory
+/// (touching 4 GiB takes seconds), blocks idle / 4 GiB touched / idle /
+/// touched / idle / touched / idle, so that a drift of the machine's speed
+/// falls on both sides.
 fn host_growth_interleaved(launchers: &Launchers) -> Value {
-    let reps = 21;
+    // 61 pairs for the fds; 3 blocks of 21 touched for the memory: at
+    // launches of about 0.5 ms, one block each way of 21 moved the ratio
+    // by 0.3x between runs.
+    let (pairs, block, blocks) = (61, 21, 3);
     let fds_ratio = |spawner: Spawner| {
         let (mut idle, mut grown) = (Vec::new(), Vec::new());
-        for _ in 0..reps {
+        for _ in 0..pairs {
             idle.push(launch_once(spawner, launchers));
             let fds = leak_fds(19_000);
             grown.push(launch_once(spawner, launchers));
@@ -454,15 +459,19 @@ fn host_growth_interleaved(launchers: &Launchers) -> Value {
     };
     let launcher_fds_ratio = fds_ratio(Spawner::Sandpool);
     let direct_fds_ratio = fds_ratio(Spawner::SandpoolDirect);
-    let mut idle: Vec<Duration> = (0..reps)
-        .map(|_| launch_once(Spawner::Sandpool, launchers))
-        .collect();
-    let ballast = ballast(4096);
-    let mut touched: Vec<Duration> = (0..reps)
-        .map(|_| launch_once(Spawner::Sandpool, launchers))
-        .collect();
-    drop(ballast);
-    idle.extend((0..reps).map(|_| launch_once(Spawner::Sandpool, launchers)));
+    let launches = |n: usize| -> Vec<Duration> {
+        (0..n)
+            .map(|_| launch_once(Spawner::Sandpool, launchers))
+            .collect()
+    };
+    let mut idle = launches(block);
+    let mut touched = Vec::new();
+    for _ in 0..blocks {
+        let ballast = ballast(4096);
+        touched.extend(launches(block));
+        drop(ballast);
+        idle.extend(launches(block));
+    }
     let launcher_rss_ratio =
         summarize(&mut touched).median.as_secs_f64() / summarize(&mut idle).median.as_secs_f64();
     json!({
