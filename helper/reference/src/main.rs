@@ -31,16 +31,6 @@
 #![deny(unsafe_code)]
 
 use std::ffi::OsString;
-
-/// On musl, dlmalloc in place of musl's own malloc (mallocng), which maps
-/// and unmaps its slot groups as they fill and empty: in a profile of the
-/// helper's start-up its `mmap`/`munmap` took about a quarter of the CPU,
-/// and a launch through a pool took 0.74-0.81 ms against 0.55-0.61 ms with
-/// dlmalloc (interleaved, one run). glibc's malloc is kept where it is the
-/// libc.
-#[cfg(target_env = "musl")]
-#[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 use std::io::Write;
 use std::time::Duration;
 
@@ -53,6 +43,16 @@ use sandpool_protocol::{
 };
 use sandpool_reference_helper::redo;
 use sandpool_reference_helper::reference::*;
+
+/// On musl, dlmalloc in place of musl's own malloc (mallocng), which maps
+/// and unmaps its slot groups as they fill and empty: in a profile of the
+/// helper's start-up its `mmap`/`munmap` took about a quarter of the CPU,
+/// and a launch through a pool took 0.74-0.81 ms against 0.55-0.61 ms with
+/// dlmalloc (interleaved, one run). glibc's malloc is kept where it is the
+/// libc.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 
 /// The init hooks `--init` knows.
 const INITS: &[&str] = &["urandom", "keep-fd", "keep-urandom", "keep-null-rw"];
