@@ -60,7 +60,7 @@ pub struct Options {
     /// only to test the host's check: the Hello then says the capabilities
     /// were kept, and a sandpool host refuses such a helper.
     pub drop_capabilities: bool,
-    /// The process's argv[0], whose file name becomes the name `ps` and
+    /// The process's `argv[0]`, whose file name becomes the name `ps` and
     /// `/proc/PID/comm` show (the launcher execs the helper from a sealed
     /// memfd, whose name would be the fd's number). `None` (the default):
     /// std's first argument. A `#![no_main]` helper on a libc that does not
