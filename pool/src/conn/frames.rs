@@ -131,7 +131,20 @@ pub(crate) struct FrameReader {
     spin: Duration,
     /// A frame whose header has been taken and whose payload is still
     /// arriving.
-    partial: Option<(Header, Vec<u8>)>,
+    partial: Option<Partial>,
+}
+
+/// A frame in progress: its buffer is zeroed up to `payload.len()` (grown
+/// by doubling as bytes arrive), of which the first `filled` bytes have
+/// arrived. Each byte is zeroed once: truncating the buffer to what had
+/// arrived after every read zeroed the doubled tail again at the next, which
+/// made a large frame cost time in the square of its size (a 192 MiB reply
+/// took minutes in a debug build).
+#[derive(Debug)]
+struct Partial {
+    header: Header,
+    payload: Vec<u8>,
+    filled: usize,
 }
 
 impl FrameReader {
@@ -199,35 +212,34 @@ impl FrameReader {
                 self.start = 0;
                 self.end = 0;
             }
-            self.partial = Some((header, payload));
+            self.partial = Some(Partial {
+                header,
+                payload,
+                filled: buffered,
+            });
         }
-        let Some((header, payload)) = self.partial.as_mut() else {
+        let Some(partial) = self.partial.as_mut() else {
             return Ok(None);
         };
-        let len = header.len as usize;
-        while payload.len() < len {
-            // Grow at most by doubling (and by one chunk at least), and read
-            // straight into the frame's buffer: no second copy.
-            let filled = payload.len();
-            let grow = (len - filled).min(filled.max(READ_AHEAD));
-            payload.resize(filled + grow, 0);
-            let read = read_now(fd, &mut payload[filled..]);
-            let n = match read {
-                Ok(Some(n)) => n,
-                Ok(None) => 0,
-                Err(failure) => {
-                    payload.truncate(filled);
-                    return Err(failure);
-                }
-            };
-            payload.truncate(filled + n);
-            match read {
-                Ok(None) => return Ok(None),
-                Ok(Some(0)) => return Err(IoFailure::StdoutClosed),
-                _ => {}
+        let len = partial.header.len as usize;
+        while partial.filled < len {
+            if partial.filled == partial.payload.len() {
+                // Grow at most by doubling (and by one chunk at least).
+                let grow = (len - partial.filled).min(partial.filled.max(READ_AHEAD));
+                partial.payload.resize(partial.filled + grow, 0);
+            }
+            // Straight into the frame's buffer: no second copy.
+            match read_now(fd, &mut partial.payload[partial.filled..])? {
+                None => return Ok(None),
+                Some(0) => return Err(IoFailure::StdoutClosed),
+                Some(n) => partial.filled += n,
             }
         }
-        Ok(self.partial.take())
+        Ok(self.partial.take().map(
+            |Partial {
+                 header, payload, ..
+             }| (header, payload),
+        ))
     }
 
     /// Reads one frame, waiting until `deadline`: on an empty pipe it first
