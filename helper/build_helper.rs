@@ -25,6 +25,14 @@ fn musl_target() -> Option<String> {
     let host = std::env::var("TARGET").ok()?;
     let musl = host.strip_suffix("-linux-gnu")?.to_owned() + "-linux-musl";
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    // Re-run when a target is added to the toolchain (rustup rewrites this
+    // list), so a musl target installed later replaces the glibc stand-in.
+    if let Ok(out) = std::process::Command::new(&rustc).args(["--print", "sysroot"]).output()
+        && let Ok(sysroot) = String::from_utf8(out.stdout)
+    {
+        let components = std::path::Path::new(sysroot.trim()).join("lib/rustlib/components");
+        println!("cargo:rerun-if-changed={}", components.display());
+    }
     let out = std::process::Command::new(rustc)
         .args(["--print", "target-libdir", "--target", &musl])
         .output()

@@ -2,7 +2,7 @@
 //! forbidden syscalls, each case beside bystander tenants whose calls keep
 //! succeeding: the address-space default, `max_helper_memory`,
 //! `memory_budget`, `max_idle_cpu`, and a spare that misbehaves before it
-//! is bound. Cases run one at a time (they count this process's children).
+//! is bound; and a helper's memory given back after large calls. Cases run one at a time (they count this process's children).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
@@ -116,6 +116,38 @@ fn a_helper_over_max_helper_memory_is_killed_by_the_keeper_while_idle() {
     finish(bystanders);
     drop(pool);
     assert!(wait_for(Duration::from_secs(5), || children().len() == before));
+}
+
+/// Echo calls of growing size, one after another, on a helper whose
+/// `max_helper_memory` holds one call's request and reply but not what it
+/// would keep of the calls before: the memory of a large call is given
+/// back. The reference helper on musl allocates with the sandbox's
+/// `HelperAllocator`; with dlmalloc alone, which keeps large blocks in its
+/// heap segments, the keeper killed it on the way up.
+#[test]
+fn large_calls_one_after_another_give_their_memory_back() {
+    let _serial = serial();
+    let mut cfg = pool_config(&[]);
+    cfg.spares = 0;
+    cfg.max_frame = ByteSize::mib(200);
+    cfg.max_helper_memory = SizeLimit::Bytes(ByteSize::mib(512));
+    cfg.sample_interval = Duration::from_millis(20);
+    let pool = Pool::new(cfg).unwrap();
+    pool.call("big", &request(OP_ECHO, b"warm")).unwrap();
+    let pid = pid_of(&pool, "big");
+    for mib in (32..=192).step_by(32) {
+        // `repeat` copies by doubling: a `vec![byte; n]` of a non-zero
+        // byte is filled a byte at a time in a debug build.
+        let payload = b"sandpool".repeat(mib << 17);
+        let reply = pool
+            .call("big", &request(OP_ECHO, &payload))
+            .unwrap_or_else(|err| panic!("echo of {mib} MiB: {err}"));
+        assert!(reply == payload, "echo of {mib} MiB came back changed");
+        // Several of the keeper's samples of the idle helper.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(pid_of(&pool, "big"), pid, "one helper served every call");
+    assert_eq!(pool.stats().failures.memory, 0);
 }
 
 #[test]

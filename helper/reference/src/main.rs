@@ -44,15 +44,17 @@ use sandpool_protocol::{
 use sandpool_reference_helper::redo;
 use sandpool_reference_helper::reference::*;
 
-/// On musl, dlmalloc in place of musl's own malloc (mallocng), which maps
-/// and unmaps its slot groups as they fill and empty: in a profile of the
-/// helper's start-up its `mmap`/`munmap` took about a quarter of the CPU,
-/// and a launch through a pool took 0.74-0.81 ms against 0.55-0.61 ms with
-/// dlmalloc (interleaved, one run). glibc's malloc is kept where it is the
-/// libc.
+/// On musl, the sandbox's allocator in place of musl's own malloc
+/// (mallocng), which maps and unmaps its slot groups as they fill and
+/// empty: in a profile of the helper's start-up its `mmap`/`munmap` took
+/// about a quarter of the CPU, and a launch through a pool took 0.74-0.81
+/// ms against 0.55-0.61 ms with dlmalloc (interleaved, one run).
+/// `HelperAllocator` is dlmalloc for small blocks and a mapping of its own
+/// for each large one (see its module). glibc's malloc is kept where it is
+/// the libc.
 #[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: sandpool_sandbox::HelperAllocator = sandpool_sandbox::HelperAllocator;
 
 /// The init hooks `--init` knows.
 const INITS: &[&str] = &["urandom", "keep-fd", "keep-urandom", "keep-null-rw"];

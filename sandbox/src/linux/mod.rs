@@ -1,5 +1,6 @@
 //! The Linux implementation.
 
+mod alloc;
 mod bpf;
 mod fds;
 mod limits;
@@ -9,6 +10,7 @@ mod seccomp;
 mod status;
 mod stdio;
 
+pub use alloc::{HelperAllocator, MMAP_THRESHOLD};
 pub use fds::{
     CloseFdsError, DescribeFdError, FdCloseReport, FdCloseStrategy, close_inherited_fds,
     close_inherited_fds_with, count_open_fds_above_stdio, describe_fd,
