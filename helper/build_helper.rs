@@ -16,9 +16,10 @@ enum HelperLink {
 }
 
 /// The musl triple of the host's architecture (`TARGET` with `gnu` made
-/// `musl`), when the toolchain has that target's standard library: listed
-/// in `rust-toolchain.toml`, rustup installs it with the toolchain; a
-/// toolchain without it (another way of installing Rust) gets `None`.
+/// `musl`), when the toolchain has that target's standard library:
+/// `rust-toolchain.toml` lists it (rustup adds it when it installs the
+/// toolchain) and `.ci/run` adds it (`rustup target add`); a toolchain
+/// without it gets `None`.
 #[allow(dead_code)]
 #[allow(clippy::disallowed_methods)] // runs rustc, not a helper
 fn musl_target() -> Option<String> {
