@@ -37,7 +37,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use sandpool_protocol::{
     DecodeError, Direction, EncodeError, HEADER_LEN, Header, Hello, KeptFd, Kind,
     MAX_ERROR_MESSAGE, MAX_KEPT_FDS, MAX_KEPT_PATH, PayloadError, RegionError, RegionRef,
-    RegionRequest, SPEC_ENV, SandboxSpec, SpecError, decode_bind, encode_frame,
+    RegionRequest, SPEC_ENV, SandboxSpec, SmallFrame, SpecError, decode_bind, encode_frame,
 };
 use sandpool_sandbox::{
     CapabilityError, CloseFdsError, DescribeFdError, InstallError, NoNewPrivsError, PolicyError,
@@ -681,14 +681,9 @@ enum SendError {
     Io(ServeError),
 }
 
-/// Frames up to this size go out with one `write` from a copy on the
-/// stack: for a small reply, copying it is cheaper than the kernel's
-/// import of an iovec array.
-const SMALL_FRAME: usize = 512;
-
 /// Writes one frame, header and payload, retrying short writes: a small
-/// one with `write` from a copy, a larger one with `writev` (no copy of
-/// the payload into a frame buffer).
+/// one with `write` from a copy ([`SmallFrame`]), a larger one with
+/// `writev` (no copy of the payload into a frame buffer).
 fn write_frame(
     output: &mut StdioPipe,
     max_frame: u32,
@@ -704,13 +699,9 @@ fn write_frame(
             max: max_frame,
         }))?;
     let head = Header { kind, id, len }.encode();
-    if head.len() + payload.len() <= SMALL_FRAME {
-        let mut frame = [0u8; SMALL_FRAME];
-        let total = head.len() + payload.len();
-        frame[..head.len()].copy_from_slice(&head);
-        frame[head.len()..total].copy_from_slice(payload);
+    if let Some(frame) = SmallFrame::join(&head, payload) {
         return output
-            .write_all(&frame[..total])
+            .write_all(frame.bytes())
             .map_err(|err| SendError::Io(ServeError::Write(err)));
     }
     let mut slices = [io::IoSlice::new(&head), io::IoSlice::new(payload)];

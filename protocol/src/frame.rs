@@ -295,6 +295,40 @@ pub fn encode_frame(
     Ok(())
 }
 
+/// Frames up to this many bytes, header included, are best sent with one
+/// `write` from a copy ([`SmallFrame`]): for a small frame, copying it is
+/// cheaper than the kernel's import of an iovec array (a header and a
+/// payload written with `writev`). Host and helper runtime both do so.
+pub const SMALL_FRAME: usize = 512;
+
+/// A frame of at most [`SMALL_FRAME`] bytes, its encoded header and payload
+/// copied into one buffer (on the stack) for one `write`.
+#[derive(Clone, Debug)]
+pub struct SmallFrame {
+    buf: [u8; SMALL_FRAME],
+    len: usize,
+}
+
+impl SmallFrame {
+    /// `head` and `payload` joined, if together they fit in
+    /// [`SMALL_FRAME`] bytes; `None` for a larger frame.
+    pub fn join(head: &[u8], payload: &[u8]) -> Option<SmallFrame> {
+        let len = head.len() + payload.len();
+        if len > SMALL_FRAME {
+            return None;
+        }
+        let mut buf = [0u8; SMALL_FRAME];
+        buf[..head.len()].copy_from_slice(head);
+        buf[head.len()..len].copy_from_slice(payload);
+        Some(SmallFrame { buf, len })
+    }
+
+    /// The frame's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
 /// Decodes the first whole frame in `bytes`, returning its header, its
 /// payload and the number of bytes it occupied.
 ///
@@ -324,6 +358,19 @@ pub fn decode_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_small_frame_is_header_then_payload_up_to_its_bound() {
+        let head = [1u8; HEADER_LEN];
+        let fits = vec![2u8; SMALL_FRAME - HEADER_LEN];
+        let frame = SmallFrame::join(&head, &fits).expect("fits exactly");
+        assert_eq!(frame.bytes(), [&head[..], &fits[..]].concat());
+        assert!(SmallFrame::join(&head, &[2u8; SMALL_FRAME - HEADER_LEN + 1]).is_none());
+        assert_eq!(
+            SmallFrame::join(&head, &[]).expect("empty payload").bytes(),
+            head
+        );
+    }
 
     #[test]
     fn header_round_trips() {

@@ -20,7 +20,8 @@ pub mod spec;
 
 pub use frame::{
     DEFAULT_MAX_FRAME, DecodeError, Direction, EncodeError, HEADER_LEN, Header, Kind, MAGIC,
-    MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, VERSION, decode_frame, encode_frame,
+    MAX_ERROR_MESSAGE, MAX_FRAME_CEILING, MIN_FRAME_LIMIT, SMALL_FRAME, SmallFrame, VERSION,
+    decode_frame, encode_frame,
 };
 pub use hello::{
     FdAccess, FdCloseMethod, Hello, KeptFd, MAX_BUILD_ID, MAX_HELLO_LEN, MAX_KEPT_FDS,

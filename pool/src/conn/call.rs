@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use event_listener::Listener;
 use nix::poll::PollFlags;
-use sandpool_protocol::{HEADER_LEN, Header, Kind, REGION_REQUEST_LEN, RegionRef, RegionRequest};
+use sandpool_protocol::{
+    HEADER_LEN, Header, Kind, REGION_REQUEST_LEN, RegionRef, RegionRequest, SmallFrame,
+};
 use tracing::error;
 
 use super::completion::Completion;
@@ -137,11 +139,6 @@ enum AtDeadline {
     /// failing): the verdict on the helper is its result, and comes at once.
     AwaitVerdict,
 }
-
-/// Frames up to this size go out with one `write` from a copy on the
-/// stack: for a small request, copying it is cheaper than the kernel's
-/// import of an iovec array.
-const SMALL_FRAME: usize = 512;
 
 impl Conn {
     /// Checks a request's size; whether it goes through the region.
@@ -632,17 +629,13 @@ impl Conn {
             let bind_slice = bind.as_deref().map(IoSlice::new);
             let result = if out.len() == 1 {
                 let bufs = [IoSlice::new(&out[0].head), IoSlice::new(out[0].payload())];
-                let len = bufs[0].len() + bufs[1].len();
                 match bind_slice {
                     Some(bind) => write_now(stdin.as_fd(), &[bind, bufs[0], bufs[1]]),
                     // A small frame: one `write` from a copy on the stack.
-                    None if len <= SMALL_FRAME => {
-                        let mut frame = [0u8; SMALL_FRAME];
-                        frame[..bufs[0].len()].copy_from_slice(&bufs[0]);
-                        frame[bufs[0].len()..len].copy_from_slice(&bufs[1]);
-                        write_now(stdin.as_fd(), &[IoSlice::new(&frame[..len])])
-                    }
-                    None => write_now(stdin.as_fd(), &bufs),
+                    None => match SmallFrame::join(&bufs[0], &bufs[1]) {
+                        Some(frame) => write_now(stdin.as_fd(), &[IoSlice::new(frame.bytes())]),
+                        None => write_now(stdin.as_fd(), &bufs),
+                    },
                 }
             } else {
                 // Within IOV_MAX (1024) slices: the frames past these
