@@ -12,11 +12,10 @@ fn main() {
     // the same files, built with the same features): the static reference
     // helpers and the C runtime come from them.
     let built = build_static_helpers();
-    let static_ = built.reference.clone();
     println!("cargo:rustc-env=SANDPOOL_HELPER_BIN={}", dynamic.display());
     println!(
         "cargo:rustc-env=SANDPOOL_HELPER_STATIC_BIN={}",
-        static_.display()
+        built.reference.display()
     );
     println!(
         "cargo:rustc-env=SANDPOOL_HELPER_GLIBC_STATIC_BIN={}",
@@ -30,7 +29,7 @@ fn main() {
         &[],
     );
     println!("cargo:rustc-env=SANDPOOL_FLOOR_BIN={}", out.display());
-    if let Some(musl) = floor_on_musl() {
+    if let Some(musl) = built.musl.as_ref().map(floor_on_musl) {
         println!("cargo:rustc-env=SANDPOOL_FLOOR_MUSL_BIN={}", musl.display());
     }
 
@@ -46,23 +45,15 @@ fn main() {
 /// The floor program linked statically against musl, with the C start-up
 /// files and libc of the Rust toolchain's musl target (its `self-contained`
 /// directory; no musl-gcc needed): the same program without glibc's
-/// start-up. `None` without the musl target.
-#[allow(clippy::disallowed_methods)] // runs rustc, not a helper
-fn floor_on_musl() -> Option<std::path::PathBuf> {
+/// start-up.
+fn floor_on_musl(musl: &MuslTarget) -> std::path::PathBuf {
     use std::ffi::OsStr;
 
-    let triple = musl_target()?;
-    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let out = std::process::Command::new(rustc)
-        .args(["--print", "target-libdir", "--target", &triple])
-        .output()
-        .ok()?;
-    let dir =
-        std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim()).join("self-contained");
+    let dir = musl.libdir.join("self-contained");
     let file = |name: &str| dir.join(name).into_os_string();
     let (crt1, crti, crtbegin) = (file("crt1.o"), file("crti.o"), file("crtbegin.o"));
     let (libc, crtend, crtn) = (file("libc.a"), file("crtend.o"), file("crtn.o"));
-    Some(compile_c(
+    compile_c(
         std::path::Path::new("floor/first_byte.c"),
         "first-byte-musl",
         &[
@@ -78,5 +69,5 @@ fn floor_on_musl() -> Option<std::path::PathBuf> {
             &crtbegin,
         ],
         &[&libc, &crtend, &crtn],
-    ))
+    )
 }

@@ -4,15 +4,27 @@
 /// How a nested build links its binaries.
 #[allow(dead_code)]
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum HelperLink {
+enum HelperLink<'a> {
     /// The host's target, dynamically linked against glibc.
     Dynamic,
     /// The host's target with `+crt-static`: linked statically against
     /// glibc's own static libraries.
     StaticGlibc,
     /// The host's architecture on musl (`x86_64-unknown-linux-musl` on
-    /// x86-64), static-pie, musl's own libc from the Rust toolchain.
-    Musl,
+    /// x86-64; the triple), static-pie, musl's own libc from the Rust
+    /// toolchain.
+    Musl(&'a str),
+}
+
+/// The toolchain's musl target, from [`musl_target`].
+#[allow(dead_code)]
+#[derive(Clone, Debug)]
+struct MuslTarget {
+    /// Its triple, e.g. `x86_64-unknown-linux-musl`.
+    triple: String,
+    /// Its library directory (`rustc --print target-libdir`), whose
+    /// `self-contained` holds musl's C start-up files and libc.
+    libdir: std::path::PathBuf,
 }
 
 /// The musl triple of the host's architecture (`TARGET` with `gnu` made
@@ -22,7 +34,7 @@ enum HelperLink {
 /// without it gets `None`.
 #[allow(dead_code)]
 #[allow(clippy::disallowed_methods)] // runs rustc, not a helper
-fn musl_target() -> Option<String> {
+fn musl_target() -> Option<MuslTarget> {
     let host = std::env::var("TARGET").ok()?;
     let musl = host.strip_suffix("-linux-gnu")?.to_owned() + "-linux-musl";
     let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
@@ -38,12 +50,15 @@ fn musl_target() -> Option<String> {
         .args(["--print", "target-libdir", "--target", &musl])
         .output()
         .ok()?;
-    let dir = String::from_utf8(out.stdout).ok()?;
-    let has_std = std::fs::read_dir(dir.trim())
+    let libdir = std::path::PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let has_std = std::fs::read_dir(&libdir)
         .ok()?
         .filter_map(Result::ok)
         .any(|entry| entry.file_name().to_string_lossy().starts_with("libstd-"));
-    has_std.then_some(musl)
+    has_std.then_some(MuslTarget {
+        triple: musl,
+        libdir,
+    })
 }
 
 /// Starts one nested `cargo build` of `targets` (package and target
@@ -55,7 +70,7 @@ fn musl_target() -> Option<String> {
 #[allow(dead_code)]
 #[allow(clippy::disallowed_methods)] // runs cargo, not a helper
 fn helper_cargo_start(
-    link: HelperLink,
+    link: HelperLink<'_>,
     targets: &[&str],
 ) -> (std::process::Child, std::path::PathBuf) {
     use std::path::PathBuf;
@@ -69,7 +84,7 @@ fn helper_cargo_start(
         .join(match link {
             HelperLink::Dynamic => "helper",
             HelperLink::StaticGlibc => "helper-static",
-            HelperLink::Musl => "helper-musl",
+            HelperLink::Musl(_) => "helper-musl",
         });
     // `helper` holds the runtime and every package built here (the
     // reference and SQL helpers, the C runtime).
@@ -98,12 +113,11 @@ fn helper_cargo_start(
             command.env("RUSTFLAGS", "-C target-feature=+crt-static");
             target.join(&triple).join("helper")
         }
-        HelperLink::Musl => {
+        HelperLink::Musl(triple) => {
             // Static (static-pie) by the target's default.
-            let triple = musl_target().expect("the musl target is installed");
-            command.args(["--target", &triple]);
+            command.args(["--target", triple]);
             command.env_remove("RUSTFLAGS");
-            target.join(&triple).join("helper")
+            target.join(triple).join("helper")
         }
     };
     let child = command
@@ -127,7 +141,7 @@ fn helper_cargo_wait(mut child: std::process::Child, targets: &[&str]) {
 
 /// Runs one nested `cargo build` (see [`helper_cargo_start`]) to the end.
 #[allow(dead_code)]
-fn helper_cargo(link: HelperLink, targets: &[&str]) -> std::path::PathBuf {
+fn helper_cargo(link: HelperLink<'_>, targets: &[&str]) -> std::path::PathBuf {
     let (child, out_dir) = helper_cargo_start(link, targets);
     helper_cargo_wait(child, targets);
     out_dir
@@ -160,6 +174,8 @@ struct StaticHelpers {
     /// The directory holding `libsandpool_helper_capi.a` (glibc, for C
     /// helpers linked with the host's C compiler).
     capi_lib_dir: std::path::PathBuf,
+    /// The toolchain's musl target, if it has one.
+    musl: Option<MuslTarget>,
 }
 
 /// Builds the static helpers with two nested cargos at once: the reference
@@ -187,10 +203,13 @@ fn build_static_helpers() -> StaticHelpers {
         "--package", "sandpool-helper-capi", "--lib",
     ];
     let musl_targets = ["--package", "sandpool-reference-helper", "--bin", "sandpool-helper"];
-    let musl = musl_target().map(|_| helper_cargo_start(HelperLink::Musl, &musl_targets));
+    let musl = musl_target();
+    let musl_build = musl
+        .as_ref()
+        .map(|target| helper_cargo_start(HelperLink::Musl(&target.triple), &musl_targets));
     let glibc_dir = helper_cargo(HelperLink::StaticGlibc, &glibc_targets);
     let reference_glibc = glibc_dir.join("sandpool-helper");
-    let reference = match musl {
+    let reference = match musl_build {
         Some((child, musl_dir)) => {
             helper_cargo_wait(child, &musl_targets);
             musl_dir.join("sandpool-helper")
@@ -207,5 +226,6 @@ fn build_static_helpers() -> StaticHelpers {
         reference_glibc,
         sql: glibc_dir.join("sandpool-sql-helper"),
         capi_lib_dir: glibc_dir,
+        musl,
     }
 }
