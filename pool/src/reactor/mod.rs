@@ -405,10 +405,7 @@ impl Loop {
             }
             // Kicks before events: a helper is known before any event of
             // its fds can be handled.
-            std::mem::swap(&mut kicks, &mut *self.inner.kicks.lock());
-            for kick in kicks.drain(..) {
-                self.take(kick);
-            }
+            self.take_queued(&mut kicks, false);
             let timeout = self.plan();
             let n = match self.inner.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -498,13 +495,7 @@ impl Loop {
         // left of its stderr), then forward what is left of every stderr,
         // and let go of every helper (a queued kick holds its connection,
         // which holds this reactor).
-        std::mem::swap(&mut kicks, &mut *self.inner.kicks.lock());
-        for kick in kicks.drain(..) {
-            match kick {
-                Kick::Poke(_) => {}
-                kick => self.take(kick),
-            }
-        }
+        self.take_queued(&mut kicks, true);
         let tokens: Vec<u64> = self.watched.keys().copied().collect();
         for token in tokens {
             self.pump_stderr(token);
@@ -592,6 +583,19 @@ impl Loop {
         {
             w.timer = Some(at);
             self.timers.push(Reverse((at, token)));
+        }
+    }
+
+    /// Takes every kick queued so far, through `kicks` (kept empty between
+    /// turns, for its allocation). `stopping`: pokes are passed over (the
+    /// reactor services no helper any more).
+    fn take_queued(&mut self, kicks: &mut Vec<Kick>, stopping: bool) {
+        std::mem::swap(kicks, &mut *self.inner.kicks.lock());
+        for kick in kicks.drain(..) {
+            match kick {
+                Kick::Poke(_) if stopping => {}
+                kick => self.take(kick),
+            }
         }
     }
 
