@@ -2,7 +2,8 @@
 //! forbidden syscalls, each case beside bystander tenants whose calls keep
 //! succeeding: the address-space default, `max_helper_memory`,
 //! `memory_budget`, `max_idle_cpu`, and a spare that misbehaves before it
-//! is bound; and a helper's memory given back after large calls. Cases run one at a time (they count this process's children).
+//! is bound; and a helper's memory given back after large calls. Cases run
+//! one at a time (they count this process's children).
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;

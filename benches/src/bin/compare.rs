@@ -294,16 +294,17 @@ fn launch_by_host_state(run: &mut Run) -> Value {
     let mut rows = Vec::new();
     let mut results = Vec::new();
     let mut paired_difference = None;
+    let spawners = Spawner::all();
     for (mib, fds) in states {
         let _ballast = ballast(mib);
         let _fds = leak_fds(fds);
-        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); Spawner::all().len()];
+        let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); spawners.len()];
         // The idle host gives the floor ratio and launcher minus direct,
         // where differences of tens of microseconds are asked about: four
         // times the samples (its launches are the cheap ones).
         let reps = if (mib, fds) == (0, 0) { reps * 4 } else { reps };
         for _ in 0..reps {
-            for (i, spawner) in Spawner::all().iter().enumerate() {
+            for (i, spawner) in spawners.iter().enumerate() {
                 samples[i].push(launch_once(*spawner, &launchers));
             }
         }
@@ -319,7 +320,7 @@ fn launch_by_host_state(run: &mut Run) -> Value {
             paired_difference = Some(median_f64(&mut differences));
         }
         let summaries: Vec<Summary> = samples.iter_mut().map(|s| summarize(s)).collect();
-        for (spawner, s) in Spawner::all().iter().zip(&summaries) {
+        for (spawner, s) in spawners.iter().zip(&summaries) {
             let ratio = s.median.as_secs_f64() / summaries[0].median.as_secs_f64();
             rows.push(vec![
                 format!("{mib} MiB, {fds} fds"),
